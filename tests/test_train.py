@@ -1,0 +1,110 @@
+"""train.py end to end on a tiny configuration, checked in MLflow with MlflowClient."""
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+import data
+import tracking
+import train
+
+TINY = ["--n-images", "40", "--image-size", "32", "--base-filters", "8", "--depth", "3", "--epochs", "3",
+        "--batch-size", "8", "--patience", "5", "--foreground", "0.1", "--seed", "1", "--experiment", "tiny"]
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield MlflowClient(uri)
+    mlflow.set_tracking_uri(None)
+
+
+def _only_run(client):
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(store):
+    results, model = train.train(train.parse_args(TINY + ["--loss", "dice", "--optimizer", "sgd"])[0])
+    run = _only_run(store)
+    assert run.info.run_name == "UNet_DiceLoss_SGD" and run.info.status == "FINISHED"
+    p = run.data.params
+    assert (p["architecture"], p["loss"], p["optimizer"], p["learning_rate"]) == ("UNet", "DiceLoss", "SGD", "0.01")
+    assert (p["depth"], p["base_filters"], p["n_params"]) == ("3", "8", str(model.count_params()))
+    assert (p["data_split"], p["data_shape"], p["seed"]) == ("28/6/6", "32x32x1", "1")
+    images, masks = data.make_synthetic_2d(40, 32, seed=1, foreground=0.1)
+    assert p["data_hash"] == data.content_hash(images, masks)
+
+    epochs = results["epochs_run"]
+    for key in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "lr", "epoch_seconds",
+                "images_per_second"):
+        history = store.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, epochs + 1)), key
+    for key in ("test_dice", "test_iou", "test_loss", "test_dice_per_image", "best_epoch"):
+        assert run.data.metrics[key] == pytest.approx(results[key])
+
+    artifacts = {a.path for a in store.list_artifacts(run.info.run_id)}
+    assert {"config.json", "model_config.json", "training_curves.png", "test_predictions.png"} <= artifacts
+
+    # The logged model (MLflow 3: outside the run's artifacts, at models:/<id>) predicts as the trained one.
+    x_test, y_test = data.split(images, masks, seed=1)["test"]
+    logged = mlflow.keras.load_model(run.data.tags["model_uri"])
+    np.testing.assert_allclose(logged.predict(x_test, verbose=0), model.predict(x_test, verbose=0), atol=1e-6)
+    pyfunc = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
+    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 32, 32, 1)
+    np.testing.assert_allclose(pyfunc.predict(x_test), model.predict(x_test, verbose=0), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_killed_and_keeps_its_metrics(store, monkeypatch):
+    log_epoch = tracking.EpochLogger.on_epoch_end
+
+    def interrupt_after_two_epochs(self, epoch, logs=None):
+        log_epoch(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_end", interrupt_after_two_epochs)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY)
+    assert exit_info.value.code == 130
+    run = _only_run(store)
+    assert run.info.status == "KILLED"
+    assert len(store.get_metric_history(run.info.run_id, "val_dice")) == 2
+    assert mlflow.active_run() is None
+
+
+def test_an_exception_marks_the_run_failed(store, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(train, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train.main(TINY + ["--epochs", "1"])
+    assert _only_run(store).info.status == "FAILED"
+
+
+def test_a_size_the_network_cannot_take_is_refused_before_any_run(store, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--image-size", "30"])
+    assert exit_info.value.code == 2
+    assert "not divisible by 2**(depth-1) = 4" in capsys.readouterr().err
+    assert store.get_experiment_by_name("tiny") is None
+
+
+def test_an_unreachable_tracking_server_is_one_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow.set_tracking_uri("http://127.0.0.1:9")  # the discard port: nothing listens there
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(TINY + ["--epochs", "1"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train.py: error: cannot use the MLflow tracking store http://127.0.0.1:9")
