@@ -134,10 +134,12 @@ def contour_panel(ax, image, mask, probability, title):
     ax.set_axis_off()
 
 
-def log_results(run, model, results, history, example, figures, config, registered_name=None):
-    """Final metrics, resolved configuration, model configuration, figures and the model itself."""
+def log_results(run, model, results, history, example, figures, config, registered_name=None, tables=None):
+    """Final metrics, resolved configuration, model configuration, figures, JSON tables and the model itself."""
     mlflow.log_metrics(results)
     mlflow.log_dict(config, "config.json")
+    for name, table in (tables or {}).items():
+        mlflow.log_dict(table, name)
     mlflow.log_text(model.to_json(indent=2), "model_config.json")
     figures = {"training_curves.png": training_curves(history, results["best_epoch"]), **figures}
     for name, figure in figures.items():

@@ -53,6 +53,8 @@ def parse_args(argv=None):
     add("--epochs", type=int, default=30, help="maximum number of epochs")
     add("--patience", type=int, default=8, help="early stopping: epochs without a better validation Dice")
     add("--no-augment", action="store_true", help="no random flips and 90-degree rotations")
+    add("--output-bias", choices=("prior", "zero"), default="prior",
+        help="initial output bias: the training set's lesion prior log(f/(1-f)), or 0 (p = 0.5 everywhere)")
     add("--n-images", type=int, default=200, help="number of synthetic images (train/val/test 70/15/15)")
     add("--image-size", type=int, default=128, help="height and width of the synthetic images")
     add("--foreground", type=float, default=data.FOREGROUND, help="mean lesion fraction of the pixels")
@@ -88,22 +90,35 @@ def learning_rate(args, steps_per_epoch):
     return peak
 
 
-def compile_model(args, steps_per_epoch):
-    model = unet.build_unet((args.image_size, args.image_size, 1), args.base_filters, args.depth)
+def prior_bias(args, foreground):
+    """Initial output bias: the logit of the training set's foreground fraction, or 0."""
+    if args.output_bias == "prior" and 0 < foreground < 1:
+        return float(np.log(foreground / (1 - foreground)))
+    return 0.0
+
+
+def compile_model(model, args, steps_per_epoch):
+    """Optimizer, schedule, loss and the Dice/IoU epoch metrics, from the command-line names."""
     optimizer = OPTIMIZERS[args.optimizer][2](learning_rate(args, steps_per_epoch))
     model.compile(optimizer, metrics.get_loss(args.loss), metrics=[metrics.DiceMetric(), metrics.IoUMetric()])
     return model
 
 
+def recipe_params(args):
+    """The training recipe as flat MLflow params (shared with conv3d.py)."""
+    return {
+        "optimizer": OPTIMIZERS[args.optimizer][0], "learning_rate": args.lr or OPTIMIZERS[args.optimizer][1],
+        "lr_schedule": args.lr_schedule, "loss": LOSS_NAMES[args.loss], "batch_size": args.batch_size,
+        "epochs": args.epochs, "patience": args.patience, "augment": not args.no_augment, "seed": args.seed,
+    }
+
+
 def params(args, model, description):
     """Everything needed to know what a run did, as flat MLflow params."""
-    peak = args.lr or OPTIMIZERS[args.optimizer][1]
     return {
         "architecture": model.name, "depth": args.depth, "base_filters": args.base_filters,
         "n_params": model.count_params(), "upsampling": "transpose", "batch_norm": True,
-        "optimizer": OPTIMIZERS[args.optimizer][0], "learning_rate": peak, "lr_schedule": args.lr_schedule,
-        "loss": LOSS_NAMES[args.loss], "batch_size": args.batch_size, "epochs": args.epochs,
-        "patience": args.patience, "augment": not args.no_augment, "seed": args.seed,
+        "output_bias": args.output_bias, **recipe_params(args),
         "data_contrast": args.contrast, "data_noise": args.noise, **description,
     }
 
@@ -131,21 +146,16 @@ def prediction_figure(images, masks, probabilities, n=6):
     return fig
 
 
-def train(args):
-    """One tracked training run; returns the final metrics and the trained model."""
-    keras.utils.set_random_seed(args.seed)
-    splits, description = load_data(args)
+def fit_and_log(model, args, splits, run_name, run_params, prediction_figure, unit="img", tables=None):
+    """Fit with early stopping on validation Dice, evaluate on the test set, log it all in one MLflow run.
+
+    Shared by train.py and conv3d.py: one logging path for 2D and 3D. Returns the final metrics.
+    """
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = splits["train"], splits["val"], splits["test"]
-    steps_per_epoch = -(-len(x_train) // args.batch_size)
-    model = compile_model(args, steps_per_epoch)
-    run_name = args.run_name or f"{model.name}_{LOSS_NAMES[args.loss]}_{OPTIMIZERS[args.optimizer][0]}"
     train_set = data.make_dataset(x_train, y_train, args.batch_size, True, not args.no_augment, args.seed)
     val_set = data.make_dataset(x_val, y_val, args.batch_size)
-
-    print(f"{run_name}: {description['data_split']} train/val/test images of {description['data_shape']}, "
-          f"lesions {description['data_foreground_fraction']:.1%} of pixels, {model.count_params():,} parameters")
-    with tracking.tracked_run(args.experiment, run_name, params(args, model, description)) as run:
-        callbacks = [tracking.EpochLogger(len(x_train), args.epochs),
+    with tracking.tracked_run(args.experiment, run_name, run_params) as run:
+        callbacks = [tracking.EpochLogger(len(x_train), args.epochs, unit),
                      keras.callbacks.EarlyStopping("val_dice", mode="max", patience=args.patience,
                                                    restore_best_weights=True, verbose=0)]
         if args.lr_schedule == "plateau":
@@ -160,15 +170,31 @@ def train(args):
         results["epochs_run"] = len(history["loss"])
         results["fit_seconds"] = fit_seconds
         figures = {"test_predictions.png": prediction_figure(x_test, y_test, probabilities)}
-        tracking.log_results(run, model, results, history, x_test[:2], figures, vars(args), args.register)
+        tracking.log_results(run, model, results, history, x_test[:1], figures, vars(args), args.register, tables)
     print_results(run_name, results, len(x_test))
+    return results
+
+
+def train(args):
+    """One tracked U-Net training run on synthetic 2D scans; returns the final metrics and the trained model."""
+    keras.utils.set_random_seed(args.seed)
+    splits, description = load_data(args)
+    steps_per_epoch = -(-len(splits["train"][0]) // args.batch_size)
+    model = unet.build_unet((args.image_size, args.image_size, 1), args.base_filters, args.depth,
+                            output_bias=prior_bias(args, float(splits["train"][1].mean())))
+    compile_model(model, args, steps_per_epoch)
+    run_name = args.run_name or f"{model.name}_{LOSS_NAMES[args.loss]}_{OPTIMIZERS[args.optimizer][0]}"
+    print(f"{run_name}: {description['data_split']} train/val/test images of {description['data_shape']}, "
+          f"lesions {description['data_foreground_fraction']:.1%} of pixels, {model.count_params():,} parameters")
+    results = fit_and_log(model, args, splits, run_name, params(args, model, description), prediction_figure)
     return results, model
 
 
 def print_results(run_name, results, n_test):
+    """The final table: test metrics from metrics.py's reference functions."""
     print(f"\n{run_name}: best epoch {results['best_epoch']} of {results['epochs_run']}, "
           f"fit {results['fit_seconds']:.0f} s")
-    print(f"{'test set (' + str(n_test) + ' images)':<28}{'value':>8}")
+    print(f"{f'test set ({n_test} examples)':<28}{'value':>8}")
     for label, key in (("Dice", "test_dice"), ("IoU", "test_iou"), ("Dice, per-image mean", "test_dice_per_image"),
                        ("loss", "test_loss")):
         print(f"{label:<28}{results[key]:>8.4f}")

@@ -1,0 +1,312 @@
+"""Exercise 3: volumetric segmentation with Conv3D, its memory cost, and sliding-window inference.
+
+What this script teaches:
+- a Conv3D kernel also slides along depth: k³ weights per input/output channel pair instead of k² (27 vs 9
+  for k=3), so it sees the structure across slices that a 2D network, slice by slice, cannot;
+- the price is memory: every activation has a depth axis too. The levers the TP names (kernel 3x3x3 vs
+  2x2x2, fewer filters, fewer slices, mixed precision) are measured here, not asserted;
+- a volume larger than the training patch is segmented by overlapping patches whose outputs are blended
+  (constant or Gaussian weights), as in MONAI and nnU-Net;
+- training is tracked in MLflow exactly like train.py (tracking.py): experiment `tp4-conv3d`.
+
+The 3D U-Net is unet.py's builder given a (D, H, W, C) shape: the same blocks with Conv3D layers
+(Çiçek et al. 2016; V-Net, Milletari et al. 2016, is the same idea with residual blocks).
+
+    python conv3d.py                        # summary, Conv2D vs Conv3D, memory levers, then a tracked training
+    python conv3d.py --mixed-precision      # the same training under mixed_bfloat16 (CPU) / mixed_float16 (GPU)
+    python conv3d.py --skip-training        # only the architecture and the memory tables
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+
+import data
+import metrics
+import unet
+
+DEFAULT_SHAPE = (32, 64, 64)  # (D, H, W) of the synthetic volumes and of the training patch
+
+
+def build_unet3d(input_shape=(*DEFAULT_SHAPE, 1), base_filters=8, depth=3, kernel_size=3, name="Conv3D") -> keras.Model:
+    """Small 3D U-Net: Conv3D blocks (Conv3D -> BatchNorm -> ReLU, twice), 2x2x2 pooling, transposed Conv3D."""
+    if len(input_shape) != 4:
+        raise ValueError(f"a volume input must be (D, H, W, C), got {tuple(input_shape)}")
+    return unet.build_unet(tuple(input_shape), base_filters, depth, kernel_size=kernel_size, name=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: bytes of activations counted from the layers, and peak process memory of a real training step.
+
+def activation_bytes(model, batch_size=1):
+    """Bytes of all layer outputs for one forward pass: what backpropagation keeps in memory."""
+    total = 0
+    for layer in model.layers:
+        for output in keras.tree.flatten(layer.output):
+            total += int(np.prod(output.shape[1:])) * batch_size * np.dtype(output.dtype).itemsize
+    return total
+
+
+def _step_memory(spec):
+    """Run in a fresh process: build, one training step, report peak resident memory (Linux/macOS only)."""
+    import resource
+
+    import psutil
+
+    if spec["policy"] != "float32":
+        keras.mixed_precision.set_global_policy(spec["policy"])
+    model = build_unet3d((*spec["shape"], 1), spec["filters"], spec["depth"], spec["kernel"])
+    model.compile("adam", metrics.SoftDiceLoss())
+    x = np.random.default_rng(0).random((spec["batch"], *spec["shape"], 1), dtype=np.float32)
+    y = (x > 0.9).astype(np.float32)
+    before = psutil.Process().memory_info().rss
+    model.train_on_batch(x, y)  # traces and allocates
+    start = time.perf_counter()
+    model.train_on_batch(x, y)
+    seconds = time.perf_counter() - start
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, in KiB on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    print(json.dumps({"peak_rss_bytes": peak, "step_bytes": peak - before, "step_seconds": seconds}))
+
+
+def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory=True):
+    """One row per lever: parameters, activation bytes, and (in a subprocess each) peak RSS and step time."""
+    baseline = dict(shape=list(shape), filters=filters, depth=depth, kernel=3, batch=batch, policy="float32")
+    fast_policy = "mixed_float16" if _has_gpu() else "mixed_bfloat16"
+    variants = {
+        "baseline (k=3, all filters, all slices, fp32)": {},
+        "kernel 2x2x2": dict(kernel=2),
+        "half the filters": dict(filters=max(1, filters // 2)),
+        "half the slices (D/2)": dict(shape=[shape[0] // 2, *shape[1:]]),
+        f"mixed precision ({fast_policy})": dict(policy=fast_policy),
+    }
+    rows = []
+    for label, change in variants.items():
+        spec = {**baseline, **change}
+        keras.mixed_precision.set_global_policy(spec["policy"])
+        try:
+            model = build_unet3d((*spec["shape"], 1), spec["filters"], spec["depth"], spec["kernel"])
+        except ValueError:
+            continue  # a lever the configuration cannot take, e.g. D/2 no longer divisible by the pooling
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        row = {"lever": label, "params": model.count_params(), "activation_mb": activation_bytes(model, batch) / 2**20}
+        if peak_memory:
+            row.update(_measure_in_subprocess(spec))
+        rows.append(row)
+    return rows
+
+
+def _measure_in_subprocess(spec):
+    command = [sys.executable, os.path.abspath(__file__), "--_step-memory", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"peak_rss_mb": None, "step_mb": None, "step_seconds": None}
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"peak_rss_mb": measured["peak_rss_bytes"] / 2**20, "step_mb": measured["step_bytes"] / 2**20,
+            "step_seconds": measured["step_seconds"]}
+
+
+def _has_gpu():
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def conv2d_vs_conv3d(c_in=16, c_out=32, size=64, depth_slices=32, kernel=3):
+    """Parameters and output activations of one Conv2D and one Conv3D layer, from real Keras layers."""
+    layer2d = keras.layers.Conv2D(c_out, kernel, padding="same")
+    layer3d = keras.layers.Conv3D(c_out, kernel, padding="same")
+    layer2d.build((None, size, size, c_in))
+    layer3d.build((None, depth_slices, size, size, c_in))
+    return {
+        "weights per kernel and channel pair": (kernel**2, kernel**3),
+        f"parameters of one layer {c_in}->{c_out}": (layer2d.count_params(), layer3d.count_params()),
+        f"output activations (one {size}x{size} slice / {depth_slices} slices), MB":
+            (size * size * c_out * 4 / 2**20, depth_slices * size * size * c_out * 4 / 2**20),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sliding-window inference.
+
+def patch_weights(patch_shape, weighting="gaussian", sigma_scale=0.125):
+    """Blending weights of one patch: constant, or a Gaussian (sigma = patch/8, as nnU-Net) that trusts the
+    patch centre, where the network saw the most context, more than its borders."""
+    if weighting == "constant":
+        return np.ones(patch_shape, np.float32)
+    if weighting != "gaussian":
+        raise ValueError(f"weighting must be 'constant' or 'gaussian', got {weighting!r}")
+    axes = [np.exp(-0.5 * ((np.arange(s) - (s - 1) / 2) / (s * sigma_scale)) ** 2) for s in patch_shape]
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)  # never 0: every voxel gets a vote
+
+
+def _starts(size, patch, stride):
+    starts = list(range(0, size - patch + 1, stride))
+    return starts if starts[-1] == size - patch else starts + [size - patch]
+
+
+def sliding_window_predict(model, volume, overlap=0.5, weighting="gaussian", batch_size=4):
+    """Segment a (D, H, W, C) volume at least as large as the model's patch with overlapping patches whose
+    outputs are blended with `patch_weights`. Returns (D, H, W, classes) probabilities."""
+    patch = tuple(model.input_shape[1:4])
+    if volume.ndim != 4 or volume.shape[-1] != model.input_shape[-1]:
+        raise ValueError(f"expected a (D, H, W, {model.input_shape[-1]}) volume, got shape {volume.shape}")
+    if any(v < p for v, p in zip(volume.shape, patch)):
+        raise ValueError(f"volume {volume.shape[:3]} is smaller than the model's patch {patch}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    strides = [max(1, round(p * (1 - overlap))) for p in patch]
+    corners = [(d, h, w) for d in _starts(volume.shape[0], patch[0], strides[0])
+               for h in _starts(volume.shape[1], patch[1], strides[1])
+               for w in _starts(volume.shape[2], patch[2], strides[2])]
+    weights = patch_weights(patch, weighting)[..., None]
+    total = np.zeros((*volume.shape[:3], model.output_shape[-1]), np.float32)
+    norm = np.zeros((*volume.shape[:3], 1), np.float32)
+    for first in range(0, len(corners), batch_size):
+        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in corners[first:first + batch_size]]
+        predictions = keras.ops.convert_to_numpy(model(np.stack([volume[w] for w in windows]), training=False))
+        for window, prediction in zip(windows, predictions):
+            total[window] += weights * prediction
+            norm[window] += weights
+    return total / norm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tracked training on synthetic volumes.
+
+def orthogonal_slices_figure(volumes, masks, probabilities):
+    """Axial, coronal and sagittal slices through the centre of the first test volume."""
+    import tracking
+
+    volume, mask, probability = volumes[0][..., 0], masks[0][..., 0], probabilities[0][..., 0]
+    centre = [int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3)]
+    fig, axes = tracking.plt.subplots(1, 3, figsize=(10, 3.6))
+    for ax, axis, label in zip(axes, range(3), ("axial", "coronal", "sagittal")):
+        take = lambda array: np.take(array, centre[axis], axis=axis)  # noqa: E731
+        tracking.contour_panel(ax, take(volume), take(mask), take(probability), f"{label} slice {centre[axis]}")
+    dice = metrics.dice_coefficient(mask, probability)
+    fig.suptitle(f"test volume: ground truth (green), prediction (red), 3D Dice {dice:.3f}")
+    return fig
+
+
+def parse_args(argv=None):
+    import train
+
+    parser = argparse.ArgumentParser(prog="conv3d.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--n-volumes", type=int, default=40, help="synthetic volumes (train/val/test 70/15/15)")
+    add("--shape", type=int, nargs=3, default=DEFAULT_SHAPE, metavar=("D", "H", "W"), help="volume size")
+    add("--foreground", type=float, default=data.FOREGROUND, help="mean lesion fraction of the voxels")
+    add("--base-filters", type=int, default=8, help="filters at the first level")
+    add("--depth", type=int, default=3, help="U-Net levels, bottleneck included")
+    add("--kernel-size", type=int, default=3, help="Conv3D kernel size k (k x k x k)")
+    add("--loss", choices=train.LOSS_NAMES, default="bce_dice", help="training loss")
+    add("--optimizer", choices=train.OPTIMIZERS, default="adam", help="optimizer")
+    add("--lr", type=float, help="peak learning rate (default: the optimizer's, as in train.py)")
+    add("--lr-schedule", choices=train.SCHEDULES, default="cosine", help="learning-rate schedule")
+    add("--batch-size", type=int, default=2, help="volumes per step")
+    add("--epochs", type=int, default=8, help="maximum number of epochs")
+    add("--patience", type=int, default=4, help="early stopping patience on validation Dice")
+    add("--no-augment", action="store_true", help="no random in-plane flips and rotations")
+    add("--mixed-precision", action="store_true", help="mixed_bfloat16 on CPU, mixed_float16 on GPU")
+    add("--seed", type=int, default=42, help="seed for data, split, initialization and augmentation")
+    add("--experiment", default="tp4-conv3d", help="MLflow experiment name")
+    add("--run-name", help="MLflow run name (default: Conv3D_Baseline or Conv3D_MixedPrecision)")
+    add("--register", metavar="NAME", help="also register the model in the MLflow model registry")
+    add("--skip-training", action="store_true", help="only print the architecture and memory tables")
+    add("--no-peak-memory", action="store_true", help="skip the subprocess measurement of peak memory")
+    add("--_step-memory", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if min(args.n_volumes, args.batch_size, args.epochs, min(args.shape)) < 1:
+        parser.error("--n-volumes, --batch-size, --epochs and --shape must be positive")
+    return args, parser
+
+
+def train3d(args, memory_rows=None):
+    """A tracked 3D training run on synthetic volumes (same MLflow conventions as train.py)."""
+    import train
+
+    keras.utils.set_random_seed(args.seed)
+    images, masks = data.make_synthetic_3d(args.n_volumes, tuple(args.shape), args.seed, foreground=args.foreground)
+    splits = data.split(images, masks, seed=args.seed)
+    description = data.describe(images, masks, "synthetic-3d", splits)
+    policy = ("mixed_float16" if _has_gpu() else "mixed_bfloat16") if args.mixed_precision else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)
+        train.compile_model(model, args, steps_per_epoch=-(-len(splits["train"][0]) // args.batch_size))
+        run_name = args.run_name or ("Conv3D_MixedPrecision" if args.mixed_precision else "Conv3D_Baseline")
+        run_params = {"architecture": "UNet3D", "depth": args.depth, "base_filters": args.base_filters,
+                      "kernel_size": args.kernel_size, "n_params": model.count_params(), "precision": policy,
+                      **train.recipe_params(args), **description}
+        print(f"\n{run_name}: {description['data_split']} train/val/test volumes of {description['data_shape']}, "
+              f"lesions {description['data_foreground_fraction']:.1%} of voxels, {model.count_params():,} parameters")
+        tables = {"memory_levers.json": {"rows": memory_rows}} if memory_rows else None
+        return train.fit_and_log(model, args, splits, run_name, run_params, orthogonal_slices_figure, "vol", tables)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def print_comparison(args):
+    print(f"\n{'Conv2D vs Conv3D (computed from Keras layers)':<58}{'Conv2D':>12}{'Conv3D':>12}")
+    k = args.kernel_size
+    for label, (two, three) in conv2d_vs_conv3d(size=args.shape[1], depth_slices=args.shape[0], kernel=k).items():
+        print(f"{label:<58}{two:>12,.2f}" if isinstance(two, float) else f"{label:<58}{two:>12,}", end="")
+        print(f"{three:>12,.2f}" if isinstance(three, float) else f"{three:>12,}")
+    net2d = unet.build_unet((args.shape[1], args.shape[2], 1), args.base_filters, args.depth, kernel_size=k)
+    net3d = build_unet3d((*args.shape, 1), args.base_filters, args.depth, k)
+    print(f"{'parameters of the U-Net (same filters and depth)':<58}{net2d.count_params():>12,}"
+          f"{net3d.count_params():>12,}")
+    print(f"{'activations per example (2D: one slice), MB':<58}{activation_bytes(net2d) / 2**20:>12,.2f}"
+          f"{activation_bytes(net3d) / 2**20:>12,.2f}")
+
+
+def print_levers(rows, batch):
+    print(f"\nmemory levers, batch of {batch}: activations counted from the layers; peak RSS of a fresh process "
+          "and its growth during the first training step")
+    print(f"{'lever':<48}{'params':>10}{'activations MB':>16}{'peak RSS MB':>13}{'step MB':>9}{'step s':>8}")
+    for row in rows:
+        measured = "".join(f"{row[key]:>{width}.{digits}f}" if row.get(key) is not None else f"{'n/a':>{width}}"
+                           for key, width, digits in (("peak_rss_mb", 13, 0), ("step_mb", 9, 0),
+                                                      ("step_seconds", 8, 2)))
+        print(f"{row['lever']:<48}{row['params']:>10,}{row['activation_mb']:>16.1f}{measured}")
+    base, mixed = rows[0].get("step_seconds"), rows[-1].get("step_seconds")
+    if base and mixed and mixed > base:
+        print(f"note: {rows[-1]['lever']} is {mixed / base:.1f}x slower than fp32 here: this processor has no "
+              "native 16-bit float arithmetic, so it only saves memory")
+
+
+def main(argv=None):
+    import tracking
+
+    args, parser = parse_args(argv)
+    if args._step_memory:
+        return _step_memory(json.loads(args._step_memory))
+    try:
+        model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)
+        model.summary(line_length=100)
+        print_comparison(args)
+        rows = measure_levers(tuple(args.shape), args.base_filters, args.depth, args.batch_size,
+                              not args.no_peak_memory)
+        print_levers(rows, args.batch_size)
+        if not args.skip_training:
+            train3d(args, rows)
+    except (ValueError, tracking.TrackingError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted; the MLflow run is marked KILLED\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Tables of results, read from the MLflow store: the one source of every number in README.md and REPORT.md.
+
+What this script teaches: results are queried from the tracking store, never copied by hand. Each table row is
+one finished run; the columns are the params that distinguish the runs and their final test metrics.
+
+    python report.py tp4-unet                           # every finished run of train.py's experiment
+    python report.py tp4-grid --params loss,optimizer   # the loss x optimizer comparison
+    python report.py tp4-recipe --params lr_schedule,augment --metrics test_dice,test_iou,best_epoch
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+import mlflow
+from mlflow import MlflowClient
+
+METRICS = ("test_dice", "test_iou", "test_dice_per_image", "best_epoch", "epochs_run", "fit_seconds")
+
+
+def runs_table(experiment, params=(), metrics=METRICS, sort="test_dice"):
+    """Markdown table of the FINISHED runs of `experiment`, best `sort` first; raises ValueError if none."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no experiment {experiment!r} in the tracking store {mlflow.get_tracking_uri()}")
+    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
+                              order_by=[f"metrics.{sort} DESC"], max_results=1000)
+    if not runs:
+        raise ValueError(f"experiment {experiment!r} has no finished run")
+    header = ["run", *params, *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        cells = [run.info.run_name] + [run.data.params.get(p, "") for p in params]
+        cells += [_format(name, run.data.metrics.get(name)) for name in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _format(name, value):
+    if value is None:
+        return ""
+    if name in ("best_epoch", "epochs_run") or name.endswith("seconds"):
+        return f"{value:.0f}"
+    return f"{value:.3f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("experiment", help="MLflow experiment name")
+    parser.add_argument("--params", default="", help="comma-separated params to show as columns")
+    parser.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics to show")
+    parser.add_argument("--sort", default="test_dice", help="metric to sort by, best (highest) first")
+    args = parser.parse_args(argv)
+    split = lambda text: [item for item in text.split(",") if item]  # noqa: E731
+    try:
+        print(runs_table(args.experiment, split(args.params), split(args.metrics), args.sort))
+    except ValueError as error:
+        parser.exit(2, f"report.py: error: {error}\n")
+    except Exception as error:  # an unreachable server or unreadable store: one line, not a traceback
+        parser.exit(2, f"report.py: error: cannot read the MLflow tracking store: {str(error)[:200]}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""conv3d.py: parameter counts by hand, memory accounting, sliding-window inference, a tracked 3D run."""
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+import conv3d
+
+
+@pytest.mark.parametrize("k, c_in, c_out", [(3, 1, 8), (3, 16, 32), (2, 4, 4)])
+def test_one_conv3d_layer_has_k_cubed_weights_per_channel_pair(k, c_in, c_out):
+    layer = keras.layers.Conv3D(c_out, k)
+    layer.build((None, 8, 8, 8, c_in))
+    assert layer.count_params() == k**3 * c_in * c_out + c_out
+
+
+def test_comparison_table_comes_from_real_layers():
+    table = conv3d.conv2d_vs_conv3d(c_in=16, c_out=32, size=64, depth_slices=32, kernel=3)
+    assert table["weights per kernel and channel pair"] == (9, 27)
+    assert table["parameters of one layer 16->32"] == (9 * 16 * 32 + 32, 27 * 16 * 32 + 32)
+
+
+def test_3d_unet_shapes_and_refusals():
+    model = conv3d.build_unet3d((8, 16, 16, 1), base_filters=4, depth=2)
+    assert model.output_shape == (None, 8, 16, 16, 1)
+    first = model.get_layer("enc1_conv1")
+    assert isinstance(first, keras.layers.Conv3D) and first.count_params() == 27 * 1 * 4
+    with pytest.raises(ValueError, match="not divisible"):
+        conv3d.build_unet3d((10, 16, 16, 1), depth=3)
+    with pytest.raises(ValueError, match=r"\(D, H, W, C\)"):
+        conv3d.build_unet3d((16, 16, 1))
+
+
+def test_activation_bytes_follow_the_layer_shapes():
+    inputs = keras.Input((4, 8, 8, 1))
+    model = keras.Model(inputs, keras.layers.Conv3D(2, 3, padding="same")(inputs))
+    # input 4*8*8*1 + output 4*8*8*2 float32 values, times a batch of 3
+    assert conv3d.activation_bytes(model, batch_size=3) == 3 * 4 * (256 + 512)
+
+
+def test_memory_grows_with_filters_slices_and_shrinks_with_16_bit_floats():
+    rows = {row["lever"]: row for row in conv3d.measure_levers((16, 16, 16), filters=8, depth=2, peak_memory=False)}
+    base = rows["baseline (k=3, all filters, all slices, fp32)"]
+    assert rows["half the filters"]["activation_mb"] < base["activation_mb"]
+    assert rows["half the slices (D/2)"]["activation_mb"] == pytest.approx(base["activation_mb"] / 2)
+    assert rows["kernel 2x2x2"]["params"] < base["params"]
+    mixed = next(row for label, row in rows.items() if label.startswith("mixed precision"))
+    assert mixed["activation_mb"] < 0.6 * base["activation_mb"]
+    bigger = conv3d.build_unet3d((16, 16, 16, 1), base_filters=16, depth=2)
+    assert conv3d.activation_bytes(bigger) > conv3d.activation_bytes(conv3d.build_unet3d((16, 16, 16, 1), 8, 2))
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    keras.utils.set_random_seed(0)
+    return conv3d.build_unet3d((8, 16, 16, 1), base_filters=4, depth=2)
+
+
+@pytest.mark.parametrize("weighting", ["constant", "gaussian"])
+def test_sliding_window_equals_direct_prediction_when_the_volume_fits(small_model, weighting):
+    volume = np.random.default_rng(1).random((8, 16, 16, 1), dtype=np.float32)
+    direct = small_model.predict(volume[None], verbose=0)[0]
+    windowed = conv3d.sliding_window_predict(small_model, volume, overlap=0.5, weighting=weighting)
+    np.testing.assert_allclose(windowed, direct, atol=1e-5)
+
+
+def test_sliding_window_covers_a_larger_volume_and_blends_exactly():
+    # A 1x1x1 convolution sees one voxel: every patch agrees, so any blending must return the direct output.
+    inputs = keras.Input((4, 8, 8, 1))
+    pointwise = keras.Model(inputs, keras.layers.Conv3D(1, 1, activation="sigmoid")(inputs))
+    volume = np.random.default_rng(2).random((10, 21, 13, 1), dtype=np.float32)
+    expected = keras.ops.convert_to_numpy(keras.activations.sigmoid(volume * pointwise.layers[1].kernel.numpy()[0, 0, 0]
+                                                                     + pointwise.layers[1].bias.numpy()))
+    for weighting in ("constant", "gaussian"):
+        out = conv3d.sliding_window_predict(pointwise, volume, overlap=0.25, weighting=weighting)
+        assert out.shape == (10, 21, 13, 1)
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_sliding_window_refuses_bad_volumes(small_model):
+    with pytest.raises(ValueError, match="smaller than the model's patch"):
+        conv3d.sliding_window_predict(small_model, np.zeros((4, 16, 16, 1), np.float32))
+    with pytest.raises(ValueError, match="expected a"):
+        conv3d.sliding_window_predict(small_model, np.zeros((8, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="weighting"):
+        conv3d.patch_weights((4, 4, 4), "cosine")
+
+
+@pytest.mark.slow
+def test_tracked_3d_training_learns_and_logs_like_train_py(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        args, _ = conv3d.parse_args(["--n-volumes", "24", "--shape", "8", "32", "32", "--depth", "2",
+                                     "--base-filters", "8", "--foreground", "0.1", "--epochs", "6",
+                                     "--patience", "6", "--batch-size", "4", "--seed", "3"])
+        results = conv3d.train3d(args, memory_rows=[{"lever": "baseline", "params": 1}])
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
+    assert run.info.run_name == "Conv3D_Baseline" and run.info.status == "FINISHED"
+    assert run.data.params["architecture"] == "UNet3D" and run.data.params["data_shape"] == "8x32x32x1"
+    dice = [m.value for m in client.get_metric_history(run.info.run_id, "dice")]
+    assert len(dice) == results["epochs_run"] and dice[-1] > dice[0] + 0.2, dice
+    assert run.data.metrics["test_dice"] == pytest.approx(results["test_dice"]) and results["test_dice"] > 0.5
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "model_config.json", "memory_levers.json", "test_predictions.png",
+            "training_curves.png"} <= artifacts
