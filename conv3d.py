@@ -15,6 +15,7 @@ The 3D U-Net is unet.py's builder given a (D, H, W, C) shape: the same blocks wi
     python conv3d.py                        # summary, Conv2D vs Conv3D, memory levers, then a tracked training
     python conv3d.py --mixed-precision      # the same training under mixed_bfloat16 (CPU) / mixed_float16 (GPU)
     python conv3d.py --skip-training        # only the architecture and the memory tables
+    python conv3d.py --dataset mni-wm       # white matter in 3D patches of a real T1 MRI (nilearn's MNI152)
 """
 
 import argparse
@@ -30,6 +31,8 @@ import keras
 import numpy as np
 
 import data
+import datasets
+import geometry
 import metrics
 import unet
 
@@ -150,11 +153,6 @@ def patch_weights(patch_shape, weighting="gaussian", sigma_scale=0.125):
     return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)  # never 0: every voxel gets a vote
 
 
-def _starts(size, patch, stride):
-    starts = list(range(0, size - patch + 1, stride))
-    return starts if starts[-1] == size - patch else starts + [size - patch]
-
-
 def sliding_window_predict(model, volume, overlap=0.5, weighting="gaussian", batch_size=4):
     """Segment a (D, H, W, C) volume at least as large as the model's patch with overlapping patches whose
     outputs are blended with `patch_weights`. Returns (D, H, W, classes) probabilities."""
@@ -166,9 +164,7 @@ def sliding_window_predict(model, volume, overlap=0.5, weighting="gaussian", bat
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     strides = [max(1, round(p * (1 - overlap))) for p in patch]
-    corners = [(d, h, w) for d in _starts(volume.shape[0], patch[0], strides[0])
-               for h in _starts(volume.shape[1], patch[1], strides[1])
-               for w in _starts(volume.shape[2], patch[2], strides[2])]
+    corners = geometry.window_corners(volume.shape[:3], patch, strides)
     weights = patch_weights(patch, weighting)[..., None]
     total = np.zeros((*volume.shape[:3], model.output_shape[-1]), np.float32)
     norm = np.zeros((*volume.shape[:3], 1), np.float32)
@@ -205,8 +201,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="conv3d.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
+    datasets.add_arguments(parser)
     add("--n-volumes", type=int, default=40, help="synthetic volumes (train/val/test 70/15/15)")
-    add("--shape", type=int, nargs=3, default=DEFAULT_SHAPE, metavar=("D", "H", "W"), help="volume size")
+    add("--shape", type=int, nargs=3, default=DEFAULT_SHAPE, metavar=("D", "H", "W"),
+        help="patch size: the synthetic volumes, or the patches real volumes are cut into")
     add("--foreground", type=float, default=data.FOREGROUND, help="mean lesion fraction of the voxels")
     add("--base-filters", type=int, default=8, help="filters at the first level")
     add("--depth", type=int, default=3, help="U-Net levels, bottleneck included")
@@ -233,14 +231,21 @@ def parse_args(argv=None):
     return args, parser
 
 
-def train3d(args, memory_rows=None):
-    """A tracked 3D training run on synthetic volumes (same MLflow conventions as train.py)."""
+def load_volumes(args):
+    """(splits, description): synthetic volumes, or real ones (--data-dir, --dataset) cut into --shape patches."""
+    if datasets.source(args):
+        return datasets.load_split(datasets.source(args), tuple(args.shape), args.seed)
+    images, masks = data.make_synthetic_3d(args.n_volumes, tuple(args.shape), args.seed, foreground=args.foreground)
+    splits = data.split(images, masks, seed=args.seed)
+    return splits, data.describe(images, masks, "synthetic-3d", splits)
+
+
+def train3d(args, memory_rows=None, loaded=None):
+    """A tracked 3D training run (same MLflow conventions as train.py); `loaded`: load_volumes(args) if done."""
     import train
 
     keras.utils.set_random_seed(args.seed)
-    images, masks = data.make_synthetic_3d(args.n_volumes, tuple(args.shape), args.seed, foreground=args.foreground)
-    splits = data.split(images, masks, seed=args.seed)
-    description = data.describe(images, masks, "synthetic-3d", splits)
+    splits, description = loaded or load_volumes(args)
     policy = ("mixed_float16" if _has_gpu() else "mixed_bfloat16") if args.mixed_precision else "float32"
     keras.mixed_precision.set_global_policy(policy)
     try:
@@ -251,7 +256,8 @@ def train3d(args, memory_rows=None):
                       "kernel_size": args.kernel_size, "n_params": model.count_params(), "precision": policy,
                       **train.recipe_params(args), **description}
         print(f"\n{run_name}: {description['data_split']} train/val/test volumes of {description['data_shape']}, "
-              f"lesions {description['data_foreground_fraction']:.1%} of voxels, {model.count_params():,} parameters")
+              f"foreground {description['data_foreground_fraction']:.1%} of voxels, "
+              f"{model.count_params():,} parameters")
         tables = {"memory_levers.json": {"rows": memory_rows}} if memory_rows else None
         return train.fit_and_log(model, args, splits, run_name, run_params, orthogonal_slices_figure, "vol", tables)
     finally:
@@ -294,6 +300,7 @@ def main(argv=None):
     if args._step_memory:
         return _step_memory(json.loads(args._step_memory))
     try:
+        loaded = None if args.skip_training else load_volumes(args)  # bad data is refused now, not after the tables
         model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)
         model.summary(line_length=100)
         print_comparison(args)
@@ -301,7 +308,7 @@ def main(argv=None):
                               not args.no_peak_memory)
         print_levers(rows, args.batch_size)
         if not args.skip_training:
-            train3d(args, rows)
+            train3d(args, rows, loaded)
     except (ValueError, tracking.TrackingError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:

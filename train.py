@@ -12,6 +12,8 @@ What this script teaches:
     python train.py                                    # the main job: the TP's setting, about 15 min on 2 cores
     python train.py --loss dice --optimizer sgd        # one cell of the loss x optimizer comparison
     python train.py --grid --image-size 64 --foreground 0.015 --contrast 0.2   # the whole comparison
+    python train.py --dataset mni-wm                   # white matter in a real T1 MRI (nilearn's MNI152)
+    python train.py --data-dir DIR                     # your data: images/ + masks/, or imagesTr/ + labelsTr/
 """
 
 import argparse
@@ -25,6 +27,7 @@ import keras
 import numpy as np
 
 import data
+import datasets
 import metrics
 import tracking
 import unet
@@ -55,8 +58,10 @@ def parse_args(argv=None):
     add("--no-augment", action="store_true", help="no random flips and 90-degree rotations")
     add("--output-bias", choices=("prior", "zero"), default="prior",
         help="initial output bias: the training set's lesion prior log(f/(1-f)), or 0 (p = 0.5 everywhere)")
+    datasets.add_arguments(parser)
     add("--n-images", type=int, default=200, help="number of synthetic images (train/val/test 70/15/15)")
-    add("--image-size", type=int, default=128, help="height and width of the synthetic images")
+    add("--image-size", type=int, default=128, help="height and width of the network's input (and of the "
+        "synthetic images); real images are shrunk to fit and padded (geometry.py)")
     add("--foreground", type=float, default=data.FOREGROUND, help="mean lesion fraction of the pixels")
     add("--contrast", type=float, default=data.CONTRAST, help="lesion brightness above the tissue")
     add("--noise", type=float, default=data.NOISE, help="Rician noise level")
@@ -77,10 +82,14 @@ def parse_args(argv=None):
 
 
 def load_data(args):
+    """(splits, description): synthetic scans, or real data (--data-dir, --dataset), checked before any run."""
+    if datasets.source(args):
+        return datasets.load_split(datasets.source(args), (args.image_size, args.image_size), args.seed)
     images, masks = data.make_synthetic_2d(args.n_images, args.image_size, args.seed, foreground=args.foreground,
                                            contrast=args.contrast, noise=args.noise)
     splits = data.split(images, masks, seed=args.seed)
-    return splits, data.describe(images, masks, "synthetic-2d", splits)
+    description = data.describe(images, masks, "synthetic-2d", splits)
+    return splits, {**description, "data_contrast": args.contrast, "data_noise": args.noise}
 
 
 def learning_rate(args, steps_per_epoch):
@@ -118,8 +127,7 @@ def params(args, model, description):
     return {
         "architecture": model.name, "depth": args.depth, "base_filters": args.base_filters,
         "n_params": model.count_params(), "upsampling": "transpose", "batch_norm": True,
-        "output_bias": args.output_bias, **recipe_params(args),
-        "data_contrast": args.contrast, "data_noise": args.noise, **description,
+        "output_bias": args.output_bias, **recipe_params(args), **description,
     }
 
 
@@ -176,7 +184,7 @@ def fit_and_log(model, args, splits, run_name, run_params, prediction_figure, un
 
 
 def train(args):
-    """One tracked U-Net training run on synthetic 2D scans; returns the final metrics and the trained model."""
+    """One tracked U-Net training run on 2D images; returns the final metrics and the trained model."""
     keras.utils.set_random_seed(args.seed)
     splits, description = load_data(args)
     steps_per_epoch = -(-len(splits["train"][0]) // args.batch_size)
@@ -185,7 +193,7 @@ def train(args):
     compile_model(model, args, steps_per_epoch)
     run_name = args.run_name or f"{model.name}_{LOSS_NAMES[args.loss]}_{OPTIMIZERS[args.optimizer][0]}"
     print(f"{run_name}: {description['data_split']} train/val/test images of {description['data_shape']}, "
-          f"lesions {description['data_foreground_fraction']:.1%} of pixels, {model.count_params():,} parameters")
+          f"foreground {description['data_foreground_fraction']:.1%} of pixels, {model.count_params():,} parameters")
     results = fit_and_log(model, args, splits, run_name, params(args, model, description), prediction_figure)
     return results, model
 
