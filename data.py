@@ -10,7 +10,9 @@ What this script teaches:
   shuffle -> joint image+mask augmentation -> batch -> prefetch.
 
 The same generator makes 2D images (N, H, W, 1) and 3D volumes (N, D, H, W, 1): every step below works
-in any number of dimensions.
+in any number of dimensions. Real data (`--data-dir` folders of PNG or NIfTI files, the built-in `mni-wm`) is
+loaded by datasets.py, which train.py and conv3d.py import too: it reuses normalize_intensity, split, describe
+and content_hash from here.
 
     python data.py                       # describe a default synthetic dataset and its split
     python data.py --foreground 0.015    # the class-imbalanced variant

@@ -22,7 +22,8 @@ What this script teaches:
 Built-in dataset `mni-wm`: white matter (probability > 0.5) in the skull-stripped T1 MNI ICBM152 2009
 template at 1 mm, both shipped inside nilearn: real MRI contrast, offline, no download.
 
-This module is the real-data counterpart of data.py's synthetic scans.
+This module is the real-data counterpart of data.py's synthetic scans (kept apart to keep both readable);
+train.py and conv3d.py import both, predict.py replays the same preprocessing.
 
     python datasets.py DIR --size 128          # check a folder, describe it as MLflow would log it
     python datasets.py mni-wm --size 32 32 32  # the built-in volume, as 3D patches

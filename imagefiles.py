@@ -161,7 +161,7 @@ def main():
                 pixels = read_image(path)
                 print(f"{path}: image {shape_text(pixels.shape)}, values {pixels.min():g} to {pixels.max():g}")
         except DataError as error:
-            print(f"{path}: error: {error}")
+            print(f"error: {error}")
 
 
 if __name__ == "__main__":
