@@ -63,7 +63,7 @@ def _step_memory(spec):
 
     if spec["policy"] != "float32":
         keras.mixed_precision.set_global_policy(spec["policy"])
-    model = build_unet3d((*spec["shape"], 1), spec["filters"], spec["depth"], spec["kernel"])
+    model = unet.build_unet((*spec["shape"], 1), spec["filters"], spec["depth"], kernel_size=spec["kernel"])
     model.compile("adam", metrics.SoftDiceLoss())
     x = np.random.default_rng(0).random((spec["batch"], *spec["shape"], 1), dtype=np.float32)
     y = (x > 0.9).astype(np.float32)
@@ -100,12 +100,14 @@ def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory
             keras.mixed_precision.set_global_policy("float32")
         row = {"lever": label, "params": model.count_params(), "activation_mb": activation_bytes(model, batch) / 2**20}
         if peak_memory:
-            row.update(_measure_in_subprocess(spec))
+            row.update(measure_in_subprocess(spec))
         rows.append(row)
     return rows
 
 
-def _measure_in_subprocess(spec):
+def measure_in_subprocess(spec):
+    """Peak RSS, its growth during the first training step, and the second step's time, for a model `spec`
+    (shape: 2 or 3 spatial sizes, filters, depth, kernel, batch, policy), in a fresh Python process."""
     command = [sys.executable, os.path.abspath(__file__), "--_step-memory", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:

@@ -62,6 +62,7 @@ def parse_args(argv=None):
     add("--noise", type=float, default=data.NOISE, help="Rician noise level")
     add("--base-filters", type=int, default=32, help="U-Net filters at the first level")
     add("--depth", type=int, default=4, help="U-Net levels, bottleneck included")
+    add("--no-skip", action="store_true", help="U-Net without skip connections (ablation; run name UNetNoSkip_...)")
     add("--seed", type=int, default=42, help="seed for data, split, initialization and augmentation")
     add("--experiment", default="tp4-unet", help="MLflow experiment name")
     add("--run-name", help="MLflow run name (default: UNet_{Loss}_{Optimizer})")
@@ -118,6 +119,7 @@ def params(args, model, description):
     return {
         "architecture": model.name, "depth": args.depth, "base_filters": args.base_filters,
         "n_params": model.count_params(), "upsampling": "transpose", "batch_norm": True,
+        "skip_connections": not args.no_skip,
         "output_bias": args.output_bias, **recipe_params(args),
         "data_contrast": args.contrast, "data_noise": args.noise, **description,
     }
@@ -180,8 +182,10 @@ def train(args):
     keras.utils.set_random_seed(args.seed)
     splits, description = load_data(args)
     steps_per_epoch = -(-len(splits["train"][0]) // args.batch_size)
+    bias = prior_bias(args, float(splits["train"][1].mean()))
     model = unet.build_unet((args.image_size, args.image_size, 1), args.base_filters, args.depth,
-                            output_bias=prior_bias(args, float(splits["train"][1].mean())))
+                            skip_connections=not args.no_skip, output_bias=bias,
+                            name="UNetNoSkip" if args.no_skip else "UNet")
     compile_model(model, args, steps_per_epoch)
     run_name = args.run_name or f"{model.name}_{LOSS_NAMES[args.loss]}_{OPTIMIZERS[args.optimizer][0]}"
     print(f"{run_name}: {description['data_split']} train/val/test images of {description['data_shape']}, "
