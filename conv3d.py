@@ -36,11 +36,13 @@ import unet
 DEFAULT_SHAPE = (32, 64, 64)  # (D, H, W) of the synthetic volumes and of the training patch
 
 
-def build_unet3d(input_shape=(*DEFAULT_SHAPE, 1), base_filters=8, depth=3, kernel_size=3, name="Conv3D") -> keras.Model:
+def build_unet3d(input_shape=(*DEFAULT_SHAPE, 1), base_filters=8, depth=3, kernel_size=3, output_bias=0.0,
+                 name="Conv3D") -> keras.Model:
     """Small 3D U-Net: Conv3D blocks (Conv3D -> BatchNorm -> ReLU, twice), 2x2x2 pooling, transposed Conv3D."""
     if len(input_shape) != 4:
         raise ValueError(f"a volume input must be (D, H, W, C), got {tuple(input_shape)}")
-    return unet.build_unet(tuple(input_shape), base_filters, depth, kernel_size=kernel_size, name=name)
+    return unet.build_unet(tuple(input_shape), base_filters, depth, kernel_size=kernel_size,
+                           output_bias=output_bias, name=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,6 +223,7 @@ def parse_args(argv=None):
     add("--epochs", type=int, default=8, help="maximum number of epochs")
     add("--patience", type=int, default=4, help="early stopping patience on validation Dice")
     add("--no-augment", action="store_true", help="no random in-plane flips and rotations")
+    add("--output-bias", choices=("prior", "zero"), default="prior", help="initial output bias (see train.py)")
     add("--mixed-precision", action="store_true", help="mixed_bfloat16 on CPU, mixed_float16 on GPU")
     add("--seed", type=int, default=42, help="seed for data, split, initialization and augmentation")
     add("--experiment", default="tp4-conv3d", help="MLflow experiment name")
@@ -246,11 +249,13 @@ def train3d(args, memory_rows=None):
     policy = ("mixed_float16" if _has_gpu() else "mixed_bfloat16") if args.mixed_precision else "float32"
     keras.mixed_precision.set_global_policy(policy)
     try:
-        model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)
+        bias = train.prior_bias(args, float(splits["train"][1].mean()))
+        model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size, bias)
         train.compile_model(model, args, steps_per_epoch=-(-len(splits["train"][0]) // args.batch_size))
         run_name = args.run_name or ("Conv3D_MixedPrecision" if args.mixed_precision else "Conv3D_Baseline")
         run_params = {"architecture": "UNet3D", "depth": args.depth, "base_filters": args.base_filters,
                       "kernel_size": args.kernel_size, "n_params": model.count_params(), "precision": policy,
+                      "output_bias": args.output_bias,
                       **train.recipe_params(args), **description}
         print(f"\n{run_name}: {description['data_split']} train/val/test volumes of {description['data_shape']}, "
               f"lesions {description['data_foreground_fraction']:.1%} of voxels, {model.count_params():,} parameters")

@@ -96,7 +96,7 @@ def test_tracked_3d_training_learns_and_logs_like_train_py(tmp_path, monkeypatch
     try:
         args, _ = conv3d.parse_args(["--n-volumes", "24", "--shape", "8", "32", "32", "--depth", "2",
                                      "--base-filters", "8", "--foreground", "0.1", "--epochs", "6",
-                                     "--patience", "6", "--batch-size", "4", "--seed", "3"])
+                                     "--patience", "6", "--batch-size", "2", "--seed", "3"])
         results = conv3d.train3d(args, memory_rows=[{"lever": "baseline", "params": 1}])
     finally:
         mlflow.set_tracking_uri(None)
