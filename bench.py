@@ -32,9 +32,9 @@ import metrics
 import unet
 
 FULL = dict(size=128, filters=32, depth=4, batch=8, volume=(32, 64, 64), filters3d=8, depth3d=3, batch3d=2,
-            matmul=4096, repeats=5, e2e_epochs=3, e2e_images=200)
+            matmul=(1024, 2048, 4096), repeats=5, e2e_epochs=3, e2e_images=200)
 QUICK = dict(size=32, filters=8, depth=3, batch=4, volume=(8, 16, 16), filters3d=4, depth3d=2, batch3d=2,
-             matmul=512, repeats=2, e2e_epochs=1, e2e_images=24)
+             matmul=(512,), repeats=2, e2e_epochs=1, e2e_images=24)
 
 
 def median_seconds(fn, repeats, warmup=1):
@@ -48,14 +48,18 @@ def median_seconds(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
-def matmul_gflops(n, repeats):
-    """Dense float32 matmul rate: the ceiling a convolution network can reach on this machine."""
+def matmul_gflops(sizes, repeats):
+    """Dense float32 matmul rate: the ceiling a convolution network can reach on this machine. The best of
+    TensorFlow's matmul and NumPy's BLAS over a few sizes, so that a slow library does not lower the ceiling."""
     import tensorflow as tf
 
-    a = tf.random.normal((n, n))
-    b = tf.random.normal((n, n))
-    seconds = median_seconds(lambda: tf.linalg.matmul(a, b).numpy(), repeats)
-    return 2 * n**3 / seconds / 1e9
+    best = {"tensorflow": 0.0, "numpy": 0.0}
+    for n in sizes:
+        a, b = np.random.default_rng(0).random((2, n, n), dtype=np.float32)
+        ta, tb = tf.constant(a), tf.constant(b)
+        for backend, fn in (("tensorflow", lambda: tf.linalg.matmul(ta, tb).numpy()), ("numpy", lambda: a @ b)):
+            best[backend] = max(best[backend], 2 * n**3 / median_seconds(fn, repeats) / 1e9)
+    return best
 
 
 def forward_flops(model):
@@ -71,12 +75,13 @@ def forward_flops(model):
     return total
 
 
-def bench_model(model, batch, repeats):
+def bench_model(model, batch, repeats, jit_compile=False):
     """Median training-step and inference time on one fixed batch; throughput and fraction of the roofline."""
     rng = np.random.default_rng(0)
     x = rng.random((batch, *model.input_shape[1:]), dtype=np.float32)
     y = (x > 0.9).astype(np.float32)
-    model.compile(keras.optimizers.Adam(1e-3), metrics.BCEDiceLoss(), metrics=[metrics.DiceMetric()])
+    model.compile(keras.optimizers.Adam(1e-3), metrics.BCEDiceLoss(), metrics=[metrics.DiceMetric()],
+                  jit_compile=jit_compile)
     train_s = median_seconds(lambda: model.train_on_batch(x, y), repeats)
     infer_s = median_seconds(lambda: model.predict_on_batch(x), repeats)
     flops = forward_flops(model)
@@ -132,33 +137,51 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="CI-size shapes (seconds, not minutes)")
     parser.add_argument("--output", default="bench.json", help="where to write the measurements")
     parser.add_argument("--skip-end-to-end", action="store_true", help="skip the train.py run")
+    parser.add_argument("--only", choices=("unet2d", "conv3d"), help="benchmark one model only")
+    parser.add_argument("--no-peak-memory", action="store_true", help="skip the subprocess memory measurement")
+    # Levers, to measure one change at a time against the defaults.
+    parser.add_argument("--batch-size", type=int, help="2D batch size (default: train.py's, 8)")
+    parser.add_argument("--jit-compile", action="store_true", help="compile the steps with XLA")
+    parser.add_argument("--upsampling", choices=unet.UPSAMPLING, default="transpose", help="U-Net decoder up-sampling")
+    parser.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: TF's)")
+    parser.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: TF's)")
     args = parser.parse_args(argv)
-    c = QUICK if args.quick else FULL
-    keras.utils.set_random_seed(0)
+    c = dict(QUICK if args.quick else FULL)
+    c["batch"] = args.batch_size or c["batch"]
     import tensorflow as tf
 
+    if args.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
+    if args.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
     tf.get_logger().setLevel("ERROR")  # several models in one process: retracing warnings are expected here
-    report = {"config": c, "matmul_gflops": matmul_gflops(c["matmul"], c["repeats"])}
-    peak = report["matmul_gflops"]
-    print(f"dense float32 matmul ({c['matmul']}x{c['matmul']}): {peak:.1f} GFLOP/s  (the roofline below)")
+    keras.utils.set_random_seed(0)
+    matmul = matmul_gflops(c["matmul"], c["repeats"])
+    peak = max(matmul.values())
+    report = {"config": c, "matmul_gflops": matmul, "roofline_gflops": peak}
+    print(f"dense float32 matmul, best of sizes {c['matmul']}: TensorFlow {matmul['tensorflow']:.1f}, "
+          f"NumPy {matmul['numpy']:.1f} GFLOP/s; roofline {peak:.1f} GFLOP/s")
 
-    unet2d = unet.build_unet((c["size"], c["size"], 1), c["filters"], c["depth"])
+    unet2d = unet.build_unet((c["size"], c["size"], 1), c["filters"], c["depth"], upsampling=args.upsampling)
     unet3d = conv3d.build_unet3d((*c["volume"], 1), c["filters3d"], c["depth3d"])
     print(f"\n{'model':<34}{'GFLOP/ex':>9}{'train ex/s':>11}{'of peak':>9}{'infer ex/s':>11}{'of peak':>9}"
           f"{'peak RSS MB':>12}")
     for name, model, batch, spec_shape in (("unet2d", unet2d, c["batch"], [c["size"], c["size"]]),
                                            ("conv3d", unet3d, c["batch3d"], list(c["volume"]))):
-        row = bench_model(model, batch, c["repeats"])
+        if args.only and name != args.only:
+            continue
+        row = bench_model(model, batch, c["repeats"], args.jit_compile)
         spec = dict(shape=spec_shape, filters=model.get_layer("enc1_conv1").filters, kernel=3, batch=batch,
                     depth=sum(1 for layer in model.layers if layer.name.endswith("_pool")) + 1, policy="float32")
-        row.update(conv3d.measure_in_subprocess(spec))
+        if not args.no_peak_memory:
+            row.update(conv3d.measure_in_subprocess(spec))
         report[name] = row
         label = f"{name} {'x'.join(map(str, model.input_shape[1:-1]))} batch {batch}"
         print(f"{label:<34}{row['gflop_forward_per_example']:>9.2f}{row['train_examples_per_s']:>11.2f}"
               f"{row['train_gflops'] / peak:>9.0%}{row['infer_examples_per_s']:>11.2f}{row['infer_gflops'] / peak:>9.0%}"
-              f"{row['peak_rss_mb'] or 0:>12.0f}")
+              f"{row.get('peak_rss_mb') or float('nan'):>12.0f}")
 
-    if not args.skip_end_to_end:
+    if not args.skip_end_to_end and "unet2d" in report:
         e2e = bench_end_to_end(c["e2e_epochs"], c["e2e_images"], args.quick)
         steps = e2e["epochs"] * -(-round(0.7 * c["e2e_images"]) // c["batch"])
         e2e["train_steps_seconds"] = steps * c["batch"] / report["unet2d"]["train_examples_per_s"]

@@ -50,6 +50,8 @@ def parse_args(argv=None):
     add("--lr", type=float, help="peak learning rate (default: 1e-3, or 1e-2 for sgd)")
     add("--lr-schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule over --epochs")
     add("--batch-size", type=int, default=8, help="images per step")
+    add("--xla", action=argparse.BooleanOptionalAction, default=True,
+        help="compile the steps with XLA (measured 1.2x faster for this U-Net on CPU; see README)")
     add("--epochs", type=int, default=30, help="maximum number of epochs")
     add("--patience", type=int, default=8, help="early stopping: epochs without a better validation Dice")
     add("--no-augment", action="store_true", help="no random flips and 90-degree rotations")
@@ -101,7 +103,8 @@ def prior_bias(args, foreground):
 def compile_model(model, args, steps_per_epoch):
     """Optimizer, schedule, loss and the Dice/IoU epoch metrics, from the command-line names."""
     optimizer = OPTIMIZERS[args.optimizer][2](learning_rate(args, steps_per_epoch))
-    model.compile(optimizer, metrics.get_loss(args.loss), metrics=[metrics.DiceMetric(), metrics.IoUMetric()])
+    model.compile(optimizer, metrics.get_loss(args.loss), metrics=[metrics.DiceMetric(), metrics.IoUMetric()],
+                  jit_compile=args.xla)
     return model
 
 
@@ -111,6 +114,7 @@ def recipe_params(args):
         "optimizer": OPTIMIZERS[args.optimizer][0], "learning_rate": args.lr or OPTIMIZERS[args.optimizer][1],
         "lr_schedule": args.lr_schedule, "loss": LOSS_NAMES[args.loss], "batch_size": args.batch_size,
         "epochs": args.epochs, "patience": args.patience, "augment": not args.no_augment, "seed": args.seed,
+        "xla": args.xla,
     }
 
 
