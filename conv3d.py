@@ -232,6 +232,7 @@ def parse_args(argv=None):
     add("--run-name", help="MLflow run name (default: Conv3D_Baseline or Conv3D_MixedPrecision)")
     add("--register", metavar="NAME", help="also register the model in the MLflow model registry")
     add("--skip-training", action="store_true", help="only print the architecture and memory tables")
+    add("--compare-2d", action="store_true", help="also train a 2D U-Net on the slices of the same volumes")
     add("--no-peak-memory", action="store_true", help="skip the subprocess measurement of peak memory")
     add("--_step-memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -265,6 +266,33 @@ def train3d(args, memory_rows=None):
         return train.fit_and_log(model, args, splits, run_name, run_params, orthogonal_slices_figure, "vol", tables)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def train_on_slices(args):
+    """The 2D side of Conv2D vs Conv3D: a 2D U-Net (same filters and depth) trained on the slices of the same
+    volumes, same split. Its global test Dice pools all test voxels, so it compares with the 3D run's directly."""
+    import train
+
+    keras.utils.set_random_seed(args.seed)
+    images, masks = data.make_synthetic_3d(args.n_volumes, tuple(args.shape), args.seed, foreground=args.foreground)
+    volumes = data.split(images, masks, seed=args.seed)
+    splits = {name: (x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:])) for name, (x, y) in volumes.items()}
+    description = data.describe(images, masks, "synthetic-3d, as 2D slices", volumes)
+    # 16 slices a step: about the compute of one 3D step; XLA pays for 2D convolutions (see README).
+    slice_args = argparse.Namespace(**{**vars(args), "batch_size": 16, "xla": True})
+    bias = train.prior_bias(args, float(splits["train"][1].mean()))
+    model = unet.build_unet((*args.shape[1:], 1), args.base_filters, args.depth, output_bias=bias, name="UNet2D")
+    train.compile_model(model, slice_args, steps_per_epoch=-(-len(splits["train"][0]) // 16))
+    run_params = {"architecture": "UNet2D on slices", "depth": args.depth, "base_filters": args.base_filters,
+                  "n_params": model.count_params(), "output_bias": args.output_bias,
+                  **train.recipe_params(slice_args), **description}
+
+    def lesion_slices_figure(x, y, probabilities):
+        most = np.argsort(y.sum(axis=(1, 2, 3)))[::-1][:6]  # the slices with the most lesion
+        return train.prediction_figure(x[most], y[most], probabilities[most])
+
+    print(f"\nUNet2D_Slices: the same volumes as {len(splits['train'][0])} training slices")
+    return train.fit_and_log(model, slice_args, splits, "UNet2D_Slices", run_params, lesion_slices_figure)
 
 
 def print_comparison(args):
@@ -310,7 +338,11 @@ def main(argv=None):
                               not args.no_peak_memory)
         print_levers(rows, args.batch_size)
         if not args.skip_training:
-            train3d(args, rows)
+            results3d = train3d(args, rows)
+            if args.compare_2d:
+                results2d = train_on_slices(args)
+                print(f"\nsame test volumes, global Dice: Conv3D {results3d['test_dice']:.4f}, "
+                      f"2D U-Net on slices {results2d['test_dice']:.4f}")
     except (ValueError, tracking.TrackingError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:
