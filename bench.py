@@ -137,11 +137,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="CI-size shapes (seconds, not minutes)")
     parser.add_argument("--output", default="bench.json", help="where to write the measurements")
     parser.add_argument("--skip-end-to-end", action="store_true", help="skip the train.py run")
+    parser.add_argument("--e2e-epochs", type=int, help="epochs of the end-to-end train.py run (default 3; 30 is "
+                        "train.py's own default, about 10 minutes)")
     parser.add_argument("--only", choices=("unet2d", "conv3d"), help="benchmark one model only")
     parser.add_argument("--no-peak-memory", action="store_true", help="skip the subprocess memory measurement")
     # Levers, to measure one change at a time against the defaults.
     parser.add_argument("--batch-size", type=int, help="2D batch size (default: train.py's, 8)")
-    parser.add_argument("--jit-compile", action="store_true", help="compile the steps with XLA")
+    parser.add_argument("--xla2d", action=argparse.BooleanOptionalAction, default=True,
+                        help="XLA for the 2D U-Net (train.py's default: on)")
+    parser.add_argument("--xla3d", action=argparse.BooleanOptionalAction, default=False,
+                        help="XLA for the Conv3D model (conv3d.py's default: off)")
     parser.add_argument("--upsampling", choices=unet.UPSAMPLING, default="transpose", help="U-Net decoder up-sampling")
     parser.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: TF's)")
     parser.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: TF's)")
@@ -164,25 +169,33 @@ def main(argv=None):
 
     unet2d = unet.build_unet((c["size"], c["size"], 1), c["filters"], c["depth"], upsampling=args.upsampling)
     unet3d = conv3d.build_unet3d((*c["volume"], 1), c["filters3d"], c["depth3d"])
-    print(f"\n{'model':<34}{'GFLOP/ex':>9}{'train ex/s':>11}{'of peak':>9}{'infer ex/s':>11}{'of peak':>9}"
+    tf_peak = matmul["tensorflow"]
+    print("\nfraction of the limit: achieved GFLOP/s over TensorFlow's matmul rate (and over the best matmul)")
+    print(f"{'model':<34}{'GFLOP/ex':>9}{'train ex/s':>11}{'of limit':>14}{'infer ex/s':>11}{'of limit':>14}"
           f"{'peak RSS MB':>12}")
-    for name, model, batch, spec_shape in (("unet2d", unet2d, c["batch"], [c["size"], c["size"]]),
-                                           ("conv3d", unet3d, c["batch3d"], list(c["volume"]))):
+    for name, model, batch, spec_shape, xla in (
+            ("unet2d", unet2d, c["batch"], [c["size"], c["size"]], args.xla2d),
+            ("conv3d", unet3d, c["batch3d"], list(c["volume"]), args.xla3d)):
         if args.only and name != args.only:
             continue
-        row = bench_model(model, batch, c["repeats"], args.jit_compile)
+        row = bench_model(model, batch, c["repeats"], xla)
         spec = dict(shape=spec_shape, filters=model.get_layer("enc1_conv1").filters, kernel=3, batch=batch,
                     depth=sum(1 for layer in model.layers if layer.name.endswith("_pool")) + 1, policy="float32")
         if not args.no_peak_memory:
             row.update(conv3d.measure_in_subprocess(spec))
         report[name] = row
-        label = f"{name} {'x'.join(map(str, model.input_shape[1:-1]))} batch {batch}"
+        label = f"{name} {'x'.join(map(str, model.input_shape[1:-1]))} batch {batch}{' XLA' if xla else ''}"
+        fractions = []
+        for step in ("train", "infer"):
+            row[f"{step}_of_tf_matmul"] = row[f"{step}_gflops"] / tf_peak
+            row[f"{step}_of_best_matmul"] = row[f"{step}_gflops"] / peak
+            fractions.append(f"{row[f'{step}_of_tf_matmul']:.0%} ({row[f'{step}_of_best_matmul']:.0%})")
         print(f"{label:<34}{row['gflop_forward_per_example']:>9.2f}{row['train_examples_per_s']:>11.2f}"
-              f"{row['train_gflops'] / peak:>9.0%}{row['infer_examples_per_s']:>11.2f}{row['infer_gflops'] / peak:>9.0%}"
+              f"{fractions[0]:>14}{row['infer_examples_per_s']:>11.2f}{fractions[1]:>14}"
               f"{row.get('peak_rss_mb') or float('nan'):>12.0f}")
 
     if not args.skip_end_to_end and "unet2d" in report:
-        e2e = bench_end_to_end(c["e2e_epochs"], c["e2e_images"], args.quick)
+        e2e = bench_end_to_end(args.e2e_epochs or c["e2e_epochs"], c["e2e_images"], args.quick)
         steps = e2e["epochs"] * -(-round(0.7 * c["e2e_images"]) // c["batch"])
         e2e["train_steps_seconds"] = steps * c["batch"] / report["unet2d"]["train_examples_per_s"]
         e2e["wall_over_train_steps"] = e2e["wall_seconds"] / e2e["train_steps_seconds"]

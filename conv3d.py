@@ -177,7 +177,8 @@ def sliding_window_predict(model, volume, overlap=0.5, weighting="gaussian", bat
     total = np.zeros((*volume.shape[:3], model.output_shape[-1]), np.float32)
     norm = np.zeros((*volume.shape[:3], 1), np.float32)
     for first in range(0, len(corners), batch_size):
-        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in corners[first:first + batch_size]]
+        chunk = corners[first:first + batch_size]
+        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]
         predictions = keras.ops.convert_to_numpy(model(np.stack([volume[w] for w in windows]), training=False))
         for window, prediction in zip(windows, predictions):
             total[window] += weights * prediction

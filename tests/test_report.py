@@ -31,7 +31,8 @@ def test_table_lists_finished_runs_best_first(store):
 
 def test_update_regenerates_marked_tables_and_leaves_the_rest(store):
     path = store / "README.md"
-    path.write_text("intro\n<!-- report.py demo --params loss --metrics test_dice -->\nstale\n<!-- end report -->\nend\n")
+    marker = "<!-- report.py demo --params loss --metrics test_dice -->"
+    path.write_text(f"intro\n{marker}\nstale\n<!-- end report -->\nend\n")
     assert report.update_file(path) == 1
     assert path.read_text() == ("intro\n<!-- report.py demo --params loss --metrics test_dice -->\n"
                                 "| run | loss | test_dice |\n|---|---|---|\n| b | BCELoss | 0.900 |\n"
