@@ -64,10 +64,11 @@ def matmul_gflops(sizes, repeats):
 
 def forward_flops(model):
     """Forward FLOPs per example, counted from the convolution layers (see the module docstring)."""
+    convolutions = (keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
     total = 0
     for layer in model.layers:
-        if not isinstance(layer, keras.layers.Conv2D | keras.layers.Conv3D):
-            continue  # Conv2DTranspose/Conv3DTranspose subclass these, so they are included
+        if not isinstance(layer, convolutions):
+            continue
         transposed = isinstance(layer, keras.layers.Conv2DTranspose | keras.layers.Conv3DTranspose)
         positions = np.prod((layer.input if transposed else layer.output).shape[1:-1])
         weights = np.prod(layer.kernel_size) * layer.input.shape[-1] * layer.filters
