@@ -331,7 +331,7 @@ def main(argv=None):
     args, parser = parse_args(argv)
     if args._step_memory:
         return _step_memory(json.loads(args._step_memory))
-    try:
+    with tracking.command_line_errors(parser):
         model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)
         model.summary(line_length=100)
         print_comparison(args)
@@ -344,10 +344,6 @@ def main(argv=None):
                 results2d = train_on_slices(args)
                 print(f"\nsame test volumes, global Dice: Conv3D {results3d['test_dice']:.4f}, "
                       f"2D U-Net on slices {results2d['test_dice']:.4f}")
-    except (ValueError, tracking.TrackingError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted; the MLflow run is marked KILLED\n")
 
 
 if __name__ == "__main__":

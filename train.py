@@ -223,12 +223,8 @@ def run_grid(args):
 
 def main(argv=None):
     args, parser = parse_args(argv)
-    try:
+    with tracking.command_line_errors(parser):
         run_grid(args) if args.grid else train(args)
-    except (ValueError, tracking.TrackingError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted; the MLflow run is marked KILLED\n")
 
 
 if __name__ == "__main__":
