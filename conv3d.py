@@ -39,11 +39,13 @@ import unet
 DEFAULT_SHAPE = (32, 64, 64)  # (D, H, W) of the synthetic volumes and of the training patch
 
 
-def build_unet3d(input_shape=(*DEFAULT_SHAPE, 1), base_filters=8, depth=3, kernel_size=3, name="Conv3D") -> keras.Model:
+def build_unet3d(input_shape=(*DEFAULT_SHAPE, 1), base_filters=8, depth=3, kernel_size=3, output_bias=0.0,
+                 name="Conv3D") -> keras.Model:
     """Small 3D U-Net: Conv3D blocks (Conv3D -> BatchNorm -> ReLU, twice), 2x2x2 pooling, transposed Conv3D."""
     if len(input_shape) != 4:
         raise ValueError(f"a volume input must be (D, H, W, C), got {tuple(input_shape)}")
-    return unet.build_unet(tuple(input_shape), base_filters, depth, kernel_size=kernel_size, name=name)
+    return unet.build_unet(tuple(input_shape), base_filters, depth, kernel_size=kernel_size,
+                           output_bias=output_bias, name=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ def _step_memory(spec):
 
     if spec["policy"] != "float32":
         keras.mixed_precision.set_global_policy(spec["policy"])
-    model = build_unet3d((*spec["shape"], 1), spec["filters"], spec["depth"], spec["kernel"])
+    model = unet.build_unet((*spec["shape"], 1), spec["filters"], spec["depth"], kernel_size=spec["kernel"])
     model.compile("adam", metrics.SoftDiceLoss())
     x = np.random.default_rng(0).random((spec["batch"], *spec["shape"], 1), dtype=np.float32)
     y = (x > 0.9).astype(np.float32)
@@ -103,12 +105,14 @@ def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory
             keras.mixed_precision.set_global_policy("float32")
         row = {"lever": label, "params": model.count_params(), "activation_mb": activation_bytes(model, batch) / 2**20}
         if peak_memory:
-            row.update(_measure_in_subprocess(spec))
+            row.update(measure_in_subprocess(spec))
         rows.append(row)
     return rows
 
 
-def _measure_in_subprocess(spec):
+def measure_in_subprocess(spec):
+    """Peak RSS, its growth during the first training step, and the second step's time, for a model `spec`
+    (shape: 2 or 3 spatial sizes, filters, depth, kernel, batch, policy), in a fresh Python process."""
     command = [sys.executable, os.path.abspath(__file__), "--_step-memory", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -169,7 +173,8 @@ def sliding_window_predict(model, volume, overlap=0.5, weighting="gaussian", bat
     total = np.zeros((*volume.shape[:3], model.output_shape[-1]), np.float32)
     norm = np.zeros((*volume.shape[:3], 1), np.float32)
     for first in range(0, len(corners), batch_size):
-        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in corners[first:first + batch_size]]
+        chunk = corners[first:first + batch_size]
+        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in chunk]
         predictions = keras.ops.convert_to_numpy(model(np.stack([volume[w] for w in windows]), training=False))
         for window, prediction in zip(windows, predictions):
             total[window] += weights * prediction
@@ -214,15 +219,19 @@ def parse_args(argv=None):
     add("--lr", type=float, help="peak learning rate (default: the optimizer's, as in train.py)")
     add("--lr-schedule", choices=train.SCHEDULES, default="cosine", help="learning-rate schedule")
     add("--batch-size", type=int, default=2, help="volumes per step")
+    add("--xla", action=argparse.BooleanOptionalAction, default=False,
+        help="compile the steps with XLA (measured 3x slower for Conv3D on CPU; see README)")
     add("--epochs", type=int, default=8, help="maximum number of epochs")
     add("--patience", type=int, default=4, help="early stopping patience on validation Dice")
     add("--no-augment", action="store_true", help="no random in-plane flips and rotations")
+    add("--output-bias", choices=("prior", "zero"), default="prior", help="initial output bias (see train.py)")
     add("--mixed-precision", action="store_true", help="mixed_bfloat16 on CPU, mixed_float16 on GPU")
     add("--seed", type=int, default=42, help="seed for data, split, initialization and augmentation")
     add("--experiment", default="tp4-conv3d", help="MLflow experiment name")
     add("--run-name", help="MLflow run name (default: Conv3D_Baseline or Conv3D_MixedPrecision)")
     add("--register", metavar="NAME", help="also register the model in the MLflow model registry")
     add("--skip-training", action="store_true", help="only print the architecture and memory tables")
+    add("--compare-2d", action="store_true", help="also train a 2D U-Net on the slices of the same volumes")
     add("--no-peak-memory", action="store_true", help="skip the subprocess measurement of peak memory")
     add("--_step-memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -249,11 +258,13 @@ def train3d(args, memory_rows=None, loaded=None):
     policy = ("mixed_float16" if _has_gpu() else "mixed_bfloat16") if args.mixed_precision else "float32"
     keras.mixed_precision.set_global_policy(policy)
     try:
-        model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)
+        bias = train.prior_bias(args, float(splits["train"][1].mean()))
+        model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size, bias)
         train.compile_model(model, args, steps_per_epoch=-(-len(splits["train"][0]) // args.batch_size))
         run_name = args.run_name or ("Conv3D_MixedPrecision" if args.mixed_precision else "Conv3D_Baseline")
         run_params = {"architecture": "UNet3D", "depth": args.depth, "base_filters": args.base_filters,
                       "kernel_size": args.kernel_size, "n_params": model.count_params(), "precision": policy,
+                      "output_bias": args.output_bias,
                       **train.recipe_params(args), **description}
         print(f"\n{run_name}: {description['data_split']} train/val/test volumes of {description['data_shape']}, "
               f"foreground {description['data_foreground_fraction']:.1%} of voxels, "
@@ -262,6 +273,32 @@ def train3d(args, memory_rows=None, loaded=None):
         return train.fit_and_log(model, args, splits, run_name, run_params, orthogonal_slices_figure, "vol", tables)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def train_on_slices(args, loaded=None):
+    """The 2D side of Conv2D vs Conv3D: a 2D U-Net (same filters and depth) trained on the slices of the same
+    volumes, same split. Its global test Dice pools all test voxels, so it compares with the 3D run's directly."""
+    import train
+
+    keras.utils.set_random_seed(args.seed)
+    volumes, description = loaded or load_volumes(args)
+    splits = {name: (x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:])) for name, (x, y) in volumes.items()}
+    description = {**description, "data_slices": "2D slices of the volumes"}
+    # 16 slices a step: about the compute of one 3D step; XLA pays for 2D convolutions (see README).
+    slice_args = argparse.Namespace(**{**vars(args), "batch_size": 16, "xla": True})
+    bias = train.prior_bias(args, float(splits["train"][1].mean()))
+    model = unet.build_unet((*args.shape[1:], 1), args.base_filters, args.depth, output_bias=bias, name="UNet2D")
+    train.compile_model(model, slice_args, steps_per_epoch=-(-len(splits["train"][0]) // 16))
+    run_params = {"architecture": "UNet2D on slices", "depth": args.depth, "base_filters": args.base_filters,
+                  "n_params": model.count_params(), "output_bias": args.output_bias,
+                  **train.recipe_params(slice_args), **description}
+
+    def lesion_slices_figure(x, y, probabilities):
+        most = np.argsort(y.sum(axis=(1, 2, 3)))[::-1][:6]  # the slices with the most lesion
+        return train.prediction_figure(x[most], y[most], probabilities[most])
+
+    print(f"\nUNet2D_Slices: the same volumes as {len(splits['train'][0])} training slices")
+    return train.fit_and_log(model, slice_args, splits, "UNet2D_Slices", run_params, lesion_slices_figure)
 
 
 def print_comparison(args):
@@ -299,7 +336,7 @@ def main(argv=None):
     args, parser = parse_args(argv)
     if args._step_memory:
         return _step_memory(json.loads(args._step_memory))
-    try:
+    with tracking.command_line_errors(parser):
         loaded = None if args.skip_training else load_volumes(args)  # bad data is refused now, not after the tables
         model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)
         model.summary(line_length=100)
@@ -308,11 +345,11 @@ def main(argv=None):
                               not args.no_peak_memory)
         print_levers(rows, args.batch_size)
         if not args.skip_training:
-            train3d(args, rows, loaded)
-    except (ValueError, tracking.TrackingError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted; the MLflow run is marked KILLED\n")
+            results3d = train3d(args, rows, loaded)
+            if args.compare_2d:
+                results2d = train_on_slices(args, loaded)
+                print(f"\nsame test volumes, global Dice: Conv3D {results3d['test_dice']:.4f}, "
+                      f"2D U-Net on slices {results2d['test_dice']:.4f}")
 
 
 if __name__ == "__main__":

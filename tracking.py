@@ -80,6 +80,17 @@ def tracked_run(experiment, run_name, params):
         mlflow.end_run(status)
 
 
+@contextlib.contextmanager
+def command_line_errors(parser):
+    """For a script's main(): bad input or an unusable store is one line and exit 2, Ctrl-C exit 130."""
+    try:
+        yield
+    except (ValueError, TrackingError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted; an MLflow run in progress is marked KILLED\n")
+
+
 class EpochLogger(keras.callbacks.Callback):
     """Prints one line per epoch and logs loss, dice, iou, their val_ twins, lr, epoch_seconds and
     images_per_second (training examples per second of training, validation excluded) with step=epoch."""

@@ -96,7 +96,7 @@ def test_tracked_3d_training_learns_and_logs_like_train_py(tmp_path, monkeypatch
     try:
         args, _ = conv3d.parse_args(["--n-volumes", "24", "--shape", "8", "32", "32", "--depth", "2",
                                      "--base-filters", "8", "--foreground", "0.1", "--epochs", "6",
-                                     "--patience", "6", "--batch-size", "4", "--seed", "3"])
+                                     "--patience", "6", "--batch-size", "2", "--seed", "3"])
         results = conv3d.train3d(args, memory_rows=[{"lever": "baseline", "params": 1}])
     finally:
         mlflow.set_tracking_uri(None)
@@ -110,3 +110,20 @@ def test_tracked_3d_training_learns_and_logs_like_train_py(tmp_path, monkeypatch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "model_config.json", "memory_levers.json", "test_predictions.png",
             "training_curves.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_2d_slices_baseline_uses_the_same_volumes_and_split(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    try:
+        args, _ = conv3d.parse_args(["--n-volumes", "12", "--shape", "8", "32", "32", "--depth", "2", "--epochs", "2",
+                                     "--seed", "3"])
+        results = conv3d.train_on_slices(args)
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
+    assert run.info.run_name == "UNet2D_Slices" and run.data.params["architecture"] == "UNet2D on slices"
+    assert run.data.params["data_split"] == "8/2/2"  # volumes, split exactly as the 3D run splits them
+    assert 0 <= results["test_dice"] <= 1
