@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 import conv3d
+import memory
 import metrics
 import unet
 
@@ -184,7 +185,7 @@ def main(argv=None):
         spec = dict(shape=spec_shape, filters=model.get_layer("enc1_conv1").filters, kernel=3, batch=batch,
                     depth=sum(1 for layer in model.layers if layer.name.endswith("_pool")) + 1, policy="float32")
         if not args.no_peak_memory:
-            row.update(conv3d.measure_in_subprocess(spec))
+            row.update(memory.measure_in_subprocess(spec))
         report[name] = row
         label = f"{name} {'x'.join(map(str, model.input_shape[1:-1]))} batch {batch}{' XLA' if xla else ''}"
         fractions = []

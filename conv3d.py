@@ -19,11 +19,8 @@ The 3D U-Net is unet.py's builder given a (D, H, W, C) shape: the same blocks wi
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,6 +30,7 @@ import numpy as np
 import data
 import datasets
 import geometry
+import memory
 import metrics
 import unet
 
@@ -49,43 +47,12 @@ def build_unet3d(input_shape=(*DEFAULT_SHAPE, 1), base_filters=8, depth=3, kerne
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Memory: bytes of activations counted from the layers, and peak process memory of a real training step.
-
-def activation_bytes(model, batch_size=1):
-    """Bytes of all layer outputs for one forward pass: what backpropagation keeps in memory."""
-    total = 0
-    for layer in model.layers:
-        for output in keras.tree.flatten(layer.output):
-            total += int(np.prod(output.shape[1:])) * batch_size * np.dtype(output.dtype).itemsize
-    return total
-
-
-def _step_memory(spec):
-    """Run in a fresh process: build, one training step, report peak resident memory (Linux/macOS only)."""
-    import resource
-
-    import psutil
-
-    if spec["policy"] != "float32":
-        keras.mixed_precision.set_global_policy(spec["policy"])
-    model = unet.build_unet((*spec["shape"], 1), spec["filters"], spec["depth"], kernel_size=spec["kernel"])
-    model.compile("adam", metrics.SoftDiceLoss())
-    x = np.random.default_rng(0).random((spec["batch"], *spec["shape"], 1), dtype=np.float32)
-    y = (x > 0.9).astype(np.float32)
-    before = psutil.Process().memory_info().rss
-    model.train_on_batch(x, y)  # traces and allocates
-    start = time.perf_counter()
-    model.train_on_batch(x, y)
-    seconds = time.perf_counter() - start
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, in KiB on Linux
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    print(json.dumps({"peak_rss_bytes": peak, "step_bytes": peak - before, "step_seconds": seconds}))
-
+# Memory levers: activation bytes counted from the layers, peak process memory measured (memory.py).
 
 def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory=True):
     """One row per lever: parameters, activation bytes, and (in a subprocess each) peak RSS and step time."""
     baseline = dict(shape=list(shape), filters=filters, depth=depth, kernel=3, batch=batch, policy="float32")
-    fast_policy = "mixed_float16" if _has_gpu() else "mixed_bfloat16"
+    fast_policy = "mixed_float16" if memory.has_gpu() else "mixed_bfloat16"
     variants = {
         "baseline (k=3, all filters, all slices, fp32)": {},
         "kernel 2x2x2": dict(kernel=2),
@@ -103,29 +70,12 @@ def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory
             continue  # a lever the configuration cannot take, e.g. D/2 no longer divisible by the pooling
         finally:
             keras.mixed_precision.set_global_policy("float32")
-        row = {"lever": label, "params": model.count_params(), "activation_mb": activation_bytes(model, batch) / 2**20}
+        activation_mb = memory.activation_bytes(model, batch) / 2**20
+        row = {"lever": label, "params": model.count_params(), "activation_mb": activation_mb}
         if peak_memory:
-            row.update(measure_in_subprocess(spec))
+            row.update(memory.measure_in_subprocess(spec))
         rows.append(row)
     return rows
-
-
-def measure_in_subprocess(spec):
-    """Peak RSS, its growth during the first training step, and the second step's time, for a model `spec`
-    (shape: 2 or 3 spatial sizes, filters, depth, kernel, batch, policy), in a fresh Python process."""
-    command = [sys.executable, os.path.abspath(__file__), "--_step-memory", json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"peak_rss_mb": None, "step_mb": None, "step_seconds": None}
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"peak_rss_mb": measured["peak_rss_bytes"] / 2**20, "step_mb": measured["step_bytes"] / 2**20,
-            "step_seconds": measured["step_seconds"]}
-
-
-def _has_gpu():
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def conv2d_vs_conv3d(c_in=16, c_out=32, size=64, depth_slices=32, kernel=3):
@@ -233,7 +183,6 @@ def parse_args(argv=None):
     add("--skip-training", action="store_true", help="only print the architecture and memory tables")
     add("--compare-2d", action="store_true", help="also train a 2D U-Net on the slices of the same volumes")
     add("--no-peak-memory", action="store_true", help="skip the subprocess measurement of peak memory")
-    add("--_step-memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.n_volumes, args.batch_size, args.epochs, min(args.shape)) < 1:
         parser.error("--n-volumes, --batch-size, --epochs and --shape must be positive")
@@ -255,7 +204,7 @@ def train3d(args, memory_rows=None, loaded=None):
 
     keras.utils.set_random_seed(args.seed)
     splits, description = loaded or load_volumes(args)
-    policy = ("mixed_float16" if _has_gpu() else "mixed_bfloat16") if args.mixed_precision else "float32"
+    policy = ("mixed_float16" if memory.has_gpu() else "mixed_bfloat16") if args.mixed_precision else "float32"
     keras.mixed_precision.set_global_policy(policy)
     try:
         bias = train.prior_bias(args, float(splits["train"][1].mean()))
@@ -311,8 +260,8 @@ def print_comparison(args):
     net3d = build_unet3d((*args.shape, 1), args.base_filters, args.depth, k)
     print(f"{'parameters of the U-Net (same filters and depth)':<58}{net2d.count_params():>12,}"
           f"{net3d.count_params():>12,}")
-    print(f"{'activations per example (2D: one slice), MB':<58}{activation_bytes(net2d) / 2**20:>12,.2f}"
-          f"{activation_bytes(net3d) / 2**20:>12,.2f}")
+    print(f"{'activations per example (2D: one slice), MB':<58}{memory.activation_bytes(net2d) / 2**20:>12,.2f}"
+          f"{memory.activation_bytes(net3d) / 2**20:>12,.2f}")
 
 
 def print_levers(rows, batch):
@@ -334,8 +283,6 @@ def main(argv=None):
     import tracking
 
     args, parser = parse_args(argv)
-    if args._step_memory:
-        return _step_memory(json.loads(args._step_memory))
     with tracking.command_line_errors(parser):
         loaded = None if args.skip_training else load_volumes(args)  # bad data is refused now, not after the tables
         model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)

@@ -7,6 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 import conv3d
+import memory
 
 
 @pytest.mark.parametrize("k, c_in, c_out", [(3, 1, 8), (3, 16, 32), (2, 4, 4)])
@@ -37,7 +38,7 @@ def test_activation_bytes_follow_the_layer_shapes():
     inputs = keras.Input((4, 8, 8, 1))
     model = keras.Model(inputs, keras.layers.Conv3D(2, 3, padding="same")(inputs))
     # input 4*8*8*1 + output 4*8*8*2 float32 values, times a batch of 3
-    assert conv3d.activation_bytes(model, batch_size=3) == 3 * 4 * (256 + 512)
+    assert memory.activation_bytes(model, batch_size=3) == 3 * 4 * (256 + 512)
 
 
 def test_memory_grows_with_filters_slices_and_shrinks_with_16_bit_floats():
@@ -49,7 +50,7 @@ def test_memory_grows_with_filters_slices_and_shrinks_with_16_bit_floats():
     mixed = next(row for label, row in rows.items() if label.startswith("mixed precision"))
     assert mixed["activation_mb"] < 0.6 * base["activation_mb"]
     bigger = conv3d.build_unet3d((16, 16, 16, 1), base_filters=16, depth=2)
-    assert conv3d.activation_bytes(bigger) > conv3d.activation_bytes(conv3d.build_unet3d((16, 16, 16, 1), 8, 2))
+    assert memory.activation_bytes(bigger) > memory.activation_bytes(conv3d.build_unet3d((16, 16, 16, 1), 8, 2))
 
 
 @pytest.fixture(scope="module")
