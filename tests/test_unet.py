@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import unet
+from conftest import REPO
 
 
 def _block_params(c_in, c_out, k=3, spatial_dims=2):
@@ -91,11 +92,11 @@ def test_bad_configurations_are_refused_with_a_message(kwargs, message):
 
 @pytest.mark.slow
 def test_command_line_prints_shapes_and_refuses_bad_sizes():
-    ok = subprocess.run([sys.executable, "unet.py", "--quiet", "--input-size", "64", "--base-filters", "8"],
+    ok = subprocess.run([sys.executable, REPO / "unet.py", "--quiet", "--input-size", "64", "--base-filters", "8"],
                         capture_output=True, text=True, check=True)
     assert "output shape: (None, 64, 64, 1)" in ok.stdout
     assert f"{_unet_params(1, 8, 4):,} total" in ok.stdout
-    bad = subprocess.run([sys.executable, "unet.py", "--input-size", "100"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, REPO / "unet.py", "--input-size", "100"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("unet.py: error: spatial size (100, 100)")
     assert "Traceback" not in bad.stderr
