@@ -134,6 +134,38 @@ def bench_end_to_end(epochs, n_images, quick):
             "mlflow_seconds": spent["mlflow"], "wall_over_fit": wall / results["fit_seconds"]}
 
 
+# Each lever: extra bench.py arguments and environment, measured one at a time on the 2D U-Net (--levers).
+LEVERS = {
+    "defaults (XLA on, batch 8, oneDNN on)": ([], {}),
+    "XLA off (Keras' default on a CPU)": (["--no-xla2d"], {}),
+    "batch 4": (["--batch-size", "4"], {}),
+    "batch 16": (["--batch-size", "16"], {}),
+    "oneDNN off": ([], {"TF_ENABLE_ONEDNN_OPTS": "0"}),
+    "oneDNN off, XLA off": (["--no-xla2d"], {"TF_ENABLE_ONEDNN_OPTS": "0"}),
+    "1 inter-op thread": (["--inter-op-threads", "1"], {}),
+    "bilinear up-sampling (more FLOPs)": (["--upsampling", "bilinear"], {}),
+}
+
+
+def measure_levers(quick):
+    """Every lever in a fresh process (threads and oneDNN are fixed at start-up): 2D training and inference."""
+    import subprocess
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for label, (extra, env) in LEVERS.items():
+            out = os.path.join(folder, "lever.json")
+            command = [sys.executable, os.path.abspath(__file__), "--only", "unet2d", "--skip-end-to-end",
+                       "--no-peak-memory", "--output", out, *extra, *(["--quick"] if quick else [])]
+            subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, check=True)
+            with open(out) as f:
+                measured = json.load(f)
+            rows[label] = {"args": " ".join(extra + [f"{k}={v}" for k, v in env.items()]), **measured["unet2d"]}
+            print(f"{label:<40}{rows[label]['train_examples_per_s']:>9.2f} img/s train"
+                  f"{rows[label]['infer_examples_per_s']:>9.2f} img/s inference", flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -144,6 +176,7 @@ def main(argv=None):
                         "train.py's own default, about 10 minutes)")
     parser.add_argument("--only", choices=("unet2d", "conv3d"), help="benchmark one model only")
     parser.add_argument("--no-peak-memory", action="store_true", help="skip the subprocess memory measurement")
+    parser.add_argument("--levers", action="store_true", help="measure each speed lever (LEVERS) in turn and stop")
     # Levers, to measure one change at a time against the defaults.
     parser.add_argument("--batch-size", type=int, help="2D batch size (default: train.py's, 8)")
     parser.add_argument("--xla2d", action=argparse.BooleanOptionalAction, default=True,
@@ -154,6 +187,11 @@ def main(argv=None):
     parser.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: TF's)")
     parser.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: TF's)")
     args = parser.parse_args(argv)
+    if args.levers:
+        rows = measure_levers(args.quick)
+        with open(args.output, "w") as f:
+            json.dump({"levers": rows}, f, indent=2)
+        return print(f"wrote {args.output}")
     c = dict(QUICK if args.quick else FULL)
     c["batch"] = args.batch_size or c["batch"]
     import tensorflow as tf
