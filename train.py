@@ -44,22 +44,28 @@ OPTIMIZERS = {
 SCHEDULES = ("cosine", "plateau", "constant")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_recipe_arguments(parser, batch_size, epochs, patience, xla, unit):
+    """The training recipe's flags, shared with conv3d.py (only the defaults differ)."""
     add = parser.add_argument
     add("--loss", choices=LOSS_NAMES, default="bce_dice", help="training loss")
     add("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer")
     add("--lr", type=float, help="peak learning rate (default: 1e-3, or 1e-2 for sgd)")
     add("--lr-schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule over --epochs")
-    add("--batch-size", type=int, default=8, help="images per step")
-    add("--xla", action=argparse.BooleanOptionalAction, default=True,
-        help="compile the steps with XLA (measured 1.2x faster for this U-Net on CPU; see README)")
-    add("--epochs", type=int, default=30, help="maximum number of epochs")
-    add("--patience", type=int, default=8, help="early stopping: epochs without a better validation Dice")
-    add("--no-augment", action="store_true", help="no random flips and 90-degree rotations")
+    add("--batch-size", type=int, default=batch_size, help=f"{unit} per step")
+    add("--xla", action=argparse.BooleanOptionalAction, default=xla,
+        help="compile the steps with XLA (measured: 1.2x faster for the 2D U-Net, 3x slower for Conv3D on CPU)")
+    add("--epochs", type=int, default=epochs, help="maximum number of epochs")
+    add("--patience", type=int, default=patience, help="early stopping: epochs without a better validation Dice")
+    add("--no-augment", action="store_true", help="no random flips and 90-degree rotations (in-plane for volumes)")
     add("--output-bias", choices=("prior", "zero"), default="prior",
         help="initial output bias: the training set's lesion prior log(f/(1-f)), or 0 (p = 0.5 everywhere)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add_recipe_arguments(parser, batch_size=8, epochs=30, patience=8, xla=True, unit="images")
     datasets.add_arguments(parser)
     add("--n-images", type=int, default=200, help="number of synthetic images (train/val/test 70/15/15)")
     add("--image-size", type=int, default=128, help="height and width of the network's input (and of the "

@@ -2,11 +2,9 @@
 
 import socket
 
-import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 from PIL import Image
 
 import conv3d
@@ -232,15 +230,6 @@ def test_bad_data_is_one_data_error_that_names_the_file(tmp_path, case):
     message = str(error.value)
     assert "\n" not in message and isinstance(error.value, ValueError)
     assert BAD[case][3] is None or BAD[case][3] in message
-
-
-@pytest.fixture()
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.parametrize("case", ["image without mask", "corrupt png", "three label values", "missing folder"])

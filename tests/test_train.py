@@ -3,7 +3,6 @@
 import mlflow
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
 import data
 import tracking
@@ -11,15 +10,6 @@ import train
 
 TINY = ["--n-images", "40", "--image-size", "32", "--base-filters", "8", "--depth", "3", "--epochs", "3",
         "--batch-size", "8", "--patience", "5", "--foreground", "0.1", "--seed", "1", "--experiment", "tiny"]
-
-
-@pytest.fixture()
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(None)
 
 
 def _only_run(client):
