@@ -101,8 +101,13 @@ def load_data(args):
     return splits, {**description, "data_contrast": args.contrast, "data_noise": args.noise}
 
 
+def peak_learning_rate(args):
+    """--lr, or the optimizer's usual learning rate."""
+    return args.lr or OPTIMIZERS[args.optimizer][1]
+
+
 def learning_rate(args, steps_per_epoch):
-    peak = args.lr or OPTIMIZERS[args.optimizer][1]
+    peak = peak_learning_rate(args)
     if args.lr_schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(peak, decay_steps=args.epochs * steps_per_epoch, alpha=0.01)
     return peak
@@ -126,7 +131,7 @@ def compile_model(model, args, steps_per_epoch):
 def recipe_params(args):
     """The training recipe as flat MLflow params (shared with conv3d.py)."""
     return {
-        "optimizer": OPTIMIZERS[args.optimizer][0], "learning_rate": args.lr or OPTIMIZERS[args.optimizer][1],
+        "optimizer": OPTIMIZERS[args.optimizer][0], "learning_rate": peak_learning_rate(args),
         "lr_schedule": args.lr_schedule, "loss": LOSS_NAMES[args.loss], "batch_size": args.batch_size,
         "epochs": args.epochs, "patience": args.patience, "augment": not args.no_augment, "seed": args.seed,
         "xla": args.xla,
@@ -228,7 +233,7 @@ def run_grid(args):
         for optimizer in OPTIMIZERS:
             cell = argparse.Namespace(**{**vars(args), "loss": loss, "optimizer": optimizer, "run_name": None})
             rows.append((LOSS_NAMES[loss], OPTIMIZERS[optimizer][0], train(cell)[0]))
-    print(f"\n| loss | optimizer | test Dice | test IoU | per-image Dice | best epoch |\n|---|---|---|---|---|---|")
+    print("\n| loss | optimizer | test Dice | test IoU | per-image Dice | best epoch |\n|---|---|---|---|---|---|")
     for loss, optimizer, r in sorted(rows, key=lambda row: -row[2]["test_dice"]):
         print(f"| {loss} | {optimizer} | {r['test_dice']:.3f} | {r['test_iou']:.3f} | "
               f"{r['test_dice_per_image']:.3f} | {r['best_epoch']} |")
