@@ -8,7 +8,8 @@ network is made of matrix multiplications, so the dense float32 matmul rate is t
   convolution, per input position. Batch norm, ReLU, pooling and concatenation are not counted (memory-bound,
   few FLOPs). A training step is counted as 3x the forward pass: forward, gradient w.r.t. the activations,
   gradient w.r.t. the weights, each about one forward pass.
-- Every timing is the median of repeats after a warm-up (tracing and allocation excluded).
+- Every timing is the median of repeats after a warm-up (tracing and allocation excluded); training steps are
+  timed inside `fit` on the project's tf.data pipeline, as train.py runs them.
 
     python bench.py             # default U-Net (128x128, batch 8), default Conv3D, end-to-end train.py
     python bench.py --quick     # CI-size shapes: seconds, checks that the benchmark still runs
@@ -28,6 +29,7 @@ import keras
 import numpy as np
 
 import conv3d
+import data
 import memory
 import metrics
 import unet
@@ -78,15 +80,36 @@ def forward_flops(model):
     return total
 
 
-def bench_model(model, batch, repeats, jit_compile=False):
-    """Median training-step and inference time on one fixed batch; throughput and fraction of the roofline."""
+class EpochTimer(keras.callbacks.Callback):
+    """Seconds of each epoch of a fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def bench_model(model, batch, repeats, jit_compile=False, steps=8, steps_per_execution=1):
+    """Median training-step and inference time; throughput and fraction of the roofline.
+
+    Training is timed as train.py trains: `fit` on data.make_dataset, epochs of `steps` batches, the median epoch
+    after the first (compilation), so a new epoch's iterator is included. Inference: predict_on_batch, one batch.
+    """
     rng = np.random.default_rng(0)
-    x = rng.random((batch, *model.input_shape[1:]), dtype=np.float32)
+    x = rng.random((batch * steps, *model.input_shape[1:]), dtype=np.float32)
     y = (x > 0.9).astype(np.float32)
-    model.compile(keras.optimizers.Adam(1e-3), metrics.BCEDiceLoss(), metrics=[metrics.DiceMetric()],
-                  jit_compile=jit_compile)
-    train_s = median_seconds(lambda: model.train_on_batch(x, y), repeats)
-    infer_s = median_seconds(lambda: model.predict_on_batch(x), repeats)
+    model.compile(keras.optimizers.Adam(1e-3), metrics.BCEDiceLoss(),
+                  metrics=[metrics.DiceMetric(), metrics.IoUMetric()], jit_compile=jit_compile,
+                  steps_per_execution=steps_per_execution)
+    timer = EpochTimer()
+    model.fit(data.make_dataset(x, y, batch), epochs=1 + repeats, callbacks=[timer], shuffle=False, verbose=0)
+    train_s = statistics.median(timer.seconds[1:]) / steps
+    infer_s = median_seconds(lambda: model.predict_on_batch(x[:batch]), repeats)
     flops = forward_flops(model)
     return {"params": model.count_params(), "batch": batch, "gflop_forward_per_example": flops / 1e9,
             "train_examples_per_s": batch / train_s, "infer_examples_per_s": batch / infer_s,
@@ -130,8 +153,10 @@ def bench_end_to_end(epochs, n_images, quick):
                 setattr(tracking.mlflow, name, fn)
             tracking.log_results = originals_results
             mlflow.set_tracking_uri(None)
-    return {"epochs": epochs, "wall_seconds": wall, "fit_seconds": results["fit_seconds"],
-            "mlflow_seconds": spent["mlflow"], "wall_over_fit": wall / results["fit_seconds"]}
+    n_train = len(data.split(np.arange(n_images), np.arange(n_images))["train"][0])
+    return {"epochs": results["epochs_run"], "train_images": n_train, "wall_seconds": wall,
+            "fit_seconds": results["fit_seconds"], "mlflow_seconds": spent["mlflow"],
+            "wall_over_fit": wall / results["fit_seconds"]}
 
 
 # Each lever: extra bench.py arguments and environment, measured one at a time on the 2D U-Net (--levers).
@@ -143,6 +168,9 @@ LEVERS = {
     "oneDNN off": ([], {"TF_ENABLE_ONEDNN_OPTS": "0"}),
     "oneDNN off, XLA off": (["--no-xla2d"], {"TF_ENABLE_ONEDNN_OPTS": "0"}),
     "1 inter-op thread": (["--inter-op-threads", "1"], {}),
+    "4 steps per execution": (["--steps-per-execution", "4"], {}),
+    "XLA: oneDNN for convolutions": ([], {"XLA_FLAGS": "--xla_cpu_use_onednn=true"}),
+    "XLA: XNNPACK off": ([], {"XLA_FLAGS": "--xla_cpu_use_xnnpack=false"}),
     "bilinear up-sampling (more FLOPs)": (["--upsampling", "bilinear"], {}),
 }
 
@@ -184,6 +212,7 @@ def main(argv=None):
     parser.add_argument("--xla3d", action=argparse.BooleanOptionalAction, default=False,
                         help="XLA for the Conv3D model (conv3d.py's default: off)")
     parser.add_argument("--upsampling", choices=unet.UPSAMPLING, default="transpose", help="U-Net decoder up-sampling")
+    parser.add_argument("--steps-per-execution", type=int, default=1, help="training steps per compiled call")
     parser.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: TF's)")
     parser.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: TF's)")
     args = parser.parse_args(argv)
@@ -219,7 +248,7 @@ def main(argv=None):
             ("conv3d", unet3d, c["batch3d"], list(c["volume"]), args.xla3d)):
         if args.only and name != args.only:
             continue
-        row = bench_model(model, batch, c["repeats"], xla)
+        row = bench_model(model, batch, c["repeats"], xla, steps_per_execution=args.steps_per_execution)
         spec = dict(shape=spec_shape, filters=model.get_layer("enc1_conv1").filters, kernel=3, batch=batch,
                     depth=sum(1 for layer in model.layers if layer.name.endswith("_pool")) + 1, policy="float32")
         if not args.no_peak_memory:
@@ -237,8 +266,8 @@ def main(argv=None):
 
     if not args.skip_end_to_end and "unet2d" in report:
         e2e = bench_end_to_end(args.e2e_epochs or c["e2e_epochs"], c["e2e_images"], args.quick)
-        steps = e2e["epochs"] * -(-round(0.7 * c["e2e_images"]) // c["batch"])
-        e2e["train_steps_seconds"] = steps * c["batch"] / report["unet2d"]["train_examples_per_s"]
+        # The pure training steps: every training image of every epoch at the benchmarked training rate.
+        e2e["train_steps_seconds"] = e2e["epochs"] * e2e["train_images"] / report["unet2d"]["train_examples_per_s"]
         e2e["wall_over_train_steps"] = e2e["wall_seconds"] / e2e["train_steps_seconds"]
         report["train_py"] = e2e
         print(f"\ntrain.py defaults, {e2e['epochs']} epochs: wall {e2e['wall_seconds']:.1f} s = "

@@ -232,12 +232,9 @@ def train_on_slices(args, loaded=None):
                   "n_params": model.count_params(), "output_bias": args.output_bias,
                   **train.recipe_params(slice_args), **description}
 
-    def lesion_slices_figure(x, y, probabilities):
-        most = np.argsort(y.sum(axis=(1, 2, 3)))[::-1][:6]  # the slices with the most lesion
-        return train.prediction_figure(x[most], y[most], probabilities[most])
-
     print(f"\nUNet2D_Slices: the same volumes as {len(splits['train'][0])} training slices")
-    return train.fit_and_log(model, slice_args, splits, "UNet2D_Slices", run_params, lesion_slices_figure)
+    return train.fit_and_log(model, slice_args, splits, "UNet2D_Slices", run_params,
+                             train.prediction_figure)
 
 
 def print_comparison(args):

@@ -160,10 +160,14 @@ def evaluate(model, images, masks, batch_size):
 
 
 def prediction_figure(images, masks, probabilities, n=6):
-    """The first `n` test images with ground-truth (green) and predicted (red) contours."""
+    """The `n` test images with the most foreground, ground-truth (green) and predicted (red) contours.
+
+    The most foreground, not the first: slices at the top of a brain hold almost no white matter.
+    """
     n = min(n, len(images))
+    shown = np.argsort(-masks.reshape(len(masks), -1).sum(axis=1), kind="stable")[:n]
     fig, axes = tracking.plt.subplots(1, n, figsize=(2.6 * n, 2.9), squeeze=False)
-    for ax, image, mask, probability in zip(axes[0], images, masks, probabilities):
+    for ax, image, mask, probability in zip(axes[0], images[shown], masks[shown], probabilities[shown]):
         dice = metrics.dice_coefficient(mask, probability)
         tracking.contour_panel(ax, image[..., 0], mask[..., 0], probability[..., 0], f"Dice {dice:.3f}")
     fig.suptitle("test images: ground truth (green), prediction (red)")

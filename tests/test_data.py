@@ -89,6 +89,13 @@ def test_evaluation_pipeline_keeps_order_and_values():
     np.testing.assert_array_equal(np.concatenate([x for x, _ in batches]), images)
 
 
+def test_pipelines_run_without_the_autotuner():
+    # Its background thread blocked each new epoch's iterator for ~20 s on 2 busy cores (README, Performance).
+    images, masks = data.make_synthetic_2d(4, size=32, seed=0)
+    for training in (True, False):
+        assert data.make_dataset(images, masks, 2, training).options().autotune.enabled is False
+
+
 def test_volumes_are_augmented_slice_by_slice():
     rng = np.random.default_rng(0)
     volumes = (rng.random((4, 3, 8, 8, 1)) < 0.3).astype(np.float32)

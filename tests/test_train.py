@@ -98,3 +98,13 @@ def test_an_unreachable_tracking_server_is_one_clear_error(monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("train.py: error: cannot use the MLflow tracking store http://127.0.0.1:9")
+
+
+def test_prediction_figure_shows_the_images_with_the_most_foreground():
+    masks = np.zeros((3, 32, 32, 1), np.float32)
+    for i, pixels in enumerate((1, 10, 5)):
+        masks[i].flat[:pixels] = 1
+    probabilities = np.ones_like(masks)  # Dice of image i: 2k / (k + 1024) for its k foreground pixels
+    figure = train.prediction_figure(np.zeros_like(masks), masks, probabilities, n=2)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == [f"Dice {2 * 10 / 1034:.3f}", f"Dice {2 * 5 / 1029:.3f}"]
