@@ -9,7 +9,7 @@ What this script teaches:
   itself, in MLflow's local store (`mlflow.db` here; `MLFLOW_TRACKING_URI` to use another). See them with
   `mlflow ui` run from this directory.
 
-    python train.py                                    # the main job: the TP's setting, about 15 min on 2 cores
+    python train.py                                    # the main job: the TP's setting, about 12 min on 2 cores
     python train.py --loss dice --optimizer sgd        # one cell of the loss x optimizer comparison
     python train.py --grid --image-size 64 --foreground 0.015 --contrast 0.2   # the whole comparison
     python train.py --dataset mni-wm                   # white matter in a real T1 MRI (nilearn's MNI152)
