@@ -233,8 +233,7 @@ def train_on_slices(args, loaded=None):
                   **train.recipe_params(slice_args), **description}
 
     print(f"\nUNet2D_Slices: the same volumes as {len(splits['train'][0])} training slices")
-    return train.fit_and_log(model, slice_args, splits, "UNet2D_Slices", run_params,
-                             train.prediction_figure)
+    return train.fit_and_log(model, slice_args, splits, "UNet2D_Slices", run_params, train.prediction_figure)
 
 
 def print_comparison(args):
