@@ -199,7 +199,7 @@ def train3d(args, memory_rows=None, loaded=None):
     try:
         bias = train.prior_bias(args, float(splits["train"][1].mean()))
         model = build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size, bias)
-        train.compile_model(model, args, steps_per_epoch=-(-len(splits["train"][0]) // args.batch_size))
+        train.compile_model(model, args, len(splits["train"][0]))
         run_name = args.run_name or ("Conv3D_MixedPrecision" if args.mixed_precision else "Conv3D_Baseline")
         run_params = {"architecture": "UNet3D", "depth": args.depth, "base_filters": args.base_filters,
                       "kernel_size": args.kernel_size, "n_params": model.count_params(), "precision": policy,
@@ -227,7 +227,7 @@ def train_on_slices(args, loaded=None):
     slice_args = argparse.Namespace(**{**vars(args), "batch_size": 16, "xla": True})
     bias = train.prior_bias(args, float(splits["train"][1].mean()))
     model = unet.build_unet((*args.shape[1:], 1), args.base_filters, args.depth, output_bias=bias, name="UNet2D")
-    train.compile_model(model, slice_args, steps_per_epoch=-(-len(splits["train"][0]) // 16))
+    train.compile_model(model, slice_args, len(splits["train"][0]))
     run_params = {"architecture": "UNet2D on slices", "depth": args.depth, "base_filters": args.base_filters,
                   "n_params": model.count_params(), "output_bias": args.output_bias,
                   **train.recipe_params(slice_args), **description}

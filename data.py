@@ -175,8 +175,9 @@ def _augment(image, mask, seed):
     return both[..., :channels], both[..., channels:]
 
 
-def make_dataset(images, masks, batch_size, training=False, augment=True, seed=0):
+def make_dataset(images, masks, batch_size, training=False, augment=True, seed=0, drop_remainder=False):
     """tf.data pipeline. Training: reshuffle every epoch and augment (deterministic for the seed).
+    drop_remainder: full batches only (one batch shape, hence one XLA compile; train.epoch_size).
 
     Fixed parallelism instead of tf.data's autotuner: flipping a batch takes milliseconds, and the autotuner's
     background thread made replacing an epoch's iterator block for ~20 s every other epoch on 2 busy cores
@@ -194,7 +195,7 @@ def make_dataset(images, masks, batch_size, training=False, augment=True, seed=0
                                                               num_parallel_calls=2)
     options = tf.data.Options()
     options.autotune.enabled = False
-    return dataset.batch(batch_size).prefetch(2).with_options(options)
+    return dataset.batch(batch_size, drop_remainder).prefetch(2).with_options(options)
 
 
 def main():

@@ -42,6 +42,7 @@ OPTIMIZERS = {
     "rmsprop": ("RMSprop", 1e-3, lambda lr: keras.optimizers.RMSprop(lr)),
 }
 SCHEDULES = ("cosine", "plateau", "constant")
+EVAL_BATCH_FACTOR = 4  # validation and test batches, in training batches (fit_and_log)
 
 
 def add_recipe_arguments(parser, batch_size, epochs, patience, xla, unit):
@@ -106,6 +107,18 @@ def peak_learning_rate(args):
     return args.lr or OPTIMIZERS[args.optimizer][1]
 
 
+def epoch_size(n_train, args):
+    """(batches, images) of one training epoch. With XLA, full batches only: XLA compiles one program per batch
+    shape, and a partial last batch would cost a second compile of the training step (8 s for the default U-Net)
+    for a few images. The reshuffle at every epoch changes which images wait for the next one."""
+    if not args.xla:
+        return -(-n_train // args.batch_size), n_train
+    if n_train < args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {n_train} training examples")
+    batches = n_train // args.batch_size
+    return batches, batches * args.batch_size
+
+
 def learning_rate(args, steps_per_epoch):
     peak = peak_learning_rate(args)
     if args.lr_schedule == "cosine":
@@ -120,9 +133,9 @@ def prior_bias(args, foreground):
     return 0.0
 
 
-def compile_model(model, args, steps_per_epoch):
-    """Optimizer, schedule, loss and the Dice/IoU epoch metrics, from the command-line names."""
-    optimizer = OPTIMIZERS[args.optimizer][2](learning_rate(args, steps_per_epoch))
+def compile_model(model, args, n_train):
+    """Optimizer, schedule (over the steps of n_train examples per epoch), loss and the Dice/IoU epoch metrics."""
+    optimizer = OPTIMIZERS[args.optimizer][2](learning_rate(args, epoch_size(n_train, args)[0]))
     model.compile(optimizer, metrics.get_loss(args.loss), metrics=[metrics.DiceMetric(), metrics.IoUMetric()],
                   jit_compile=args.xla)
     return model
@@ -180,10 +193,14 @@ def fit_and_log(model, args, splits, run_name, run_params, prediction_figure, un
     Shared by train.py and conv3d.py: one logging path for 2D and 3D. Returns the final metrics.
     """
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = splits["train"], splits["val"], splits["test"]
-    train_set = data.make_dataset(x_train, y_train, args.batch_size, True, not args.no_augment, args.seed)
-    val_set = data.make_dataset(x_val, y_val, args.batch_size)
+    train_set = data.make_dataset(x_train, y_train, args.batch_size, True, not args.no_augment, args.seed,
+                                  drop_remainder=args.xla)
+    # Evaluation keeps no activations for a backward pass, so larger batches fit: fewer calls, and fewer batch
+    # shapes for XLA to compile (the 30 validation images: one batch of 30 instead of 8, 8, 8 and 6).
+    eval_batch = EVAL_BATCH_FACTOR * args.batch_size
+    val_set = data.make_dataset(x_val, y_val, eval_batch)
     with tracking.tracked_run(args.experiment, run_name, run_params) as run:
-        callbacks = [tracking.EpochLogger(len(x_train), args.epochs, unit),
+        callbacks = [tracking.EpochLogger(epoch_size(len(x_train), args)[1], args.epochs, unit),
                      keras.callbacks.EarlyStopping("val_dice", mode="max", patience=args.patience,
                                                    restore_best_weights=True, verbose=0)]
         if args.lr_schedule == "plateau":
@@ -193,7 +210,7 @@ def fit_and_log(model, args, splits, run_name, run_params, prediction_figure, un
                             shuffle=False, verbose=0).history
         fit_seconds = time.perf_counter() - start
 
-        results, probabilities = evaluate(model, x_test, y_test, args.batch_size)
+        results, probabilities = evaluate(model, x_test, y_test, eval_batch)
         results["best_epoch"] = int(np.argmax(history["val_dice"])) + 1
         results["epochs_run"] = len(history["loss"])
         results["fit_seconds"] = fit_seconds
@@ -207,12 +224,11 @@ def train(args):
     """One tracked U-Net training run on 2D images; returns the final metrics and the trained model."""
     keras.utils.set_random_seed(args.seed)
     splits, description = load_data(args)
-    steps_per_epoch = -(-len(splits["train"][0]) // args.batch_size)
     bias = prior_bias(args, float(splits["train"][1].mean()))
     model = unet.build_unet((args.image_size, args.image_size, 1), args.base_filters, args.depth,
                             skip_connections=not args.no_skip, output_bias=bias,
                             name="UNetNoSkip" if args.no_skip else "UNet")
-    compile_model(model, args, steps_per_epoch)
+    compile_model(model, args, len(splits["train"][0]))
     run_name = args.run_name or f"{model.name}_{LOSS_NAMES[args.loss]}_{OPTIMIZERS[args.optimizer][0]}"
     print(f"{run_name}: {description['data_split']} train/val/test images of {description['data_shape']}, "
           f"foreground {description['data_foreground_fraction']:.1%} of pixels, {model.count_params():,} parameters")

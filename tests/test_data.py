@@ -89,6 +89,16 @@ def test_evaluation_pipeline_keeps_order_and_values():
     np.testing.assert_array_equal(np.concatenate([x for x, _ in batches]), images)
 
 
+def test_full_batches_only_keeps_one_batch_shape_and_reshuffles_what_waits():
+    masks = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)  # each "mask" is its index
+    dataset = data.make_dataset(masks, masks, 4, training=True, augment=False, seed=0, drop_remainder=True)
+    epochs = [_first_epoch(dataset) for _ in range(4)]
+    assert all([len(x) for x, _ in epoch] == [4, 4] for epoch in epochs)
+    seen = [{int(i) for x, _ in epoch for i in x.ravel()} for epoch in epochs]
+    assert len(set.union(*seen)) == 10 and len({frozenset(s) for s in seen}) > 1
+    assert [len(x) for x, _ in _first_epoch(data.make_dataset(masks, masks, 4, training=True))] == [4, 4, 2]
+
+
 def test_pipelines_run_without_the_autotuner():
     # Its background thread blocked each new epoch's iterator for ~20 s on 2 busy cores (README, Performance).
     images, masks = data.make_synthetic_2d(4, size=32, seed=0)

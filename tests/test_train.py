@@ -87,6 +87,23 @@ def test_a_size_the_network_cannot_take_is_refused_before_any_run(store, capsys)
     assert store.get_experiment_by_name("tiny") is None
 
 
+def test_an_epoch_under_xla_takes_full_batches_only():
+    xla, eager = (train.parse_args(["--batch-size", "8", flag])[0] for flag in ("--xla", "--no-xla"))
+    assert train.epoch_size(140, xla) == (17, 136)  # 140 = 17 x 8 + 4: the 4 wait for another epoch
+    assert train.epoch_size(140, eager) == (18, 140)
+    assert train.epoch_size(7, eager) == (1, 7)
+    with pytest.raises(ValueError, match="--batch-size 8 is larger than the 7 training examples"):
+        train.epoch_size(7, xla)
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_any_run(store, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--batch-size", "32"])  # 28 training images
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "train.py: error: --batch-size 32 is larger than the 28 training examples"
+    assert store.get_experiment_by_name("tiny") is None
+
+
 def test_an_unreachable_tracking_server_is_one_clear_error(monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     mlflow.set_tracking_uri("http://127.0.0.1:9")  # the discard port: nothing listens there
