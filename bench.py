@@ -149,15 +149,28 @@ def bench_end_to_end(epochs, n_images, quick):
             args = train.parse_args(argv)[0]
             results, _ = train.train(args)
             wall = time.perf_counter() - start
+            epochs = _epoch_metrics(mlflow.MlflowClient(), "bench", ("epoch_seconds", "images_per_second"))
         finally:
             for name, fn in originals.items():
                 setattr(tracking.mlflow, name, fn)
             tracking.log_results = originals_results
             mlflow.set_tracking_uri(None)
     n_train = len(data.split(np.arange(n_images), np.arange(n_images))["train"][0])
-    return {"epochs": results["epochs_run"], "train_images_per_epoch": train.epoch_size(n_train, args)[1],
+    images = train.epoch_size(n_train, args)[1]
+    seconds = epochs["epoch_seconds"]
+    return {"epochs": results["epochs_run"], "train_images_per_epoch": images,
             "wall_seconds": wall, "fit_seconds": results["fit_seconds"], "mlflow_seconds": spent["mlflow"],
-            "wall_over_fit": wall / results["fit_seconds"]}
+            "wall_over_fit": wall / results["fit_seconds"],
+            # EpochLogger's images/s excludes validation: the rest of each epoch is validation.
+            "validation_seconds": sum(s - images / r for s, r in zip(seconds, epochs["images_per_second"])),
+            "first_epoch_extra_seconds": seconds[0] - statistics.median(seconds[1:] or seconds)}
+
+
+def _epoch_metrics(client, experiment, keys):
+    """{key: values by epoch} of the only run of an experiment."""
+    run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])[0]
+    return {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+            for key in keys}
 
 
 # Each lever: extra bench.py arguments and environment, measured one at a time on the 2D U-Net (--levers).
@@ -277,6 +290,8 @@ def main(argv=None):
               f"{e2e['wall_over_train_steps']:.2f}x the pure training steps ({e2e['train_steps_seconds']:.1f} s); "
               f"fit {e2e['fit_seconds']:.1f} s (with validation); MLflow {e2e['mlflow_seconds']:.1f} s "
               f"({e2e['mlflow_seconds'] / e2e['wall_seconds']:.0%} of the wall time)")
+        print(f"beyond the steps: validation {e2e['validation_seconds']:.1f} s, first epoch (XLA compiles) "
+              f"{e2e['first_epoch_extra_seconds']:.1f} s longer than the median epoch")
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {args.output}")

@@ -30,3 +30,4 @@ def test_quick_benchmark_writes_its_report(tmp_path):
         assert report[model]["peak_rss_mb"] > 0
     e2e = report["train_py"]
     assert e2e["wall_seconds"] >= e2e["fit_seconds"] > 0 and 0 < e2e["mlflow_seconds"] < e2e["wall_seconds"]
+    assert 0 < e2e["validation_seconds"] < e2e["fit_seconds"] and e2e["first_epoch_extra_seconds"] == 0  # 1 epoch
