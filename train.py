@@ -109,7 +109,7 @@ def peak_learning_rate(args):
 
 def epoch_size(n_train, args):
     """(batches, images) of one training epoch. With XLA, full batches only: XLA compiles one program per batch
-    shape, and a partial last batch would cost a second compile of the training step (8 s for the default U-Net)
+    shape, and a partial last batch would cost a second compile of the training step (seconds, in the first epoch)
     for a few images. The reshuffle at every epoch changes which images wait for the next one."""
     if not args.xla:
         return -(-n_train // args.batch_size), n_train
