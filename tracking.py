@@ -36,7 +36,7 @@ EPOCH_METRICS = ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou")
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines about creating tables and experiments
 
 
-def _save_keras_model(path, **kwargs):
+def _save_keras_model(path, validate_serving_input=True, **kwargs):  # that option is for Model.log, not the flavor
     os.makedirs(path, exist_ok=True)
     mlflow.keras.save_model(path=path, **kwargs)
 
@@ -146,7 +146,10 @@ def contour_panel(ax, image, mask, probability, title):
 
 
 def log_results(run, model, results, history, example, figures, config, registered_name=None, tables=None):
-    """Final metrics, resolved configuration, model configuration, figures, JSON tables and the model itself."""
+    """Final metrics, resolved configuration, model configuration, figures, JSON tables and the model itself.
+
+    `example`: (input, output) of the model for one example, for the model's signature and input example.
+    """
     mlflow.log_metrics(results)
     mlflow.log_dict(config, "config.json")
     for name, table in (tables or {}).items():
@@ -156,13 +159,14 @@ def log_results(run, model, results, history, example, figures, config, register
     for name, figure in figures.items():
         mlflow.log_figure(figure, name)
         plt.close(figure)
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    keras.utils.disable_interactive_logging()  # MLflow checks the input example with a predict(): no progress bar
-    # Explicit requirements: inferring them would load the model again in a subprocess.
+    # Explicit requirements: inferring them would load the model again in a subprocess. No serving check of the
+    # input example either (MLflow would reload the model and predict, about 1.5 s, and only warn on failure):
+    # tests/test_train.py loads the logged model back and predicts.
     requirements = [f"keras=={keras.__version__}", f"tensorflow=={_tensorflow_version()}",
                     f"numpy=={np.__version__}"]
-    info = Model.log(artifact_path=None, name="model", flavor=_KERAS_FLAVOR, model=model, signature=signature,
-                     input_example=example, pip_requirements=requirements, registered_model_name=registered_name)
+    info = Model.log(artifact_path=None, name="model", flavor=_KERAS_FLAVOR, model=model,
+                     signature=infer_signature(*example), input_example=example[0], pip_requirements=requirements,
+                     registered_model_name=registered_name, validate_serving_input=False)
     mlflow.set_tag("model_uri", info.model_uri)
     return info
 

@@ -161,14 +161,14 @@ def params(args, model, description):
 
 
 def evaluate(model, images, masks, batch_size):
-    """Test metrics with metrics.py's reference functions on the whole test set."""
+    """Test metrics with metrics.py's reference functions, and the training loss, on the whole test set at once
+    (one forward pass: the loss comes from the same probabilities)."""
     probabilities = model.predict(images, batch_size=batch_size, verbose=0)
-    loss = model.evaluate(images, masks, batch_size=batch_size, verbose=0, return_dict=True)["loss"]
     return {
         "test_dice": metrics.dice_coefficient(masks, probabilities),
         "test_iou": metrics.iou_score(masks, probabilities),
         "test_dice_per_image": metrics.dice_coefficient(masks, probabilities, per_image=True),
-        "test_loss": float(loss),
+        "test_loss": float(model.loss(masks, probabilities)),
     }, probabilities
 
 
@@ -215,7 +215,8 @@ def fit_and_log(model, args, splits, run_name, run_params, prediction_figure, un
         results["epochs_run"] = len(history["loss"])
         results["fit_seconds"] = fit_seconds
         figures = {"test_predictions.png": prediction_figure(x_test, y_test, probabilities)}
-        tracking.log_results(run, model, results, history, x_test[:1], figures, vars(args), args.register, tables)
+        example = (x_test[:1], probabilities[:1])
+        tracking.log_results(run, model, results, history, example, figures, vars(args), args.register, tables)
     print_results(run_name, results, len(x_test))
     return results
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import data
+import metrics
 import tracking
 import train
 
@@ -47,7 +48,14 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
     np.testing.assert_allclose(logged.predict(x_test, verbose=0), model.predict(x_test, verbose=0), atol=1e-6)
     pyfunc = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
     assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 32, 32, 1)
+    assert pyfunc.metadata.get_output_schema().inputs[0].shape == (-1, 32, 32, 1)
     np.testing.assert_allclose(pyfunc.predict(x_test), model.predict(x_test, verbose=0), atol=1e-6)
+
+    # test_loss: the soft Dice loss over the whole test set, by hand.
+    p = model.predict(x_test, verbose=0).astype(np.float64)
+    overlap = (y_test * p).sum()
+    expected = 1 - (2 * overlap + metrics.EPSILON) / (y_test.sum() + p.sum() + metrics.EPSILON)
+    assert results["test_loss"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.slow
