@@ -19,6 +19,16 @@ def test_forward_flops_of_convolutions_by_hand():
     assert bench.forward_flops(keras.Model(volume, y)) == 2 * 4 * 8 * 8 * 27 * 2
 
 
+def test_split_epochs_by_hand():
+    # 4 epochs of 100 images: training took 25, 18, 19, 18 s (the first compiles), the rest of each is validation.
+    seconds, rates = [30, 20, 22, 21], [100 / 25, 100 / 18, 100 / 19, 100 / 18]
+    steps, validation, first_extra = bench.split_epochs(seconds, rates, 100)
+    assert steps == pytest.approx(18 + 18 + 19 + 18)  # the first epoch's steps at the median of the others
+    assert validation == pytest.approx(5 + 2 + 3 + 3)
+    assert first_extra == pytest.approx(30 - 21)
+    assert bench.split_epochs([30], [4], 100) == pytest.approx((25, 5, 0))  # one epoch: nothing to compare with
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_its_report(tmp_path):
     out = tmp_path / "bench.json"
@@ -31,3 +41,4 @@ def test_quick_benchmark_writes_its_report(tmp_path):
     e2e = report["train_py"]
     assert e2e["wall_seconds"] >= e2e["fit_seconds"] > 0 and 0 < e2e["mlflow_seconds"] < e2e["wall_seconds"]
     assert 0 < e2e["validation_seconds"] < e2e["fit_seconds"] and e2e["first_epoch_extra_seconds"] == 0  # 1 epoch
+    assert 0 < e2e["run_steps_seconds"] < e2e["fit_seconds"]
