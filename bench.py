@@ -296,7 +296,8 @@ def main(argv=None):
 
     if not args.skip_end_to_end and "unet2d" in report:
         e2e = bench_end_to_end(args.e2e_epochs or c["e2e_epochs"], c["e2e_images"], args.quick)
-        # The pure training steps: every image trained in every epoch at the benchmarked training rate.
+        # The same steps at the benchmarked training rate: every image of every epoch (the drift between the two
+        # measurements included).
         e2e["train_steps_seconds"] = (e2e["epochs"] * e2e["train_images_per_epoch"]
                                       / report["unet2d"]["train_examples_per_s"])
         e2e["wall_over_train_steps"] = e2e["wall_seconds"] / e2e["train_steps_seconds"]
