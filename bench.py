@@ -304,7 +304,8 @@ def main(argv=None):
         report["train_py"] = e2e
         print(f"\ntrain.py defaults, {e2e['epochs']} epochs: wall {e2e['wall_seconds']:.1f} s = "
               f"{e2e['wall_over_run_steps']:.2f}x its own training steps ({e2e['run_steps_seconds']:.1f} s), "
-              f"{e2e['wall_over_train_steps']:.2f}x the same steps at the rate above ({e2e['train_steps_seconds']:.1f} s)")
+              f"{e2e['wall_over_train_steps']:.2f}x the same steps at the rate above "
+              f"({e2e['train_steps_seconds']:.1f} s)")
         print(f"beyond the steps: validation {e2e['validation_seconds']:.1f} s, first epoch (XLA compiles) "
               f"{e2e['first_epoch_extra_seconds']:.1f} s longer than the median epoch, MLflow "
               f"{e2e['mlflow_seconds']:.1f} s; fit {e2e['fit_seconds']:.1f} s (with validation)")
