@@ -161,8 +161,8 @@ def params(args, model, description):
 
 
 def evaluate(model, images, masks, batch_size):
-    """Test metrics with metrics.py's reference functions, and the training loss, on the whole test set at once
-    (one forward pass: the loss comes from the same probabilities)."""
+    """Test metrics (metrics.py's reference functions) and the training loss over the whole test set, all from
+    one set of predictions: one forward pass."""
     probabilities = model.predict(images, batch_size=batch_size, verbose=0)
     return {
         "test_dice": metrics.dice_coefficient(masks, probabilities),
