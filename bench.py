@@ -18,24 +18,32 @@ network is made of matrix multiplications, so the dense float32 matmul rate is t
     python bench.py --quick     # CI-size shapes: seconds, checks that the benchmark still runs
 """
 
+import os
+
+# TensorFlow reads this once, when it loads: its INFO lines (CPU features, XLA) off, warnings kept.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
 import argparse
 import json
-import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import keras
+import mlflow
 import numpy as np
+import tensorflow as tf
 
-import conv3d
+import cli
 import data
 import memory
 import metrics
+import recipe
 import unet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 FULL = dict(size=128, filters=32, depth=4, batch=8, volume=(32, 64, 64), filters3d=8, depth3d=3, batch3d=2,
             matmul=(1024, 2048, 4096), repeats=5, e2e_epochs=3, e2e_images=200)
@@ -57,8 +65,6 @@ def median_seconds(fn, repeats, warmup=1):
 def matmul_gflops(sizes, repeats):
     """Dense float32 matmul rate: the ceiling a convolution network can reach on this machine. The best of
     TensorFlow's matmul and NumPy's BLAS over a few sizes, so that a slow library does not lower the ceiling."""
-    import tensorflow as tf
-
     best = {"tensorflow": 0.0, "numpy": 0.0}
     for n in sizes:
         a, b = np.random.default_rng(0).random((2, n, n), dtype=np.float32)
@@ -120,49 +126,27 @@ def bench_model(model, batch, repeats, jit_compile=False, steps=8, steps_per_exe
 
 
 def bench_end_to_end(epochs, n_images, quick):
-    """train.py with its defaults (fewer epochs) into a throw-away MLflow store: where the wall time goes."""
-    import mlflow
-
-    import tracking
-    import train
-
-    argv = ["--epochs", str(epochs), "--n-images", str(n_images), "--patience", str(epochs), "--experiment", "bench"]
+    """`python train.py` with its defaults (fewer epochs), in a process of its own with a throw-away MLflow
+    store: where the wall time goes. MLflow's share is the run's own `tracking_seconds`."""
+    command = [sys.executable, os.path.join(HERE, "train.py"), "--epochs", str(epochs), "--n-images", str(n_images),
+               "--patience", str(epochs), "--experiment", "bench"]
     if quick:
-        argv += ["--image-size", "32", "--base-filters", "8", "--depth", "3", "--batch-size", "4"]
-    spent = {"mlflow": 0.0}
-
-    def timed(fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent["mlflow"] += time.perf_counter() - start
-        return wrapper
-
+        command += ["--image-size", "32", "--base-filters", "8", "--depth", "3", "--batch-size", "4"]
     with tempfile.TemporaryDirectory() as store:
-        mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
-        originals = {name: getattr(tracking.mlflow, name) for name in ("log_metrics", "log_params", "set_experiment")}
-        originals_results = tracking.log_results
-        try:
-            for name, fn in originals.items():
-                setattr(tracking.mlflow, name, timed(fn))
-            tracking.log_results = timed(originals_results)
-            start = time.perf_counter()
-            args = train.parse_args(argv)[0]
-            results, _ = train.train(args)
-            wall = time.perf_counter() - start
-            epochs = _epoch_metrics(mlflow.MlflowClient(), "bench", ("epoch_seconds", "images_per_second"))
-        finally:
-            for name, fn in originals.items():
-                setattr(tracking.mlflow, name, fn)
-            tracking.log_results = originals_results
-            mlflow.set_tracking_uri(None)
-    n_train = len(data.split(np.arange(n_images), np.arange(n_images))["train"][0])
-    images = train.epoch_size(n_train, args)[1]
-    steps, validation, first_extra = split_epochs(epochs["epoch_seconds"], epochs["images_per_second"], images)
-    return {"epochs": results["epochs_run"], "train_images_per_epoch": images,
-            "wall_seconds": wall, "fit_seconds": results["fit_seconds"], "mlflow_seconds": spent["mlflow"],
+        uri = f"sqlite:///{store}/mlflow.db"
+        start = time.perf_counter()
+        subprocess.run(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, cwd=store, check=True)
+        wall = time.perf_counter() - start
+        client = mlflow.MlflowClient(uri)
+        run = client.search_runs([client.get_experiment_by_name("bench").experiment_id])[0]
+        history = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+                   for key in ("epoch_seconds", "images_per_second")}
+    results, logged = run.data.metrics, run.data.params
+    settings = argparse.Namespace(batch_size=int(logged["batch_size"]), xla=logged["xla"] == "True")
+    images = recipe.epoch_size(int(logged["data_split"].split("/")[0]), settings)[1]
+    steps, validation, first_extra = split_epochs(history["epoch_seconds"], history["images_per_second"], images)
+    return {"epochs": int(results["epochs_run"]), "train_images_per_epoch": images,
+            "wall_seconds": wall, "fit_seconds": results["fit_seconds"], "mlflow_seconds": results["tracking_seconds"],
             "wall_over_fit": wall / results["fit_seconds"], "run_steps_seconds": steps,
             "wall_over_run_steps": wall / steps, "validation_seconds": validation,
             "first_epoch_extra_seconds": first_extra}
@@ -179,13 +163,6 @@ def split_epochs(epoch_seconds, images_per_second, images):
     steps = statistics.median(training[1:] or training) + sum(training[1:])
     validation = sum(total - part for total, part in zip(epoch_seconds, training))
     return steps, validation, epoch_seconds[0] - statistics.median(epoch_seconds[1:] or epoch_seconds)
-
-
-def _epoch_metrics(client, experiment, keys):
-    """{key: values by epoch} of the only run of an experiment."""
-    run = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])[0]
-    return {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
-            for key in keys}
 
 
 # Each lever: extra bench.py arguments and environment, measured one at a time on the 2D U-Net (--levers).
@@ -207,8 +184,6 @@ LEVERS = {
 
 def measure_levers(quick):
     """Every lever in a fresh process (threads and oneDNN are fixed at start-up): 2D training and inference."""
-    import subprocess
-
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         for label, (extra, env) in LEVERS.items():
@@ -224,37 +199,83 @@ def measure_levers(quick):
     return rows
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI-size shapes (seconds, not minutes)")
-    parser.add_argument("--output", default="bench.json", help="where to write the measurements")
-    parser.add_argument("--skip-end-to-end", action="store_true", help="skip the train.py run")
-    parser.add_argument("--e2e-epochs", type=int, help="epochs of the end-to-end train.py run (default 3; 30 is "
-                        "train.py's own default, about 10 minutes)")
-    parser.add_argument("--only", choices=("unet2d", "conv3d"), help="benchmark one model only")
-    parser.add_argument("--no-peak-memory", action="store_true", help="skip the subprocess memory measurement")
-    parser.add_argument("--levers", action="store_true", help="measure each speed lever (LEVERS) in turn and stop")
+    add = parser.add_argument
+    add("--quick", action="store_true", help="CI-size shapes (seconds, not minutes)")
+    add("--output", default="bench.json", help="where to write the measurements")
+    add("--skip-end-to-end", action="store_true", help="skip the train.py run")
+    add("--e2e-epochs", type=int, help="epochs of the end-to-end train.py run [default: 3; train.py's own "
+        "default is 30]")
+    add("--only", choices=("unet2d", "conv3d"), help="benchmark one model only")
+    add("--no-peak-memory", action="store_true", help="skip the subprocess measurement of peak memory")
+    add("--levers", action="store_true", help="measure each speed lever in turn, each in a fresh process, and stop: "
+        + "; ".join(LEVERS))
     # Levers, to measure one change at a time against the defaults.
-    parser.add_argument("--batch-size", type=int, help="2D batch size (default: train.py's, 8)")
-    parser.add_argument("--xla2d", action=argparse.BooleanOptionalAction, default=True,
-                        help="XLA for the 2D U-Net (train.py's default: on)")
-    parser.add_argument("--xla3d", action=argparse.BooleanOptionalAction, default=False,
-                        help="XLA for the Conv3D model (conv3d.py's default: off)")
-    parser.add_argument("--upsampling", choices=unet.UPSAMPLING, default="transpose", help="U-Net decoder up-sampling")
-    parser.add_argument("--steps-per-execution", type=int, default=1, help="training steps per compiled call")
-    parser.add_argument("--inter-op-threads", type=int, help="TensorFlow inter-op threads (default: TF's)")
-    parser.add_argument("--intra-op-threads", type=int, help="TensorFlow intra-op threads (default: TF's)")
-    args = parser.parse_args(argv)
+    add("--batch-size", type=int, help="2D batch size [default: train.py's, 8]")
+    add("--xla2d", action=argparse.BooleanOptionalAction, default=True, help="XLA for the 2D U-Net (train.py's "
+        "default: on)")
+    add("--xla3d", action=argparse.BooleanOptionalAction, default=False, help="XLA for the Conv3D model "
+        "(conv3d.py's default: off)")
+    add("--upsampling", choices=unet.UPSAMPLING, default="transpose", help="U-Net decoder up-sampling")
+    add("--steps-per-execution", type=int, default=1, help="training steps per compiled call")
+    add("--inter-op-threads", type=int, help="TensorFlow inter-op threads [default: TensorFlow's]")
+    add("--intra-op-threads", type=int, help="TensorFlow intra-op threads [default: TensorFlow's]")
+    return parser.parse_args(argv)
+
+
+def bench_models(c, args, matmul):
+    """The 2D U-Net and the Conv3D model: one printed row each, with fractions of the matmul ceilings."""
+    peak, rows = max(matmul.values()), {}
+    models = {
+        "unet2d": (unet.build_unet((c["size"], c["size"], 1), c["filters"], c["depth"], upsampling=args.upsampling),
+                   c["batch"], args.xla2d),
+        "conv3d": (unet.build_unet3d((*c["volume"], 1), c["filters3d"], c["depth3d"]), c["batch3d"], args.xla3d),
+    }
+    print("\nfraction of the limit: achieved GFLOP/s over TensorFlow's matmul rate (and over the best matmul)")
+    print(f"{'model':<34}{'GFLOP/ex':>9}{'train ex/s':>11}{'of limit':>14}{'infer ex/s':>11}{'of limit':>14}"
+          f"{'peak RSS MB':>12}")
+    for name, (model, batch, xla) in models.items():
+        if args.only and name != args.only:
+            continue
+        row = bench_model(model, batch, c["repeats"], xla, steps_per_execution=args.steps_per_execution)
+        if not args.no_peak_memory:
+            shape = unet.describe(model)
+            spec = dict(shape=list(model.input_shape[1:-1]), filters=shape["base_filters"], depth=shape["depth"],
+                        kernel=shape["kernel_size"], batch=batch, policy="float32")
+            row.update(memory.measure_in_subprocess(spec))
+        fractions = []
+        for step in ("train", "infer"):
+            row[f"{step}_of_tf_matmul"] = row[f"{step}_gflops"] / matmul["tensorflow"]
+            row[f"{step}_of_best_matmul"] = row[f"{step}_gflops"] / peak
+            fractions.append(f"{row[f'{step}_of_tf_matmul']:.0%} ({row[f'{step}_of_best_matmul']:.0%})")
+        label = f"{name} {'x'.join(map(str, model.input_shape[1:-1]))} batch {batch}{' XLA' if xla else ''}"
+        print(f"{label:<34}{row['gflop_forward_per_example']:>9.2f}{row['train_examples_per_s']:>11.2f}"
+              f"{fractions[0]:>14}{row['infer_examples_per_s']:>11.2f}{fractions[1]:>14}"
+              f"{row.get('peak_rss_mb') or float('nan'):>12.0f}")
+        rows[name] = row
+    return rows
+
+
+def print_end_to_end(e2e):
+    print(f"\ntrain.py defaults, {e2e['epochs']} epochs: wall {e2e['wall_seconds']:.1f} s = "
+          f"{e2e['wall_over_run_steps']:.2f}x its own training steps ({e2e['run_steps_seconds']:.1f} s), "
+          f"{e2e['wall_over_train_steps']:.2f}x the same steps at the rate above ({e2e['train_steps_seconds']:.1f} s)")
+    print(f"beyond the steps: validation {e2e['validation_seconds']:.1f} s, first epoch (compiles) "
+          f"{e2e['first_epoch_extra_seconds']:.1f} s longer than the median epoch, MLflow "
+          f"{e2e['mlflow_seconds']:.1f} s; fit {e2e['fit_seconds']:.1f} s (with validation)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cli.setup()
     if args.levers:
-        rows = measure_levers(args.quick)
         with open(args.output, "w") as f:
-            json.dump({"levers": rows}, f, indent=2)
+            json.dump({"levers": measure_levers(args.quick)}, f, indent=2)
         return print(f"wrote {args.output}")
     c = dict(QUICK if args.quick else FULL)
     c["batch"] = args.batch_size or c["batch"]
-    import tensorflow as tf
-
     if args.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     if args.intra_op_threads:
@@ -262,53 +283,19 @@ def main(argv=None):
     tf.get_logger().setLevel("ERROR")  # several models in one process: retracing warnings are expected here
     keras.utils.set_random_seed(0)
     matmul = matmul_gflops(c["matmul"], c["repeats"])
-    peak = max(matmul.values())
-    report = {"config": c, "matmul_gflops": matmul, "roofline_gflops": peak}
+    report = {"config": c, "matmul_gflops": matmul, "roofline_gflops": max(matmul.values())}
     print(f"dense float32 matmul, best of sizes {c['matmul']}: TensorFlow {matmul['tensorflow']:.1f}, "
-          f"NumPy {matmul['numpy']:.1f} GFLOP/s; roofline {peak:.1f} GFLOP/s")
-
-    unet2d = unet.build_unet((c["size"], c["size"], 1), c["filters"], c["depth"], upsampling=args.upsampling)
-    unet3d = conv3d.build_unet3d((*c["volume"], 1), c["filters3d"], c["depth3d"])
-    tf_peak = matmul["tensorflow"]
-    print("\nfraction of the limit: achieved GFLOP/s over TensorFlow's matmul rate (and over the best matmul)")
-    print(f"{'model':<34}{'GFLOP/ex':>9}{'train ex/s':>11}{'of limit':>14}{'infer ex/s':>11}{'of limit':>14}"
-          f"{'peak RSS MB':>12}")
-    for name, model, batch, spec_shape, xla in (
-            ("unet2d", unet2d, c["batch"], [c["size"], c["size"]], args.xla2d),
-            ("conv3d", unet3d, c["batch3d"], list(c["volume"]), args.xla3d)):
-        if args.only and name != args.only:
-            continue
-        row = bench_model(model, batch, c["repeats"], xla, steps_per_execution=args.steps_per_execution)
-        spec = dict(shape=spec_shape, filters=model.get_layer("enc1_conv1").filters, kernel=3, batch=batch,
-                    depth=sum(1 for layer in model.layers if layer.name.endswith("_pool")) + 1, policy="float32")
-        if not args.no_peak_memory:
-            row.update(memory.measure_in_subprocess(spec))
-        report[name] = row
-        label = f"{name} {'x'.join(map(str, model.input_shape[1:-1]))} batch {batch}{' XLA' if xla else ''}"
-        fractions = []
-        for step in ("train", "infer"):
-            row[f"{step}_of_tf_matmul"] = row[f"{step}_gflops"] / tf_peak
-            row[f"{step}_of_best_matmul"] = row[f"{step}_gflops"] / peak
-            fractions.append(f"{row[f'{step}_of_tf_matmul']:.0%} ({row[f'{step}_of_best_matmul']:.0%})")
-        print(f"{label:<34}{row['gflop_forward_per_example']:>9.2f}{row['train_examples_per_s']:>11.2f}"
-              f"{fractions[0]:>14}{row['infer_examples_per_s']:>11.2f}{fractions[1]:>14}"
-              f"{row.get('peak_rss_mb') or float('nan'):>12.0f}")
-
+          f"NumPy {matmul['numpy']:.1f} GFLOP/s; roofline {report['roofline_gflops']:.1f} GFLOP/s")
+    report.update(bench_models(c, args, matmul))
     if not args.skip_end_to_end and "unet2d" in report:
         e2e = bench_end_to_end(args.e2e_epochs or c["e2e_epochs"], c["e2e_images"], args.quick)
-        # The same steps at the benchmarked training rate: every image of every epoch (the drift between the two
+        # The same steps at the benchmarked rate: every image of every epoch (the drift between the two
         # measurements included).
-        e2e["train_steps_seconds"] = (e2e["epochs"] * e2e["train_images_per_epoch"]
-                                      / report["unet2d"]["train_examples_per_s"])
+        e2e["train_steps_seconds"] = e2e["epochs"] * e2e["train_images_per_epoch"] / report["unet2d"][
+            "train_examples_per_s"]
         e2e["wall_over_train_steps"] = e2e["wall_seconds"] / e2e["train_steps_seconds"]
         report["train_py"] = e2e
-        print(f"\ntrain.py defaults, {e2e['epochs']} epochs: wall {e2e['wall_seconds']:.1f} s = "
-              f"{e2e['wall_over_run_steps']:.2f}x its own training steps ({e2e['run_steps_seconds']:.1f} s), "
-              f"{e2e['wall_over_train_steps']:.2f}x the same steps at the rate above "
-              f"({e2e['train_steps_seconds']:.1f} s)")
-        print(f"beyond the steps: validation {e2e['validation_seconds']:.1f} s, first epoch (XLA compiles) "
-              f"{e2e['first_epoch_extra_seconds']:.1f} s longer than the median epoch, MLflow "
-              f"{e2e['mlflow_seconds']:.1f} s; fit {e2e['fit_seconds']:.1f} s (with validation)")
+        print_end_to_end(e2e)
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {args.output}")

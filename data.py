@@ -21,13 +21,13 @@ and content_hash from here.
 
 import argparse
 import hashlib
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
+import tensorflow as tf
 from scipy import ndimage
 from sklearn.model_selection import train_test_split
+
+import figures
 
 # Defaults of the synthetic scans, in one visible place.
 FOREGROUND = 0.05  # mean fraction of pixels that are lesion
@@ -164,8 +164,6 @@ def content_hash(*arrays):
 
 def _augment(image, mask, seed):
     """The same random flip and 90-degree rotation for image and mask (in-plane for volumes)."""
-    import tensorflow as tf
-
     both = tf.concat([image, mask], axis=-1)
     both = tf.image.stateless_random_flip_left_right(both, seed=seed)
     if both.shape[-3] == both.shape[-2]:  # rotations keep the shape only for square images
@@ -177,14 +175,12 @@ def _augment(image, mask, seed):
 
 def make_dataset(images, masks, batch_size, training=False, augment=True, seed=0, drop_remainder=False):
     """tf.data pipeline. Training: reshuffle every epoch and augment (deterministic for the seed).
-    drop_remainder: full batches only (one batch shape, hence one XLA compile; train.epoch_size).
+    drop_remainder: full batches only (one batch shape, hence one XLA compile; recipe.epoch_size).
 
     Fixed parallelism instead of tf.data's autotuner: flipping a batch takes milliseconds, and the autotuner's
-    background thread made replacing an epoch's iterator block for ~20 s every other epoch on 2 busy cores
-    (measured with train.py: epochs of 40 s instead of 20 s; README, Performance).
+    background thread could block the replacement of an epoch's iterator for seconds on 2 busy cores
+    (PERFORMANCE.md).
     """
-    import tensorflow as tf
-
     dataset = tf.data.Dataset.from_tensor_slices((images, masks))
     if training:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
@@ -219,18 +215,7 @@ def main():
     print(f"{'per-image foreground':>26}: min {per_image.min():.4f}  median {np.median(per_image):.4f}  "
           f"max {per_image.max():.4f}")
     if args.save:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, min(4, len(images)), figsize=(12, 3.4), squeeze=False)
-        for ax, image, mask in zip(axes[0], images, masks):
-            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
-            ax.contour(mask[..., 0], levels=[0.5], colors="lime", linewidths=1)
-            ax.set_axis_off()
-        fig.suptitle(f"synthetic scans, lesion contours in green (foreground {args.foreground:.1%})")
-        fig.savefig(args.save, dpi=100, bbox_inches="tight")
+        figures.samples_figure(images, masks, args.foreground).savefig(args.save, dpi=100, bbox_inches="tight")
         print(f"saved {args.save}")
 
 

@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from nilearn import datasets as nilearn_datasets
 
 import data
 import geometry
@@ -166,8 +167,6 @@ def mni_wm(shape):
 
     Groups, the split unit: blocks of SLICE_BLOCK consecutive slices (2D) or slabs one patch deep (3D).
     """
-    from nilearn import datasets as nilearn_datasets  # imported here: about 2 s, needed only for this dataset
-
     t1 = nilearn_datasets.load_mni152_template(resolution=MNI_RESOLUTION)
     wm = nilearn_datasets.load_mni152_wm_template(resolution=MNI_RESOLUTION)
     volume = data.normalize_intensity(t1.get_fdata(dtype=np.float32))

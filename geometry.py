@@ -11,8 +11,9 @@ What this script teaches:
 - images are resized with linear interpolation after a Gaussian anti-aliasing blur (sub-sampling without it
   turns fine texture into false patterns); masks with nearest neighbour, so they stay binary: a mask is
   never interpolated into values between 0 and 1;
-- a volume is cut into non-overlapping patches of the network's shape (`tile`), or predicted with the
-  overlapping windows of conv3d.sliding_window_predict (`window_corners`).
+- a volume is cut into non-overlapping patches of the network's shape (`tile`) for training, and
+  segmented with overlapping windows whose outputs are blended (`sliding_window_predict`: constant
+  or Gaussian weights, as in MONAI and nnU-Net) when it is larger than the network's patch.
 
 Every function works on 2D (H, W[, C]) and 3D (D, H, W[, C]) arrays: the spatial axes come first.
 
@@ -22,6 +23,7 @@ Every function works on 2D (H, W[, C]) and 3D (D, H, W[, C]) arrays: the spatial
 import argparse
 import itertools
 from collections import namedtuple
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
@@ -97,6 +99,43 @@ def tile(array, patch):
     corners = window_corners(padded_shape, patch, patch)
     patches = [padded[tuple(slice(c, c + p) for c, p in zip(corner, patch))] for corner in corners]
     return np.stack(patches), corners
+
+
+def patch_weights(patch_shape, weighting: Literal["constant", "gaussian"] = "gaussian", sigma_scale=0.125):
+    """Blending weights of one patch: constant, or a Gaussian (sigma = patch/8, as nnU-Net) that trusts the
+    patch centre, where the network saw the most context, more than its borders."""
+    if weighting == "constant":
+        return np.ones(patch_shape, np.float32)
+    if weighting != "gaussian":
+        raise ValueError(f"weighting must be 'constant' or 'gaussian', got {weighting!r}")
+    axes = [np.exp(-0.5 * ((np.arange(s) - (s - 1) / 2) / (s * sigma_scale)) ** 2) for s in patch_shape]
+    weights = np.prod(np.meshgrid(*axes, indexing="ij"), axis=0)
+    return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)  # never 0: every voxel gets a vote
+
+
+def sliding_window_predict(model, volume, overlap=0.5, weighting="gaussian", batch_size=4):
+    """Segment a (D, H, W, C) volume at least as large as the model's patch with overlapping patches whose
+    outputs are blended with `patch_weights`. Returns (D, H, W, classes) probabilities."""
+    patch = tuple(model.input_shape[1:4])
+    if volume.ndim != 4 or volume.shape[-1] != model.input_shape[-1]:
+        raise ValueError(f"expected a (D, H, W, {model.input_shape[-1]}) volume, got shape {volume.shape}")
+    if any(v < p for v, p in zip(volume.shape, patch)):
+        raise ValueError(f"volume {volume.shape[:3]} is smaller than the model's patch {patch}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    strides = [max(1, round(p * (1 - overlap))) for p in patch]
+    corners = window_corners(volume.shape[:3], patch, strides)
+    weights = patch_weights(patch, weighting)[..., None]
+    total = np.zeros((*volume.shape[:3], model.output_shape[-1]), np.float32)
+    norm = np.zeros((*volume.shape[:3], 1), np.float32)
+    for first in range(0, len(corners), batch_size):
+        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch))
+                   for corner in corners[first:first + batch_size]]
+        predictions = np.asarray(model(np.stack([volume[w] for w in windows]), training=False))
+        for window, prediction in zip(windows, predictions):
+            total[window] += weights * prediction
+            norm[window] += weights
+    return total / norm
 
 
 def main():

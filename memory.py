@@ -10,14 +10,15 @@ configuration is measured in a fresh Python process: one training step, then the
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import keras
 import numpy as np
+import psutil
+import tensorflow as tf
 
 import metrics
 import unet
@@ -34,10 +35,6 @@ def activation_bytes(model, batch_size=1):
 
 def step_memory(spec):
     """In this (fresh) process: build `spec`'s U-Net, two training steps; peak resident memory (Linux/macOS)."""
-    import resource
-
-    import psutil
-
     if spec["policy"] != "float32":
         keras.mixed_precision.set_global_policy(spec["policy"])
     model = unet.build_unet((*spec["shape"], 1), spec["filters"], spec["depth"], kernel_size=spec["kernel"])
@@ -67,8 +64,6 @@ def measure_in_subprocess(spec):
 
 
 def has_gpu():
-    import tensorflow as tf
-
     return bool(tf.config.list_physical_devices("GPU"))
 
 

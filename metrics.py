@@ -13,13 +13,13 @@ What this script teaches:
     python metrics.py        # worked cases, Dice vs IoU table, identity check, scikit-learn cross-check
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from collections.abc import Callable
+from typing import NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
+from sklearn.metrics import f1_score, jaccard_score
 
 EPSILON = 1e-6  # keeps soft losses finite on empty batches; negligible against any real pixel count
 
@@ -219,13 +219,20 @@ class GeneralizedDiceLoss(_SegmentationLoss):
         return 1.0 - (overlap + self.epsilon) / (total + self.epsilon)
 
 
+class LossChoice(NamedTuple):
+    """A loss on the command line: its display name (MLflow param, run names) and its class."""
+
+    label: str
+    make: Callable[[], keras.losses.Loss]
+
+
 LOSSES = {
-    "bce": keras.losses.BinaryCrossentropy,
-    "dice": SoftDiceLoss,
-    "bce_dice": BCEDiceLoss,
-    "tversky": TverskyLoss,
-    "focal_tversky": FocalTverskyLoss,
-    "generalized_dice": GeneralizedDiceLoss,
+    "bce": LossChoice("BCELoss", keras.losses.BinaryCrossentropy),
+    "dice": LossChoice("DiceLoss", SoftDiceLoss),
+    "bce_dice": LossChoice("CombinedLoss", BCEDiceLoss),
+    "tversky": LossChoice("TverskyLoss", TverskyLoss),
+    "focal_tversky": LossChoice("FocalTverskyLoss", FocalTverskyLoss),
+    "generalized_dice": LossChoice("GeneralizedDiceLoss", GeneralizedDiceLoss),
 }
 
 
@@ -233,12 +240,10 @@ def get_loss(name):
     """A fresh loss object from its command-line name (see LOSSES)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    return LOSSES[name]()
+    return LOSSES[name].make()
 
 
 def main():
-    from sklearn.metrics import f1_score, jaccard_score
-
     print(__doc__.split("\n\n")[0], "\n")
     square = np.zeros((64, 64), dtype=np.uint8)
     square[16:48, 16:48] = 1

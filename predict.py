@@ -7,7 +7,7 @@ What this script teaches:
 - medical geometry is more than a shape: a NIfTI mask is written with the input's affine and header, so that
   a viewer (ITK-SNAP, 3D Slicer, FSLeyes) lays it over the scan in millimetres, not just in voxels;
 - a 2D model segments a volume slice by slice along its last axis; a 3D model (input of rank 5) goes through
-  conv3d.sliding_window_predict, a volume smaller than the patch being padded first and cropped back after;
+  geometry.sliding_window_predict, a volume smaller than the patch being padded first and cropped back after;
 - a batch job leaves no half-written file: each output is written under a temporary name and renamed when
   complete. A bad input is one line on stderr (exit status 2 at the end); the other inputs are still done.
 
@@ -21,19 +21,22 @@ contour in red).
     python predict.py models:/tp4-unet/1 case_001_0000.nii.gz --output predictions/
 """
 
-import argparse
 import os
+
+# TensorFlow reads this once, when it loads: its INFO lines (CPU features, XLA) off, warnings kept.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+import argparse
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import keras
+import mlflow.keras
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
-import conv3d
+import cli
 import data
+import figures
 import geometry
 import imagefiles
 import metrics  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
@@ -65,8 +68,6 @@ def load_model(location):
         raise ValueError(f"no such model file: {location}")
     try:
         if is_uri or os.path.isdir(location):  # a folder: an MLflow model saved locally (it holds an MLmodel file)
-            import mlflow.keras
-
             model = mlflow.keras.load_model(location)
         else:
             model = keras.models.load_model(location)
@@ -116,16 +117,8 @@ def predict_volume(model, volume, overlap=0.5):
     if len(model.input_shape) == 4:
         return np.stack(predict_images(model, [volume[..., z, None] for z in range(volume.shape[-1])]), axis=-1)
     padded, transform = geometry.fit(np.moveaxis(volume, -1, 0)[..., None], model.input_shape[1:4], shrink=False)
-    probabilities = geometry.unfit(conv3d.sliding_window_predict(model, padded, overlap), transform)
+    probabilities = geometry.unfit(geometry.sliding_window_predict(model, padded, overlap), transform)
     return np.moveaxis(probabilities[..., 0], 0, -1)
-
-
-def overlay(image, mask):
-    """RGB uint8: a normalized image (H, W[, 3]) in grey levels with the outline of `mask` in red."""
-    grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
-    rgb = np.repeat(grey, 3, axis=-1) if grey.shape[-1] == 1 else grey[..., :3].copy()
-    rgb[mask & ~ndimage.binary_erosion(mask)] = (255, 0, 0)
-    return rgb
 
 
 def segment(model, path, threshold=0.5, overlap=0.5):
@@ -138,7 +131,7 @@ def segment(model, path, threshold=0.5, overlap=0.5):
             raise DataError(f"{path} is a 2D image: a 3D model segments NIfTI volumes")
         image = data.normalize_intensity(imagefiles.read_image(path, channels))
         mask = predict_images(model, [image])[0] >= threshold
-        return mask, overlay(image, mask), None
+        return mask, figures.overlay(image, mask), None
     volume, nifti = imagefiles.read_volume(path)
     if channels != 1:
         raise DataError(f"{path} is a single-channel volume, the model takes {channels} channels")
@@ -146,7 +139,7 @@ def segment(model, path, threshold=0.5, overlap=0.5):
     mask = predict_volume(model, volume, overlap) >= threshold
     z = int(np.argmax(mask.sum(axis=(0, 1)))) if mask.any() else volume.shape[-1] // 2
     # rot90: array rows are X; in RAS storage this shows anterior up and the patient's right on the right
-    return mask, overlay(np.rot90(volume[..., z])[..., None], np.rot90(mask[..., z])), nifti
+    return mask, figures.overlay(np.rot90(volume[..., z])[..., None], np.rot90(mask[..., z])), nifti
 
 
 def write_outputs(writers):
@@ -189,6 +182,7 @@ def segment_file(model, path, output, threshold=0.5, overlap=0.5):
 
 def main(argv=None):
     args, parser = parse_args(argv)
+    cli.setup()
     try:
         files = list_inputs(args.inputs)
         outputs = {}

@@ -15,14 +15,13 @@ A marked table in a Markdown file is a comment line with the arguments of this s
 """
 
 import argparse
-import os
 import re
 import shlex
 
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-
 import mlflow
 from mlflow import MlflowClient
+
+import cli
 
 METRICS = ("test_dice", "test_iou", "test_dice_per_image", "best_epoch", "epochs_run", "fit_seconds")
 
@@ -94,6 +93,7 @@ def _parser():
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
+    cli.setup()
     if not args.update and not args.experiment:
         parser.error("give an experiment name, or --update FILE...")
     try:

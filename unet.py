@@ -1,14 +1,16 @@
 """Exercise 2.1: U-Net for semantic segmentation (Ronneberger et al., 2015), Keras 3 functional API.
 
 What this script teaches:
-- the encoder (contracting path) halves the resolution and doubles the filters at each level, so the
-  network sees context; the decoder (expanding path) up-samples back to the input size;
-- skip connections *concatenate* encoder features to the decoder at the same resolution (ResNet *adds*
-  them instead), which gives the decoder back the fine localisation that pooling threw away;
+- the encoder (contracting path) halves the resolution and doubles the filters at each level, so
+  the network sees context; the decoder (expanding path) up-samples back to the input size;
+- skip connections *concatenate* encoder features to the decoder at the same resolution (ResNet
+  *adds* them instead), which gives the decoder back the fine localisation that pooling threw away;
 - the output is one probability per pixel: (N, H, W, 1) with a sigmoid for a binary mask, or
   (N, H, W, C) with a softmax over C classes.
 
-The same builder makes a 3D U-Net when `input_shape` is (D, H, W, C): conv3d.py uses it that way.
+The same builder makes a 3D U-Net when `input_shape` is (D, H, W, C): `build_unet3d`, which
+conv3d.py trains (Çiçek et al. 2016; V-Net, Milletari et al. 2016, is the same idea with residual
+blocks).
 
     python unet.py                                  # the TP's network: 32-64-128-(256)-128-64-32
     python unet.py --input-size 64 --base-filters 8 --depth 3
@@ -16,77 +18,143 @@ The same builder makes a 3D U-Net when `input_shape` is (D, H, W, C): conv3d.py 
 """
 
 import argparse
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from typing import Literal, get_args
 
 import keras
 from keras import layers
 
-UPSAMPLING = ("transpose", "bilinear", "nearest")
+Upsampling = Literal["transpose", "bilinear", "nearest"]
+UPSAMPLING = get_args(Upsampling)
 _CONV = {2: layers.Conv2D, 3: layers.Conv3D}
 _CONV_TRANSPOSE = {2: layers.Conv2DTranspose, 3: layers.Conv3DTranspose}
 _POOL = {2: layers.MaxPooling2D, 3: layers.MaxPooling3D}
+_UPSAMPLE = {2: layers.UpSampling2D, 3: layers.UpSampling3D}
 
 
-def conv_block(x, filters, kernel_size=3, batch_norm=True, name="block"):
-    """(Conv -> BatchNorm -> ReLU) twice. 2D or 3D, from the rank of `x`."""
+def conv_block(
+    x: keras.KerasTensor,
+    filters: int,
+    kernel_size: int = 3,
+    batch_norm: bool = True,
+    name: str = "block",
+) -> keras.KerasTensor:
+    """(Conv -> BatchNorm -> ReLU) twice, 2D or 3D from the rank of `x`.
+
+    Args:
+        x: features (N, H, W, C) or (N, D, H, W, C).
+        filters: output channels of both convolutions.
+        kernel_size: k, for k x k (x k) kernels.
+        batch_norm: batch normalization after each convolution.
+        name: prefix of the layer names (`{name}_conv1`, `{name}_bn1`, ...).
+
+    Returns:
+        The block's output, same spatial size as `x`, `filters` channels.
+    """
     conv = _CONV[len(x.shape) - 2]
     for i in (1, 2):
         # A bias before batch normalization is cancelled by its mean subtraction: leave it out.
-        x = conv(filters, kernel_size, padding="same", use_bias=not batch_norm, kernel_initializer="he_normal",
-                 name=f"{name}_conv{i}")(x)
+        x = conv(
+            filters,
+            kernel_size,
+            padding="same",
+            use_bias=not batch_norm,
+            kernel_initializer="he_normal",
+            name=f"{name}_conv{i}",
+        )(x)
         if batch_norm:
-            # Momentum 0.9, not Keras' 0.99: with ~20 steps per epoch on a small dataset, the running statistics
-            # used at validation would otherwise lag the weights for many epochs (validation Dice near 0).
+            # Momentum 0.9, not Keras' 0.99: with ~20 steps per epoch on a small dataset, the
+            # running statistics used at validation would otherwise lag the weights for many
+            # epochs (validation Dice near 0).
             x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
 
 
-def _up(x, filters, upsampling, name):
+def _up(x: keras.KerasTensor, filters: int, upsampling: Upsampling, name: str) -> keras.KerasTensor:
     spatial_dims = len(x.shape) - 2
     if upsampling == "transpose":
         return _CONV_TRANSPOSE[spatial_dims](filters, 2, strides=2, name=f"{name}_upconv")(x)
-    if spatial_dims == 2:
-        return layers.UpSampling2D(2, interpolation=upsampling, name=f"{name}_upsample")(x)
-    return layers.UpSampling3D(2, name=f"{name}_upsample")(x)  # Keras' 3D up-sampling is nearest-neighbour
+    # Keras' 3D up-sampling has no interpolation option: it is nearest-neighbour (check_config).
+    options = {"interpolation": upsampling} if spatial_dims == 2 else {}
+    return _UPSAMPLE[spatial_dims](2, name=f"{name}_upsample", **options)(x)
 
 
-def check_config(input_shape, base_filters, depth, num_classes=1, upsampling="transpose", kernel_size=3):
-    """Raise ValueError with a readable message for a configuration the network cannot take."""
+def check_config(
+    input_shape: tuple[int, ...],
+    base_filters: int,
+    depth: int,
+    num_classes: int = 1,
+    upsampling: Upsampling = "transpose",
+    kernel_size: int = 3,
+) -> None:
+    """Raise ValueError with a readable message for a configuration the network cannot take.
+
+    Args: as `build_unet`.
+
+    Raises:
+        ValueError: naming the argument and what would work instead.
+    """
     if len(input_shape) not in (3, 4):
         raise ValueError(f"input_shape must be (H, W, C) or (D, H, W, C), got {tuple(input_shape)}")
     if any(not isinstance(s, int) or s < 1 for s in input_shape):
         raise ValueError(f"input_shape must hold positive integers, got {tuple(input_shape)}")
-    if not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be an integer >= 1 (levels, bottleneck included), got {depth}")
-    if not isinstance(base_filters, int) or base_filters < 1:
-        raise ValueError(f"base_filters must be a positive integer, got {base_filters}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
-    if not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(f"kernel_size must be a positive integer, got {kernel_size}")
+    for name, value in (
+        ("depth", depth),
+        ("base_filters", base_filters),
+        ("num_classes", num_classes),
+        ("kernel_size", kernel_size),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
     if upsampling not in UPSAMPLING:
         raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
     if upsampling == "bilinear" and len(input_shape) == 4:
         raise ValueError("bilinear up-sampling is 2D only; use 'transpose' or 'nearest' for volumes")
     factor = 2 ** (depth - 1)
-    bad = [s for s in input_shape[:-1] if s % factor]
-    if bad:
-        raise ValueError(f"spatial size {tuple(input_shape[:-1])} is not divisible by 2**(depth-1) = {factor} "
-                         f"(depth {depth} pools {depth - 1} times); use a multiple of {factor} or a smaller depth")
+    if any(s % factor for s in input_shape[:-1]):
+        raise ValueError(
+            f"spatial size {tuple(input_shape[:-1])} is not divisible by 2**(depth-1) = {factor} "
+            f"(depth {depth} pools {depth - 1} times); use a multiple of {factor} or a smaller depth"
+        )
 
 
-def build_unet(input_shape=(128, 128, 1), base_filters=32, depth=4, num_classes=1, batch_norm=True, dropout=0.0,
-               upsampling="transpose", skip_connections=True, kernel_size=3, output_bias=0.0,
-               name="UNet") -> keras.Model:
-    """U-Net with `depth` levels: filters base, 2*base, ... at each encoder level, 2**(depth-1)*base at the bottleneck.
+def build_unet(
+    input_shape: tuple[int, ...] = (128, 128, 1),
+    base_filters: int = 32,
+    depth: int = 4,
+    num_classes: int = 1,
+    batch_norm: bool = True,
+    dropout: float = 0.0,
+    upsampling: Upsampling = "transpose",
+    skip_connections: bool = True,
+    kernel_size: int = 3,
+    output_bias: float = 0.0,
+    name: str = "UNet",
+) -> keras.Model:
+    """U-Net with `depth` levels: base, 2*base, ... filters down, 2**(depth-1)*base at the bottleneck.
 
-    num_classes=1 gives a sigmoid (binary) output, num_classes>1 a softmax over classes; the output has the
-    input's spatial size. skip_connections=False removes the concatenations (for the ablation in REPORT.md).
-    output_bias initializes the output logits: log(f / (1 - f)) makes the untrained network predict the
-    foreground fraction f everywhere instead of 0.5, which spares the first epochs on imbalanced data.
+    Args:
+        input_shape: (H, W, C) for a 2D network, (D, H, W, C) for a 3D one; every spatial size
+            must be divisible by 2**(depth-1).
+        base_filters: filters of the first level, doubled at each level down.
+        depth: levels, bottleneck included (the network pools depth-1 times).
+        num_classes: 1 gives a sigmoid (binary) output, more a softmax over classes.
+        batch_norm: batch normalization after every convolution.
+        dropout: dropout rate at the bottleneck (0: none).
+        upsampling: decoder up-sampling: transposed convolution, or bilinear/nearest resizing.
+        skip_connections: False removes the concatenations (the ablation in REPORT.md).
+        kernel_size: k, for k x k (x k) convolutions.
+        output_bias: initial output logit: log(f / (1 - f)) makes the untrained network predict
+            the foreground fraction f everywhere instead of 0.5, which spares the first epochs
+            on imbalanced data.
+        name: the model's name (logged as its architecture).
+
+    Returns:
+        A keras.Model whose output has the input's spatial size and `num_classes` channels,
+        float32 even under a mixed-precision policy.
+
+    Raises:
+        ValueError: for a configuration the network cannot take (check_config).
     """
     input_shape = tuple(input_shape)
     check_config(input_shape, base_filters, depth, num_classes, upsampling, kernel_size)
@@ -100,7 +168,8 @@ def build_unet(input_shape=(128, 128, 1), base_filters=32, depth=4, num_classes=
         skips.append(x)
         x = _POOL[spatial_dims](2, name=f"enc{level + 1}_pool")(x)
 
-    x = conv_block(x, base_filters * 2 ** (depth - 1), kernel_size, batch_norm, name="bottleneck")
+    bottleneck_filters = base_filters * 2 ** (depth - 1)
+    x = conv_block(x, bottleneck_filters, kernel_size, batch_norm, name="bottleneck")
     if dropout > 0:
         x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
 
@@ -113,37 +182,113 @@ def build_unet(input_shape=(128, 128, 1), base_filters=32, depth=4, num_classes=
         x = conv_block(x, filters, kernel_size, batch_norm, name=f"dec{level + 1}")
 
     # Float32 output even under a mixed-precision policy: probabilities and losses need the range.
-    activation = "sigmoid" if num_classes == 1 else "softmax"
-    outputs = _CONV[spatial_dims](num_classes, 1, activation=activation, dtype="float32", name="mask",
-                                  bias_initializer=keras.initializers.Constant(output_bias))(x)
+    outputs = _CONV[spatial_dims](
+        num_classes,
+        1,
+        activation="sigmoid" if num_classes == 1 else "softmax",
+        dtype="float32",
+        name="mask",
+        bias_initializer=keras.initializers.Constant(output_bias),
+    )(x)
     return keras.Model(inputs, outputs, name=name)
 
 
-def count_params(model):
-    """(total, trainable) parameter counts."""
+def build_unet3d(
+    input_shape: tuple[int, int, int, int] = (32, 64, 64, 1),
+    base_filters: int = 8,
+    depth: int = 3,
+    kernel_size: int = 3,
+    output_bias: float = 0.0,
+    name: str = "UNet3D",
+) -> keras.Model:
+    """Small 3D U-Net: `build_unet` with Conv3D blocks, 2x2x2 pooling and transposed Conv3D.
+
+    Args:
+        input_shape: (D, H, W, C).
+        base_filters, depth, kernel_size, output_bias, name: as `build_unet`.
+
+    Returns:
+        A keras.Model with a (N, D, H, W, 1) sigmoid output.
+
+    Raises:
+        ValueError: if `input_shape` is not (D, H, W, C), or for what `build_unet` refuses.
+    """
+    if len(input_shape) != 4:
+        raise ValueError(f"a volume input must be (D, H, W, C), got {tuple(input_shape)}")
+    return build_unet(
+        tuple(input_shape),
+        base_filters,
+        depth,
+        kernel_size=kernel_size,
+        output_bias=output_bias,
+        name=name,
+    )
+
+
+def describe(model: keras.Model) -> dict[str, object]:
+    """What a U-Net built here is, read from its layers: flat MLflow params.
+
+    Args:
+        model: a model from `build_unet` or `build_unet3d`.
+
+    Returns:
+        architecture (the model's name), depth, base_filters, kernel_size, upsampling,
+        batch_norm, skip_connections and n_params.
+    """
+    first = next(layer for layer in model.layers if isinstance(layer, tuple(_CONV.values())))
+    kinds = {type(layer) for layer in model.layers}
+    if kinds & set(_CONV_TRANSPOSE.values()):
+        upsampling = "transpose"
+    else:
+        resizers = [layer for layer in model.layers if isinstance(layer, tuple(_UPSAMPLE.values()))]
+        upsampling = getattr(resizers[0], "interpolation", "nearest") if resizers else "none"
+    return {
+        "architecture": model.name,
+        "depth": sum(isinstance(layer, tuple(_POOL.values())) for layer in model.layers) + 1,
+        "base_filters": first.filters,
+        "kernel_size": first.kernel_size[0],
+        "upsampling": upsampling,
+        "batch_norm": layers.BatchNormalization in kinds,
+        "skip_connections": layers.Concatenate in kinds,
+        "n_params": model.count_params(),
+    }
+
+
+def count_params(model: keras.Model) -> tuple[int, int]:
+    """(total, trainable) parameter counts of `model`."""
     trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
     return model.count_params(), trainable
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--input-size", type=int, default=128, help="height and width of the input image")
-    parser.add_argument("--channels", type=int, default=1, help="input channels (1 for a grey-level scan)")
-    parser.add_argument("--base-filters", type=int, default=32, help="filters of the first level")
-    parser.add_argument("--depth", type=int, default=4, help="levels, bottleneck included (pools depth-1 times)")
-    parser.add_argument("--num-classes", type=int, default=1, help="1: sigmoid binary mask; >1: softmax classes")
-    parser.add_argument("--upsampling", choices=UPSAMPLING, default="transpose", help="decoder up-sampling")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout rate at the bottleneck")
-    parser.add_argument("--no-batch-norm", action="store_true", help="no batch normalization")
-    parser.add_argument("--no-skip", action="store_true", help="no skip connections (ablation)")
-    parser.add_argument("--quiet", action="store_true", help="no layer-by-layer summary")
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--input-size", type=int, default=128, help="height and width of the input image")
+    add("--channels", type=int, default=1, help="input channels (1 for a grey-level scan)")
+    add("--base-filters", type=int, default=32, help="filters of the first level")
+    add("--depth", type=int, default=4, help="levels, bottleneck included (pools depth-1 times)")
+    add("--num-classes", type=int, default=1, help="1: sigmoid binary mask; >1: softmax classes")
+    add("--upsampling", choices=UPSAMPLING, default="transpose", help="decoder up-sampling")
+    add("--dropout", type=float, default=0.0, help="dropout rate at the bottleneck")
+    add("--no-batch-norm", action="store_true", help="no batch normalization")
+    add("--no-skip", action="store_true", help="no skip connections (ablation)")
+    add("--quiet", action="store_true", help="no layer-by-layer summary")
     args = parser.parse_args()
 
     try:
-        model = build_unet((args.input_size, args.input_size, args.channels), args.base_filters, args.depth,
-                           args.num_classes, not args.no_batch_norm, args.dropout, args.upsampling,
-                           not args.no_skip)
+        model = build_unet(
+            (args.input_size, args.input_size, args.channels),
+            args.base_filters,
+            args.depth,
+            args.num_classes,
+            not args.no_batch_norm,
+            args.dropout,
+            args.upsampling,
+            not args.no_skip,
+        )
     except ValueError as error:
         parser.error(str(error))
     if not args.quiet:

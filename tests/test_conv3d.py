@@ -7,7 +7,9 @@ import pytest
 from mlflow import MlflowClient
 
 import conv3d
+import geometry
 import memory
+import unet
 
 
 @pytest.mark.parametrize("k, c_in, c_out", [(3, 1, 8), (3, 16, 32), (2, 4, 4)])
@@ -24,14 +26,14 @@ def test_comparison_table_comes_from_real_layers():
 
 
 def test_3d_unet_shapes_and_refusals():
-    model = conv3d.build_unet3d((8, 16, 16, 1), base_filters=4, depth=2)
+    model = unet.build_unet3d((8, 16, 16, 1), base_filters=4, depth=2)
     assert model.output_shape == (None, 8, 16, 16, 1)
     first = model.get_layer("enc1_conv1")
     assert isinstance(first, keras.layers.Conv3D) and first.count_params() == 27 * 1 * 4
     with pytest.raises(ValueError, match="not divisible"):
-        conv3d.build_unet3d((10, 16, 16, 1), depth=3)
+        unet.build_unet3d((10, 16, 16, 1), depth=3)
     with pytest.raises(ValueError, match=r"\(D, H, W, C\)"):
-        conv3d.build_unet3d((16, 16, 1))
+        unet.build_unet3d((16, 16, 1))
 
 
 def test_activation_bytes_follow_the_layer_shapes():
@@ -49,21 +51,21 @@ def test_memory_grows_with_filters_slices_and_shrinks_with_16_bit_floats():
     assert rows["kernel 2x2x2"]["params"] < base["params"]
     mixed = next(row for label, row in rows.items() if label.startswith("mixed precision"))
     assert mixed["activation_mb"] < 0.6 * base["activation_mb"]
-    bigger = conv3d.build_unet3d((16, 16, 16, 1), base_filters=16, depth=2)
-    assert memory.activation_bytes(bigger) > memory.activation_bytes(conv3d.build_unet3d((16, 16, 16, 1), 8, 2))
+    bigger = unet.build_unet3d((16, 16, 16, 1), base_filters=16, depth=2)
+    assert memory.activation_bytes(bigger) > memory.activation_bytes(unet.build_unet3d((16, 16, 16, 1), 8, 2))
 
 
 @pytest.fixture(scope="module")
 def small_model():
     keras.utils.set_random_seed(0)
-    return conv3d.build_unet3d((8, 16, 16, 1), base_filters=4, depth=2)
+    return unet.build_unet3d((8, 16, 16, 1), base_filters=4, depth=2)
 
 
 @pytest.mark.parametrize("weighting", ["constant", "gaussian"])
 def test_sliding_window_equals_direct_prediction_when_the_volume_fits(small_model, weighting):
     volume = np.random.default_rng(1).random((8, 16, 16, 1), dtype=np.float32)
     direct = small_model.predict(volume[None], verbose=0)[0]
-    windowed = conv3d.sliding_window_predict(small_model, volume, overlap=0.5, weighting=weighting)
+    windowed = geometry.sliding_window_predict(small_model, volume, overlap=0.5, weighting=weighting)
     np.testing.assert_allclose(windowed, direct, atol=1e-5)
 
 
@@ -75,18 +77,18 @@ def test_sliding_window_covers_a_larger_volume_and_blends_exactly():
     expected = keras.ops.convert_to_numpy(keras.activations.sigmoid(volume * pointwise.layers[1].kernel.numpy()[0, 0, 0]
                                                                      + pointwise.layers[1].bias.numpy()))
     for weighting in ("constant", "gaussian"):
-        out = conv3d.sliding_window_predict(pointwise, volume, overlap=0.25, weighting=weighting)
+        out = geometry.sliding_window_predict(pointwise, volume, overlap=0.25, weighting=weighting)
         assert out.shape == (10, 21, 13, 1)
         np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 def test_sliding_window_refuses_bad_volumes(small_model):
     with pytest.raises(ValueError, match="smaller than the model's patch"):
-        conv3d.sliding_window_predict(small_model, np.zeros((4, 16, 16, 1), np.float32))
+        geometry.sliding_window_predict(small_model, np.zeros((4, 16, 16, 1), np.float32))
     with pytest.raises(ValueError, match="expected a"):
-        conv3d.sliding_window_predict(small_model, np.zeros((8, 16, 16), np.float32))
+        geometry.sliding_window_predict(small_model, np.zeros((8, 16, 16), np.float32))
     with pytest.raises(ValueError, match="weighting"):
-        conv3d.patch_weights((4, 4, 4), "cosine")
+        geometry.patch_weights((4, 4, 4), "cosine")
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import conv3d
 import data
 import geometry
 import metrics
@@ -39,7 +38,7 @@ def model_2d(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_3d(tmp_path_factory):
     keras.utils.set_random_seed(0)
-    model = conv3d.build_unet3d((8, 16, 16, 1), base_filters=4, depth=2)
+    model = unet.build_unet3d((8, 16, 16, 1), base_filters=4, depth=2)
     return model, _save(model, tmp_path_factory.mktemp("models") / "unet3d.keras")
 
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import data
+import figures
 import metrics
+import recipe
 import tracking
 import train
 
@@ -81,7 +83,7 @@ def test_an_exception_marks_the_run_failed(store, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(train, "evaluate", broken)
+    monkeypatch.setattr(recipe, "evaluate", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         train.main(TINY + ["--epochs", "1"])
     assert _only_run(store).info.status == "FAILED"
@@ -97,11 +99,11 @@ def test_a_size_the_network_cannot_take_is_refused_before_any_run(store, capsys)
 
 def test_an_epoch_under_xla_takes_full_batches_only():
     xla, eager = (train.parse_args(["--batch-size", "8", flag])[0] for flag in ("--xla", "--no-xla"))
-    assert train.epoch_size(140, xla) == (17, 136)  # 140 = 17 x 8 + 4: the 4 wait for another epoch
-    assert train.epoch_size(140, eager) == (18, 140)
-    assert train.epoch_size(7, eager) == (1, 7)
+    assert recipe.epoch_size(140, xla) == (17, 136)  # 140 = 17 x 8 + 4: the 4 wait for another epoch
+    assert recipe.epoch_size(140, eager) == (18, 140)
+    assert recipe.epoch_size(7, eager) == (1, 7)
     with pytest.raises(ValueError, match="--batch-size 8 is larger than the 7 training examples"):
-        train.epoch_size(7, xla)
+        recipe.epoch_size(7, xla)
 
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_any_run(store, capsys):
@@ -130,6 +132,6 @@ def test_prediction_figure_shows_the_images_with_the_most_foreground():
     for i, pixels in enumerate((1, 10, 5)):
         masks[i].flat[:pixels] = 1
     probabilities = np.ones_like(masks)  # Dice of image i: 2k / (k + 1024) for its k foreground pixels
-    figure = train.prediction_figure(np.zeros_like(masks), masks, probabilities, n=2)
+    figure = figures.prediction_figure(np.zeros_like(masks), masks, probabilities, n=2)
     titles = [ax.get_title() for ax in figure.axes]
     assert titles == [f"Dice {2 * 10 / 1034:.3f}", f"Dice {2 * 5 / 1029:.3f}"]
