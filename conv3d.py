@@ -1,21 +1,23 @@
 """Exercise 3: volumetric segmentation with Conv3D, its memory cost, and sliding-window inference.
 
 What this script teaches:
-- a Conv3D kernel also slides along depth: k³ weights per input/output channel pair instead of k² (27 vs 9
-  for k=3), so it sees the structure across slices that a 2D network, slice by slice, cannot;
-- the price is memory: every activation has a depth axis too. The levers the TP names (kernel 3x3x3 vs
-  2x2x2, fewer filters, fewer slices, mixed precision) are measured here, not asserted;
-- a volume larger than the training patch is segmented by overlapping patches whose outputs are blended
-  (geometry.sliding_window_predict, which predict.py uses), as in MONAI and nnU-Net;
+- a Conv3D kernel also slides along depth: k³ weights per input/output channel pair instead of k²
+  (27 vs 9 for k=3), so it sees the structure across slices that a 2D network, slice by slice,
+  cannot;
+- the price is memory: every activation has a depth axis too. The levers the TP names (kernel 3x3x3
+  vs 2x2x2, fewer filters, fewer slices, mixed precision) are measured here, not asserted;
+- a volume larger than the training patch is segmented by overlapping patches whose outputs are
+  blended (geometry.sliding_window_predict, which predict.py uses), as in MONAI and nnU-Net;
 - training follows the same recipe as train.py (recipe.py) and is tracked in MLflow the same way:
   experiment `tp4-conv3d`.
 
 The 3D U-Net is unet.build_unet3d: unet.py's blocks with Conv3D layers.
 
-    python conv3d.py                        # summary, Conv2D vs Conv3D, memory levers, then a tracked training
-    python conv3d.py --mixed-precision      # the same training under mixed_bfloat16 (CPU) / mixed_float16 (GPU)
-    python conv3d.py --skip-training        # only the architecture and the memory tables
-    python conv3d.py --dataset mni-wm       # white matter in 3D patches of a real T1 MRI (nilearn's MNI152)
+    python conv3d.py                        # summary, Conv2D vs Conv3D, memory levers, then a
+    tracked training python conv3d.py --mixed-precision      # the same training under
+    mixed_bfloat16 (CPU) / mixed_float16 (GPU) python conv3d.py --skip-training        # only the
+    architecture and the memory tables python conv3d.py --dataset mni-wm       # white matter in 3D
+    patches of a real T1 MRI (nilearn's MNI152)
 """
 
 import os
@@ -39,12 +41,16 @@ import unet
 DEFAULT_SHAPE = (32, 64, 64)  # (D, H, W) of the synthetic volumes and of the training patch
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Memory levers: activation bytes counted from the layers, peak process memory measured (memory.py).
 
+
 def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory=True):
-    """One row per lever: parameters, activation bytes, and (in a subprocess each) peak RSS and step time."""
-    baseline = dict(shape=list(shape), filters=filters, depth=depth, kernel=3, batch=batch, policy="float32")
+    """One row per lever: parameters, activation bytes, and (in a subprocess each) peak RSS and step
+    time."""
+    baseline = dict(
+        shape=list(shape), filters=filters, depth=depth, kernel=3, batch=batch, policy="float32"
+    )
     fast_policy = "mixed_float16" if memory.has_gpu() else "mixed_bfloat16"
     variants = {
         "baseline (k=3, all filters, all slices, fp32)": {},
@@ -58,9 +64,11 @@ def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory
         spec = {**baseline, **change}
         keras.mixed_precision.set_global_policy(spec["policy"])
         try:
-            model = unet.build_unet3d((*spec["shape"], 1), spec["filters"], spec["depth"], spec["kernel"])
+            model = unet.build_unet3d(
+                (*spec["shape"], 1), spec["filters"], spec["depth"], spec["kernel"]
+            )
         except ValueError:
-            continue  # a lever the configuration cannot take, e.g. D/2 no longer divisible by the pooling
+            continue  # a lever the configuration cannot take: D/2 no longer divisible, say
         finally:
             keras.mixed_precision.set_global_policy("float32")
         activation_mb = memory.activation_bytes(model, batch) / 2**20
@@ -72,150 +80,283 @@ def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory
 
 
 def conv2d_vs_conv3d(c_in=16, c_out=32, size=64, depth_slices=32, kernel=3):
-    """Parameters and output activations of one Conv2D and one Conv3D layer, from real Keras layers."""
+    """Parameters and output activations of one Conv2D and one Conv3D layer (real Keras layers)."""
     layer2d = keras.layers.Conv2D(c_out, kernel, padding="same")
     layer3d = keras.layers.Conv3D(c_out, kernel, padding="same")
     layer2d.build((None, size, size, c_in))
     layer3d.build((None, depth_slices, size, size, c_in))
     return {
         "weights per kernel and channel pair": (kernel**2, kernel**3),
-        f"parameters of one layer {c_in}->{c_out}": (layer2d.count_params(), layer3d.count_params()),
-        f"output activations (one {size}x{size} slice / {depth_slices} slices), MB":
-            (size * size * c_out * 4 / 2**20, depth_slices * size * size * c_out * 4 / 2**20),
+        f"parameters of one layer {c_in}->{c_out}": (
+            layer2d.count_params(),
+            layer3d.count_params(),
+        ),
+        f"output activations (one {size}x{size} slice / {depth_slices} slices), MB": (
+            size * size * c_out * 4 / 2**20,
+            depth_slices * size * size * c_out * 4 / 2**20,
+        ),
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Tracked training on synthetic volumes.
 
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="conv3d.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="conv3d.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add = parser.add_argument
     datasets.add_arguments(parser)
     add("--n-volumes", type=int, default=40, help="synthetic volumes (train/val/test 70/15/15)")
-    add("--shape", type=int, nargs=3, default=DEFAULT_SHAPE, metavar=("D", "H", "W"),
-        help="patch size: the synthetic volumes, or the patches real volumes are cut into")
-    add("--foreground", type=float, default=data.FOREGROUND, help="mean lesion fraction of the voxels")
+    add(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=DEFAULT_SHAPE,
+        metavar=("D", "H", "W"),
+        help="patch size: the synthetic volumes, or the patches real volumes are cut into",
+    )
+    add(
+        "--foreground",
+        type=float,
+        default=data.FOREGROUND,
+        help="mean lesion fraction of the voxels",
+    )
     add("--base-filters", type=int, default=8, help="filters at the first level")
     add("--depth", type=int, default=3, help="U-Net levels, bottleneck included")
     add("--kernel-size", type=int, default=3, help="Conv3D kernel size k (k x k x k)")
-    recipe.add_arguments(parser, batch_size=2, epochs=8, patience=4, xla=False, unit="volumes")
-    add("--mixed-precision", action="store_true", help="mixed_bfloat16 on CPU, mixed_float16 on GPU")
-    add("--seed", type=int, default=42, help="seed for data, split, initialization and augmentation")
-    add("--experiment", default="tp4-conv3d", help="MLflow experiment name")
-    add("--run-name", help="MLflow run name (default: Conv3D_Baseline or Conv3D_MixedPrecision)")
-    add("--register", metavar="NAME", help="also register the model in the MLflow model registry")
-    add("--skip-training", action="store_true", help="only print the architecture and memory tables")
-    add("--compare-2d", action="store_true", help="also train a 2D U-Net on the slices of the same volumes")
-    add("--slice-batch-size", type=int, default=16,
-        help="--compare-2d: slices per step (16 slices: about the compute of one 3D step)")
-    add("--slice-xla", action=argparse.BooleanOptionalAction, default=True, help="--compare-2d: XLA for the 2D U-Net")
-    add("--no-peak-memory", action="store_true", help="skip the subprocess measurement of peak memory")
+    recipe.add_arguments(
+        parser,
+        batch_size=2,
+        epochs=8,
+        patience=4,
+        xla=False,
+        unit="volumes",
+        experiment="tp4-conv3d",
+        run_names="Conv3D_Baseline or Conv3D_MixedPrecision",
+    )
+    add(
+        "--mixed-precision", action="store_true", help="mixed_bfloat16 on CPU, mixed_float16 on GPU"
+    )
+    add(
+        "--skip-training", action="store_true", help="only print the architecture and memory tables"
+    )
+    add(
+        "--compare-2d",
+        action="store_true",
+        help="also train a 2D U-Net on the slices of the same volumes",
+    )
+    add(
+        "--slice-batch-size",
+        type=int,
+        default=16,
+        help="--compare-2d: slices per step (16 slices: about the compute of one 3D step)",
+    )
+    add(
+        "--slice-xla",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--compare-2d: XLA for the 2D U-Net",
+    )
+    add(
+        "--no-peak-memory",
+        action="store_true",
+        help="skip the subprocess measurement of peak memory",
+    )
     args = parser.parse_args(argv)
-    if min(args.n_volumes, args.batch_size, args.slice_batch_size, args.epochs, min(args.shape)) < 1:
-        parser.error("--n-volumes, --batch-size, --slice-batch-size, --epochs and --shape must be positive")
+    if (
+        min(args.n_volumes, args.batch_size, args.slice_batch_size, args.epochs, min(args.shape))
+        < 1
+    ):
+        parser.error(
+            "--n-volumes, --batch-size, --slice-batch-size, --epochs and --shape must be positive"
+        )
     return args, parser
 
 
 def load_volumes(args):
-    """(splits, description): synthetic volumes, or real ones (--data-dir, --dataset) cut into --shape patches."""
+    """(splits, description): synthetic volumes, or real ones (--data-dir, --dataset) cut into
+    --shape patches."""
     if datasets.source(args):
         return datasets.load_split(datasets.source(args), tuple(args.shape), args.seed)
-    images, masks = data.make_synthetic_3d(args.n_volumes, tuple(args.shape), args.seed, foreground=args.foreground)
+    images, masks = data.make_synthetic_3d(
+        args.n_volumes, tuple(args.shape), args.seed, foreground=args.foreground
+    )
     splits = data.split(images, masks, seed=args.seed)
     return splits, data.describe(images, masks, "synthetic-3d", splits)
 
 
 def train3d(args, memory_rows=None, loaded=None):
-    """A tracked 3D training run (same MLflow conventions as train.py); `loaded`: load_volumes(args) if done."""
+    """A tracked 3D training run (same MLflow conventions as train.py); `loaded`: load_volumes(args)
+    if done."""
     keras.utils.set_random_seed(args.seed)
     splits, description = loaded or load_volumes(args)
-    policy = ("mixed_float16" if memory.has_gpu() else "mixed_bfloat16") if args.mixed_precision else "float32"
+    policy = (
+        ("mixed_float16" if memory.has_gpu() else "mixed_bfloat16")
+        if args.mixed_precision
+        else "float32"
+    )
     keras.mixed_precision.set_global_policy(policy)
     try:
         bias = recipe.prior_bias(args, float(splits["train"][1].mean()))
-        model = unet.build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size, bias)
+        model = unet.build_unet3d(
+            (*args.shape, 1), args.base_filters, args.depth, args.kernel_size, bias
+        )
         recipe.compile_model(model, args, len(splits["train"][0]))
-        run_name = args.run_name or ("Conv3D_MixedPrecision" if args.mixed_precision else "Conv3D_Baseline")
-        run_params = {**unet.describe(model), "precision": policy, "output_bias": args.output_bias,
-                      **recipe.params(args), **description}
-        print(f"\n{run_name}: {description['data_split']} train/val/test volumes of {description['data_shape']}, "
-              f"foreground {description['data_foreground_fraction']:.1%} of voxels, "
-              f"{model.count_params():,} parameters")
+        run_name = args.run_name or (
+            "Conv3D_MixedPrecision" if args.mixed_precision else "Conv3D_Baseline"
+        )
+        run_params = {
+            **unet.describe(model),
+            "precision": policy,
+            "output_bias": args.output_bias,
+            **recipe.params(args),
+            **description,
+        }
+        print(
+            f"\n{run_name}: {description['data_split']} train/val/test volumes "
+            f"of {description['data_shape']}, "
+            f"foreground {description['data_foreground_fraction']:.1%} of voxels, "
+            f"{model.count_params():,} parameters"
+        )
         tables = {"memory_levers.json": {"rows": memory_rows}} if memory_rows else None
-        return recipe.fit_and_log(model, args, splits, run_name, run_params, figures.orthogonal_slices_figure,
-                                  "vol", tables)
+        return recipe.fit_and_log(
+            model,
+            args,
+            splits,
+            run_name,
+            run_params,
+            figures.orthogonal_slices_figure,
+            "vol",
+            tables,
+        )
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
 
 def train_on_slices(args, loaded=None):
-    """The 2D side of Conv2D vs Conv3D: a 2D U-Net (same filters and depth) trained on the slices of the same
-    volumes, same split. Its global test Dice pools all test voxels, so it compares with the 3D run's directly."""
+    """The 2D side of Conv2D vs Conv3D: a 2D U-Net (same filters and depth) trained on the slices of
+    the same volumes, same split. Its global test Dice pools all test voxels, so it compares with
+    the 3D run's directly."""
     keras.utils.set_random_seed(args.seed)
     volumes, description = loaded or load_volumes(args)
-    splits = {name: (x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:])) for name, (x, y) in volumes.items()}
+    splits = {
+        name: (x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:]))
+        for name, (x, y) in volumes.items()
+    }
     description = {**description, "data_slices": "2D slices of the volumes"}
     # The 2D network gets its own batch (--slice-batch-size) and XLA setting (--slice-xla).
-    slice_args = argparse.Namespace(**{**vars(args), "batch_size": args.slice_batch_size, "xla": args.slice_xla})
+    slice_args = argparse.Namespace(
+        **{**vars(args), "batch_size": args.slice_batch_size, "xla": args.slice_xla}
+    )
     bias = recipe.prior_bias(args, float(splits["train"][1].mean()))
-    model = unet.build_unet((*args.shape[1:], 1), args.base_filters, args.depth, kernel_size=args.kernel_size,
-                            output_bias=bias, name="UNet2D")
+    model = unet.build_unet(
+        (*args.shape[1:], 1),
+        args.base_filters,
+        args.depth,
+        kernel_size=args.kernel_size,
+        output_bias=bias,
+        name="UNet2D",
+    )
     recipe.compile_model(model, slice_args, len(splits["train"][0]))
-    run_params = {**unet.describe(model), "architecture": "UNet2D on slices", "output_bias": args.output_bias,
-                  **recipe.params(slice_args), **description}
-    print(f"\nUNet2D_Slices: the same volumes as {len(splits['train'][0])} training slices, "
-          f"batch {slice_args.batch_size}, XLA {'on' if slice_args.xla else 'off'}")
-    return recipe.fit_and_log(model, slice_args, splits, "UNet2D_Slices", run_params, figures.prediction_figure)
+    run_params = {
+        **unet.describe(model),
+        "architecture": "UNet2D on slices",
+        "output_bias": args.output_bias,
+        **recipe.params(slice_args),
+        **description,
+    }
+    print(
+        f"\nUNet2D_Slices: the same volumes as {len(splits['train'][0])} training slices, "
+        f"batch {slice_args.batch_size}, XLA {'on' if slice_args.xla else 'off'}"
+    )
+    return recipe.fit_and_log(
+        model, slice_args, splits, "UNet2D_Slices", run_params, figures.prediction_figure
+    )
 
 
 def print_comparison(args):
     print(f"\n{'Conv2D vs Conv3D (computed from Keras layers)':<58}{'Conv2D':>12}{'Conv3D':>12}")
     k = args.kernel_size
-    for label, (two, three) in conv2d_vs_conv3d(size=args.shape[1], depth_slices=args.shape[0], kernel=k).items():
-        print(f"{label:<58}{two:>12,.2f}" if isinstance(two, float) else f"{label:<58}{two:>12,}", end="")
+    for label, (two, three) in conv2d_vs_conv3d(
+        size=args.shape[1], depth_slices=args.shape[0], kernel=k
+    ).items():
+        print(
+            f"{label:<58}{two:>12,.2f}" if isinstance(two, float) else f"{label:<58}{two:>12,}",
+            end="",
+        )
         print(f"{three:>12,.2f}" if isinstance(three, float) else f"{three:>12,}")
-    net2d = unet.build_unet((args.shape[1], args.shape[2], 1), args.base_filters, args.depth, kernel_size=k)
+    net2d = unet.build_unet(
+        (args.shape[1], args.shape[2], 1), args.base_filters, args.depth, kernel_size=k
+    )
     net3d = unet.build_unet3d((*args.shape, 1), args.base_filters, args.depth, k)
-    print(f"{'parameters of the U-Net (same filters and depth)':<58}{net2d.count_params():>12,}"
-          f"{net3d.count_params():>12,}")
-    print(f"{'activations per example (2D: one slice), MB':<58}{memory.activation_bytes(net2d) / 2**20:>12,.2f}"
-          f"{memory.activation_bytes(net3d) / 2**20:>12,.2f}")
+    print(
+        f"{'parameters of the U-Net (same filters and depth)':<58}{net2d.count_params():>12,}"
+        f"{net3d.count_params():>12,}"
+    )
+    print(
+        f"{'activations per example (2D: one slice), MB':<58}"
+        f"{memory.activation_bytes(net2d) / 2**20:>12,.2f}"
+        f"{memory.activation_bytes(net3d) / 2**20:>12,.2f}"
+    )
 
 
 def print_levers(rows, batch):
-    print(f"\nmemory levers, batch of {batch}: activations counted from the layers; peak RSS of a fresh process "
-          "and its growth during the first training step")
-    print(f"{'lever':<48}{'params':>10}{'activations MB':>16}{'peak RSS MB':>13}{'step MB':>9}{'step s':>8}")
+    print(
+        f"\nmemory levers, batch of {batch}: activations counted from the layers; "
+        "peak RSS of a fresh process and its growth during the first training step"
+    )
+    print(
+        f"{'lever':<48}{'params':>10}{'activations MB':>16}{'peak RSS MB':>13}"
+        f"{'step MB':>9}{'step s':>8}"
+    )
     for row in rows:
-        measured = "".join(f"{row[key]:>{width}.{digits}f}" if row.get(key) is not None else f"{'n/a':>{width}}"
-                           for key, width, digits in (("peak_rss_mb", 13, 0), ("step_mb", 9, 0),
-                                                      ("step_seconds", 8, 2)))
+        measured = "".join(
+            f"{row[key]:>{width}.{digits}f}" if row.get(key) is not None else f"{'n/a':>{width}}"
+            for key, width, digits in (
+                ("peak_rss_mb", 13, 0),
+                ("step_mb", 9, 0),
+                ("step_seconds", 8, 2),
+            )
+        )
         print(f"{row['lever']:<48}{row['params']:>10,}{row['activation_mb']:>16.1f}{measured}")
     base, mixed = rows[0].get("step_seconds"), rows[-1].get("step_seconds")
     if base and mixed and mixed > base:
-        print(f"note: {rows[-1]['lever']} is {mixed / base:.1f}x slower than fp32 on this machine: here it "
-              "only saves memory")
+        print(
+            f"note: {rows[-1]['lever']} is {mixed / base:.1f}x slower than fp32 on this machine: "
+            "here it only saves memory"
+        )
 
 
 def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
     with cli.command_line_errors(parser):
-        loaded = None if args.skip_training else load_volumes(args)  # bad data is refused now, not after the tables
+        loaded = (
+            None if args.skip_training else load_volumes(args)
+        )  # bad data is refused now, not after the tables
         model = unet.build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)
         model.summary(line_length=100)
         print_comparison(args)
-        rows = measure_levers(tuple(args.shape), args.base_filters, args.depth, args.batch_size,
-                              not args.no_peak_memory)
+        rows = measure_levers(
+            tuple(args.shape),
+            args.base_filters,
+            args.depth,
+            args.batch_size,
+            not args.no_peak_memory,
+        )
         print_levers(rows, args.batch_size)
         if not args.skip_training:
             results3d = train3d(args, rows, loaded)
             if args.compare_2d:
                 results2d = train_on_slices(args, loaded)
-                print(f"\nsame test volumes, global Dice: Conv3D {results3d['test_dice']:.4f}, "
-                      f"2D U-Net on slices {results2d['test_dice']:.4f}")
+                print(
+                    f"\nsame test volumes, global Dice: Conv3D {results3d['test_dice']:.4f}, "
+                    f"2D U-Net on slices {results2d['test_dice']:.4f}"
+                )
 
 
 if __name__ == "__main__":

@@ -2,17 +2,17 @@
 
 What this script teaches:
 - how to fake a segmentation dataset that is hard in the right ways: a body with texture, lesions of
-  varied shape and size (the class to segment), look-alike tubular structures that are *not* lesions,
-  blur (partial-volume effect), a smooth intensity bias field and Rician noise, as in MRI;
+  varied shape and size (the class to segment), look-alike tubular structures that are *not*
+  lesions, blur (partial-volume effect), a smooth intensity bias field and Rician noise, as in MRI;
 - why the foreground fraction matters: `foreground=0.015` gives the 1-2 % lesions of real studies,
   where a network that predicts "background everywhere" is 98.5 % accurate and 0 % useful;
 - a tf.data input pipeline that keeps the CPU busy with the network, not with the data:
   shuffle -> joint image+mask augmentation -> batch -> prefetch.
 
-The same generator makes 2D images (N, H, W, 1) and 3D volumes (N, D, H, W, 1): every step below works
-in any number of dimensions. Real data (`--data-dir` folders of PNG or NIfTI files, the built-in `mni-wm`) is
-loaded by datasets.py, which train.py and conv3d.py import too: it reuses normalize_intensity, split, describe
-and content_hash from here.
+The same generator makes 2D images (N, H, W, 1) and 3D volumes (N, D, H, W, 1): every step below
+works in any number of dimensions. Real data (`--data-dir` folders of PNG or NIfTI files, the
+built-in `mni-wm`) is loaded by datasets.py, which train.py and conv3d.py import too: it reuses
+normalize_intensity, split, describe and content_hash from here.
 
     python data.py                       # describe a default synthetic dataset and its split
     python data.py --foreground 0.015    # the class-imbalanced variant
@@ -59,7 +59,13 @@ def _synthetic_scan(rng, shape, foreground, lesions, contrast, noise, blur, bias
     size = np.array(shape, dtype=np.float32)
 
     # Body: a large irregular ellipsoid of textured tissue on a dark background.
-    body = _blob(rng, grid, size / 2 * rng.uniform(0.95, 1.05, ndim), size * rng.uniform(0.36, 0.45, ndim), 0.05)
+    body = _blob(
+        rng,
+        grid,
+        size / 2 * rng.uniform(0.95, 1.05, ndim),
+        size * rng.uniform(0.36, 0.45, ndim),
+        0.05,
+    )
     image = 0.05 + body * (0.45 + 0.06 * _smooth_noise(rng, shape, sigma=2.0))
 
     # Vessels: elongated look-alikes, half as bright as lesions, that are not part of the mask.
@@ -69,7 +75,8 @@ def _synthetic_scan(rng, shape, foreground, lesions, contrast, noise, blur, bias
         center = size / 2 + (rng.uniform(-0.2, 0.2, ndim) * size)
         image += 0.5 * contrast * (_blob(rng, grid, center, radii, 0.1) & body)
 
-    # Lesions: their total volume is drawn around `foreground` of the scan, shared at random between them.
+    # Lesions: their total volume is drawn around `foreground` of the scan, shared at random between
+    # them.
     mask = np.zeros(shape, dtype=bool)
     count = rng.integers(lesions[0], lesions[1] + 1)
     total = foreground * np.prod(shape) * rng.uniform(0.5, 1.5)
@@ -90,7 +97,7 @@ def _synthetic_scan(rng, shape, foreground, lesions, contrast, noise, blur, bias
 
 
 def normalize_intensity(image, low=0.5, high=99.5):
-    """Map the [low, high] percentiles of one image to [0, 1] and clip: robust to outliers and scanners."""
+    """Map the [low, high] percentiles of an image to [0, 1], clip: robust to outliers, scanners."""
     lo, hi = np.percentile(image, [low, high])
     return np.clip((image - lo) / max(hi - lo, 1e-8), 0.0, 1.0).astype(np.float32)
 
@@ -108,26 +115,53 @@ def _make_synthetic(n, shape, seed, **kwargs):
 
 
 def _scan_options(foreground, lesions, contrast, noise, blur, bias, distractors):
-    return dict(foreground=foreground, lesions=lesions, contrast=contrast, noise=noise, blur=blur, bias=bias,
-                distractors=distractors)
+    return dict(
+        foreground=foreground,
+        lesions=lesions,
+        contrast=contrast,
+        noise=noise,
+        blur=blur,
+        bias=bias,
+        distractors=distractors,
+    )
 
 
-def make_synthetic_2d(n, size=128, seed=0, foreground=FOREGROUND, lesions=LESIONS, contrast=CONTRAST, noise=NOISE,
-                      blur=BLUR, bias=BIAS, distractors=DISTRACTORS):
-    """`n` synthetic 2D scans: float32 images in [0, 1] (N, H, W, 1) and binary float32 masks (N, H, W, 1)."""
+def make_synthetic_2d(
+    n,
+    size=128,
+    seed=0,
+    foreground=FOREGROUND,
+    lesions=LESIONS,
+    contrast=CONTRAST,
+    noise=NOISE,
+    blur=BLUR,
+    bias=BIAS,
+    distractors=DISTRACTORS,
+):
+    """`n` synthetic 2D scans: float32 images in [0, 1] and binary float32 masks, (N, H, W, 1)."""
     options = _scan_options(foreground, lesions, contrast, noise, blur, bias, distractors)
     return _make_synthetic(n, (size, size), seed, **options)
 
 
-def make_synthetic_3d(n, shape=(32, 64, 64), seed=0, foreground=FOREGROUND, lesions=LESIONS, contrast=CONTRAST,
-                      noise=NOISE, blur=BLUR, bias=BIAS, distractors=DISTRACTORS):
-    """`n` synthetic volumes: float32 images (N, D, H, W, 1) and binary float32 masks (N, D, H, W, 1)."""
+def make_synthetic_3d(
+    n,
+    shape=(32, 64, 64),
+    seed=0,
+    foreground=FOREGROUND,
+    lesions=LESIONS,
+    contrast=CONTRAST,
+    noise=NOISE,
+    blur=BLUR,
+    bias=BIAS,
+    distractors=DISTRACTORS,
+):
+    """`n` synthetic volumes: float32 images and binary float32 masks, both (N, D, H, W, 1)."""
     options = _scan_options(foreground, lesions, contrast, noise, blur, bias, distractors)
     return _make_synthetic(n, tuple(shape), seed, **options)
 
 
 def split(images, masks, seed=0, val_fraction=0.15, test_fraction=0.15):
-    """Deterministic train/validation/test split (scikit-learn); returns {"train": (x, y), "val": ..., "test": ...}."""
+    """Deterministic train/validation/test split (scikit-learn): {"train": (x, y), "val": ...}."""
     if len(images) != len(masks):
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
     n_test = max(1, round(test_fraction * len(images)))
@@ -137,7 +171,9 @@ def split(images, masks, seed=0, val_fraction=0.15, test_fraction=0.15):
     index = np.arange(len(images))
     rest, test = train_test_split(index, test_size=n_test, random_state=seed)
     train, val = train_test_split(rest, test_size=n_val, random_state=seed)
-    return {name: (images[i], masks[i]) for name, i in (("train", train), ("val", val), ("test", test))}
+    return {
+        name: (images[i], masks[i]) for name, i in (("train", train), ("val", val), ("test", test))
+    }
 
 
 def describe(images, masks, source, splits=None):
@@ -150,7 +186,9 @@ def describe(images, masks, source, splits=None):
         "data_hash": content_hash(images, masks),
     }
     if splits:
-        description["data_split"] = "/".join(str(len(splits[k][0])) for k in ("train", "val", "test"))
+        description["data_split"] = "/".join(
+            str(len(splits[k][0])) for k in ("train", "val", "test")
+        )
     return description
 
 
@@ -173,13 +211,15 @@ def _augment(image, mask, seed):
     return both[..., :channels], both[..., channels:]
 
 
-def make_dataset(images, masks, batch_size, training=False, augment=True, seed=0, drop_remainder=False):
+def make_dataset(
+    images, masks, batch_size, training=False, augment=True, seed=0, drop_remainder=False
+):
     """tf.data pipeline. Training: reshuffle every epoch and augment (deterministic for the seed).
     drop_remainder: full batches only (one batch shape, hence one XLA compile; recipe.epoch_size).
 
-    Fixed parallelism instead of tf.data's autotuner: flipping a batch takes milliseconds, and the autotuner's
-    background thread could block the replacement of an epoch's iterator for seconds on 2 busy cores
-    (PERFORMANCE.md).
+    Fixed parallelism instead of tf.data's autotuner: flipping a batch takes milliseconds, and the
+    autotuner's background thread could block the replacement of an epoch's iterator for seconds on
+    2 busy cores (PERFORMANCE.md).
     """
     dataset = tf.data.Dataset.from_tensor_slices((images, masks))
     if training:
@@ -187,35 +227,50 @@ def make_dataset(images, masks, batch_size, training=False, augment=True, seed=0
         if augment:
             # One pair of stateless seeds per example: reproducible, and different at every epoch.
             seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-            dataset = tf.data.Dataset.zip(dataset, seeds).map(lambda pair, s: _augment(*pair, s),
-                                                              num_parallel_calls=2)
+            dataset = tf.data.Dataset.zip(dataset, seeds).map(
+                lambda pair, s: _augment(*pair, s), num_parallel_calls=2
+            )
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.batch(batch_size, drop_remainder).prefetch(2).with_options(options)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--n-images", type=int, default=200, help="number of synthetic scans")
     parser.add_argument("--image-size", type=int, default=128, help="height and width in pixels")
-    parser.add_argument("--foreground", type=float, default=FOREGROUND, help="mean lesion fraction of the pixels")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data and split)")
-    parser.add_argument("--save", metavar="PNG", help="save a figure of a few images with their mask contours")
+    parser.add_argument(
+        "--foreground", type=float, default=FOREGROUND, help="mean lesion fraction of the pixels"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed (same seed, same data and split)"
+    )
+    parser.add_argument(
+        "--save", metavar="PNG", help="save a figure of a few images with their mask contours"
+    )
     args = parser.parse_args()
 
     try:
-        images, masks = make_synthetic_2d(args.n_images, args.image_size, args.seed, foreground=args.foreground)
+        images, masks = make_synthetic_2d(
+            args.n_images, args.image_size, args.seed, foreground=args.foreground
+        )
         splits = split(images, masks, seed=args.seed)
     except ValueError as error:
         parser.error(str(error))
     for key, value in describe(images, masks, "synthetic-2d", splits).items():
         print(f"{key:>26}: {value}")
     per_image = masks.mean(axis=(1, 2, 3))
-    print(f"{'per-image foreground':>26}: min {per_image.min():.4f}  median {np.median(per_image):.4f}  "
-          f"max {per_image.max():.4f}")
+    print(
+        f"{'per-image foreground':>26}: min {per_image.min():.4f}  "
+        f"median {np.median(per_image):.4f}  "
+        f"max {per_image.max():.4f}"
+    )
     if args.save:
-        figures.samples_figure(images, masks, args.foreground).savefig(args.save, dpi=100, bbox_inches="tight")
+        figures.samples_figure(images, masks, args.foreground).savefig(
+            args.save, dpi=100, bbox_inches="tight"
+        )
         print(f"saved {args.save}")
 
 

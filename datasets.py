@@ -1,29 +1,31 @@
-"""Real data for train.py and conv3d.py: a folder of images and masks, the MSD / nnU-Net layout, and mni-wm.
+"""Real data for train.py and conv3d.py: images + masks folders, the MSD layout, and mni-wm.
 
 What this script teaches:
-- two folder layouts, detected from the sub-folder names:
-  `DIR/images/*` + `DIR/masks/*` (PNG, JPEG, TIFF), pairs matched by file stem (`a.jpg` with `a.png`);
-  `DIR/imagesTr/*.nii.gz` + `DIR/labelsTr/*.nii.gz` (also `.nii`), the Medical Segmentation Decathlon and
-  nnU-Net layout, where `case_0000.nii.gz` (nnU-Net's channel suffix) pairs with `case.nii.gz`;
-- everything is checked before anything starts (no MLflow run is left behind by a bad folder): missing
-  masks, unreadable files, image/mask shape mismatches, non-binary masks, NaNs: a `DataError` naming files;
-- one preprocessing for training and prediction (predict.py does the same): intensities normalized once per
-  file with data.normalize_intensity (0.5-99.5 percentiles to [0, 1]: robust to scanners and outliers; for a
-  NIfTI, per volume before slicing, so the slices of one scan keep their relative contrast), then fitted to
-  the network by geometry.fit (2D: shrink to fit, then pad) or cut into patches by geometry.tile (3D);
+- two folder layouts, detected from the sub-folder names: `DIR/images/*` + `DIR/masks/*` (PNG, JPEG,
+  TIFF), pairs matched by file stem (`a.jpg` with `a.png`); `DIR/imagesTr/*.nii.gz` +
+  `DIR/labelsTr/*.nii.gz` (also `.nii`), the Medical Segmentation Decathlon and nnU-Net layout,
+  where `case_0000.nii.gz` (nnU-Net's channel suffix) pairs with `case.nii.gz`;
+- everything is checked before anything starts (no MLflow run is left behind by a bad folder):
+  missing masks, unreadable files, image/mask shape mismatches, non-binary masks, NaNs: a
+  `DataError` naming files;
+- one preprocessing for training and prediction (predict.py does the same): intensities normalized
+  once per file with data.normalize_intensity (0.5-99.5 percentiles to [0, 1]: robust to scanners
+  and outliers; for a NIfTI, per volume before slicing, so the slices of one scan keep their
+  relative contrast), then fitted to the network by geometry.fit (2D: shrink to fit, then pad) or
+  cut into patches by geometry.tile (3D);
 - volumes give 2D examples as slices along the array's last axis (as stored, usually axial; no
-  reorientation) and 3D examples as (D, H, W) patches where D is that same last axis. Blank slices and
-  patches (constant image: outside the body, or padding) are skipped;
-- the split unit is never the slice. Neighbouring slices are nearly the same image: a random split of
-  slices puts the twins of every test slice in the training set, and the test score measures memory.
-  data.split is applied to groups: files (images/ + masks/), cases (MSD), and for mni-wm, a single volume,
-  blocks of SLICE_BLOCK consecutive slices (2D) or slabs of the patch depth (3D).
+  reorientation) and 3D examples as (D, H, W) patches where D is that same last axis. Blank slices
+  and patches (constant image: outside the body, or padding) are skipped;
+- the split unit is never the slice. Neighbouring slices are nearly the same image: a random split
+  of slices puts the twins of every test slice in the training set, and the test score measures
+  memory. data.split is applied to groups: files (images/ + masks/), cases (MSD), and for mni-wm, a
+  single volume, blocks of SLICE_BLOCK consecutive slices (2D) or slabs of the patch depth (3D).
 
-Built-in dataset `mni-wm`: white matter (probability > 0.5) in the skull-stripped T1 MNI ICBM152 2009
-template at 1 mm, both shipped inside nilearn: real MRI contrast, offline, no download.
+Built-in dataset `mni-wm`: white matter (probability > 0.5) in the skull-stripped T1 MNI ICBM152
+2009 template at 1 mm, both shipped inside nilearn: real MRI contrast, offline, no download.
 
-This module is the real-data counterpart of data.py's synthetic scans (kept apart to keep both readable);
-train.py and conv3d.py import both, predict.py replays the same preprocessing.
+This module is the real-data counterpart of data.py's synthetic scans (kept apart to keep both
+readable); train.py and conv3d.py import both, predict.py replays the same preprocessing.
 
     python datasets.py DIR --size 128          # check a folder, describe it as MLflow would log it
     python datasets.py mni-wm --size 32 32 32  # the built-in volume, as 3D patches
@@ -42,8 +44,10 @@ import geometry
 import imagefiles
 from imagefiles import DataError  # noqa: F401 (re-exported: callers catch datasets.DataError)
 
-LAYOUTS = {"images+masks": ("images", "masks", imagefiles.IMAGE_SUFFIXES),
-           "msd": ("imagesTr", "labelsTr", imagefiles.NIFTI_SUFFIXES)}
+LAYOUTS = {
+    "images+masks": ("images", "masks", imagefiles.IMAGE_SUFFIXES),
+    "msd": ("imagesTr", "labelsTr", imagefiles.NIFTI_SUFFIXES),
+}
 SLICE_BLOCK = 8  # mni-wm 2D: consecutive slices (8 mm at 1 mm) that stay in the same split
 MNI_RESOLUTION = 1  # mm: the template's native grid inside nilearn (any other is resampled, slower)
 _CHANNEL = re.compile(r"_(\d{4})$")  # nnU-Net's channel suffix: case_0000
@@ -65,39 +69,65 @@ class Examples:
 def add_arguments(parser):
     """--data-dir and --dataset, the same for train.py and conv3d.py."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--data-dir", metavar="DIR", help="train on the images in DIR: images/ + masks/ (PNG, "
-                       "JPEG, TIFF) or imagesTr/ + labelsTr/ (NIfTI, MSD / nnU-Net)")
-    group.add_argument("--dataset", choices=("synthetic", *BUILTIN), default="synthetic",
-                       help="built-in data: synthetic scans, or white matter in the MNI152 T1 template (nilearn)")
+    group.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="train on the images in DIR: images/ + masks/ (PNG, "
+        "JPEG, TIFF) or imagesTr/ + labelsTr/ (NIfTI, MSD / nnU-Net)",
+    )
+    group.add_argument(
+        "--dataset",
+        choices=("synthetic", *BUILTIN),
+        default="synthetic",
+        help="built-in data: synthetic scans, or white matter in the MNI152 T1 template (nilearn)",
+    )
 
 
 def source(args):
-    """The real-data source named by the arguments (a folder or a built-in name), None for synthetic data."""
+    """The real-data source named by the arguments (a folder or a built-in name), None for synthetic
+    data."""
     return args.data_dir or (None if args.dataset == "synthetic" else args.dataset)
 
 
 def find_pairs(folder):
-    """(layout, [(image path, mask path), ...]) of a dataset folder, or DataError naming what is missing."""
+    """(layout, [(image path, mask path), ...]) of a dataset folder, or DataError naming what is
+    missing."""
     if not os.path.isdir(folder):
         raise DataError(f"no such folder: {folder}")
-    layout = next((name for name, (i, m, _) in LAYOUTS.items()
-                   if os.path.isdir(os.path.join(folder, i)) and os.path.isdir(os.path.join(folder, m))), None)
+    layout = next(
+        (
+            name
+            for name, (i, m, _) in LAYOUTS.items()
+            if os.path.isdir(os.path.join(folder, i)) and os.path.isdir(os.path.join(folder, m))
+        ),
+        None,
+    )
     if layout is None:
-        raise DataError(f"{folder} holds neither images/ + masks/ (PNG, JPEG, TIFF) nor imagesTr/ + labelsTr/ "
-                        "(NIfTI, Medical Segmentation Decathlon)")
+        raise DataError(
+            f"{folder} holds neither images/ + masks/ (PNG, JPEG, TIFF) nor imagesTr/ + labelsTr/ "
+            "(NIfTI, Medical Segmentation Decathlon)"
+        )
     image_dir, mask_dir, suffixes = LAYOUTS[layout]
     images = imagefiles.list_files(os.path.join(folder, image_dir), suffixes)
     masks = imagefiles.list_files(os.path.join(folder, mask_dir), suffixes)
     if not images:
-        raise DataError(f"{os.path.join(folder, image_dir)} holds no image file ({', '.join(suffixes)})")
+        raise DataError(
+            f"{os.path.join(folder, image_dir)} holds no image file ({', '.join(suffixes)})"
+        )
     image_by_key = _by_key(images, strip_channel=layout == "msd")
     mask_by_key = _by_key(masks, strip_channel=False)
-    for paths, other, what in ((image_by_key, mask_by_key, "images have no mask"),
-                               (mask_by_key, image_by_key, "masks have no image")):
+    for paths, other, what in (
+        (image_by_key, mask_by_key, "images have no mask"),
+        (mask_by_key, image_by_key, "masks have no image"),
+    ):
         alone = [os.path.basename(p) for key, p in paths.items() if key not in other]
         if alone:
-            listed = ", ".join(alone[:5]) + (f" and {len(alone) - 5} more" if len(alone) > 5 else "")
-            raise DataError(f"{len(alone)} {what} in {folder} (pairs are matched by file name): {listed}")
+            listed = ", ".join(alone[:5]) + (
+                f" and {len(alone) - 5} more" if len(alone) > 5 else ""
+            )
+            raise DataError(
+                f"{len(alone)} {what} in {folder} (pairs are matched by file name): {listed}"
+            )
     return layout, [(image_by_key[key], mask_by_key[key]) for key in sorted(image_by_key)]
 
 
@@ -108,27 +138,46 @@ def _by_key(paths, strip_channel):
         if strip_channel and _CHANNEL.search(key):
             key = _CHANNEL.sub("", key)
         if key in by_key:
-            raise DataError(f"two files for {key!r}: {os.path.basename(by_key[key])} and {os.path.basename(path)}"
-                            + (" (several channels: only single-channel images are read)" if strip_channel else ""))
+            raise DataError(
+                f"two files for {key!r}: {os.path.basename(by_key[key])} and "
+                f"{os.path.basename(path)}"
+                + (
+                    " (several channels: only single-channel images are read)"
+                    if strip_channel
+                    else ""
+                )
+            )
         by_key[key] = path
     return by_key
 
 
 def load_folder(folder, shape):
-    """Examples fitted to `shape` ((H, W): 2D, (D, H, W): 3D patches) from a dataset folder, checked first."""
+    """Examples fitted to `shape` ((H, W): 2D, (D, H, W): 3D patches) from a dataset folder, checked
+    first."""
     layout, pairs = find_pairs(folder)
     if layout == "images+masks" and len(shape) == 3:
-        raise DataError(f"{folder} holds 2D images (images/ + masks/): 3D training needs NIfTI volumes "
-                        "(imagesTr/ + labelsTr/)")
+        raise DataError(
+            f"{folder} holds 2D images (images/ + masks/): 3D training needs NIfTI volumes "
+            "(imagesTr/ + labelsTr/)"
+        )
     parts, shapes = [], []
     for image_path, mask_path in pairs:
         if layout == "images+masks":
-            image, labels = imagefiles.read_image(image_path)[..., 0], imagefiles.read_mask(mask_path)
+            image, labels = (
+                imagefiles.read_image(image_path)[..., 0],
+                imagefiles.read_mask(mask_path),
+            )
         else:
-            image, labels = imagefiles.read_volume(image_path)[0], imagefiles.read_volume(mask_path)[0]
+            image, labels = (
+                imagefiles.read_volume(image_path)[0],
+                imagefiles.read_volume(mask_path)[0],
+            )
         if image.shape != labels.shape:
-            raise DataError(f"image {os.path.basename(image_path)} is {imagefiles.shape_text(image.shape)} but its "
-                            f"mask {os.path.basename(mask_path)} is {imagefiles.shape_text(labels.shape)}")
+            raise DataError(
+                f"image {os.path.basename(image_path)} is {imagefiles.shape_text(image.shape)} "
+                "but its "
+                f"mask {os.path.basename(mask_path)} is {imagefiles.shape_text(labels.shape)}"
+            )
         mask = imagefiles.binarize(labels, mask_path)
         image = data.normalize_intensity(image.astype(np.float32))
         shapes.append(image.shape)
@@ -137,22 +186,34 @@ def load_folder(folder, shape):
             parts.append(tuple(array[None, ..., None] for array in fitted))
         else:
             parts.append(volume_examples(image, mask, shape, image_path)[:2])
-    names = [imagefiles.stem(mask_path) for _, mask_path in pairs]  # the case name, without a _0000 channel
+    names = [
+        imagefiles.stem(mask_path) for _, mask_path in pairs
+    ]  # the case name, without a _0000 channel
     groups = np.concatenate([np.full(len(images), i) for i, (images, _) in enumerate(parts)])
-    return Examples(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), groups, names,
-                    str(folder), layout, shapes)
+    return Examples(
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        groups,
+        names,
+        str(folder),
+        layout,
+        shapes,
+    )
 
 
 def volume_examples(volume, mask, shape, name):
-    """Examples from one normalized (X, Y, Z) volume and its mask: 2D slices along the last axis fitted to
-    (H, W), or 3D (D, H, W) patches with D along that axis. Returns (images, masks, positions along the
+    """Examples from one normalized (X, Y, Z) volume and its mask: 2D slices along the last axis
+    fitted to (H, W), or 3D (D, H, W) patches with D along that axis. Returns (images, masks,
+    positions along the
     slice axis); blank slices or patches are skipped."""
     if len(shape) == 2:
         kept = [z for z in range(volume.shape[-1]) if np.ptp(volume[..., z]) > 0]
         images = [geometry.fit(volume[..., z], shape)[0] for z in kept]
         masks = [geometry.fit(mask[..., z], shape, order=0)[0] for z in kept]
     else:
-        both = np.stack([np.moveaxis(volume, -1, 0), np.moveaxis(mask, -1, 0)], axis=-1)  # (D, H, W, 2)
+        both = np.stack(
+            [np.moveaxis(volume, -1, 0), np.moveaxis(mask, -1, 0)], axis=-1
+        )  # (D, H, W, 2)
         patches, corners = geometry.tile(both, shape)
         chosen = [i for i, patch in enumerate(patches) if np.ptp(patch[..., 0]) > 0]
         kept = [corners[i][0] for i in chosen]
@@ -163,9 +224,11 @@ def volume_examples(volume, mask, shape, name):
 
 
 def mni_wm(shape):
-    """Built-in `mni-wm`: T1 MNI152 template -> white matter (probability > 0.5), as 2D slices or 3D patches.
+    """Built-in `mni-wm`: T1 MNI152 template -> white matter (probability > 0.5), as 2D slices or 3D
+    patches.
 
-    Groups, the split unit: blocks of SLICE_BLOCK consecutive slices (2D) or slabs one patch deep (3D).
+    Groups, the split unit: blocks of SLICE_BLOCK consecutive slices (2D) or slabs one patch deep
+    (3D).
     """
     t1 = nilearn_datasets.load_mni152_template(resolution=MNI_RESOLUTION)
     wm = nilearn_datasets.load_mni152_wm_template(resolution=MNI_RESOLUTION)
@@ -182,7 +245,8 @@ BUILTIN = {"mni-wm": mni_wm}
 
 
 def load(source, shape):
-    """Examples from `source`: a built-in name (BUILTIN) or a dataset folder (write ./mni-wm for a folder of
+    """Examples from `source`: a built-in name (BUILTIN) or a dataset folder (write ./mni-wm for a
+    folder of
     that name). `shape` is the network's spatial input: (H, W) or (D, H, W)."""
     return BUILTIN[source](tuple(shape)) if source in BUILTIN else load_folder(source, tuple(shape))
 
@@ -193,8 +257,10 @@ def split(examples, seed=0, val_fraction=0.15, test_fraction=0.15):
     try:
         parts = data.split(ids, ids, seed, val_fraction, test_fraction)
     except ValueError:
-        raise DataError(f"{examples.source}: {len(ids)} groups ({_unit(examples)}) are too few for a "
-                        "train/validation/test split: 3 at least") from None
+        raise DataError(
+            f"{examples.source}: {len(ids)} groups ({_unit(examples)}) are too few for a "
+            "train/validation/test split: 3 at least"
+        ) from None
     splits, assignment = {}, {}
     for name, (chosen, _) in parts.items():
         selected = np.isin(examples.groups, chosen)
@@ -214,24 +280,30 @@ def describe(examples, splits=None, assignment=None):
     description = data.describe(examples.images, examples.masks, examples.source, splits)
     shapes = sorted({tuple(s) for s in examples.original_shapes}, key=lambda s: (np.prod(s), s))
     shown = [imagefiles.shape_text(s) for s in shapes]
-    description.update({
-        "data_layout": examples.layout,
-        "data_files": len(examples.original_shapes),
-        "data_original_shapes": ", ".join(shown) if len(shown) <= 4 else
-        f"{len(shown)} shapes, {shown[0]} to {shown[-1]}",
-        "data_normalization": "per file (per volume): percentiles 0.5-99.5 to [0, 1]",
-        "data_fit": "shrink to fit, then pad" if examples.images.ndim == 4 else "tiled into patches",
-        "data_split_unit": _unit(examples),
-    })
+    description.update(
+        {
+            "data_layout": examples.layout,
+            "data_files": len(examples.original_shapes),
+            "data_original_shapes": ", ".join(shown)
+            if len(shown) <= 4
+            else f"{len(shown)} shapes, {shown[0]} to {shown[-1]}",
+            "data_normalization": "per file (per volume): percentiles 0.5-99.5 to [0, 1]",
+            "data_fit": "shrink to fit, then pad"
+            if examples.images.ndim == 4
+            else "tiled into patches",
+            "data_split_unit": _unit(examples),
+        }
+    )
     for name in ("val", "test") if assignment else ():
         names = [examples.group_names[i] for i in assignment[name]]
-        description[f"data_{name}_groups"] = "; ".join(names[:20]) + (f"; ... ({len(names)} in all)"
-                                                                       if len(names) > 20 else "")
+        description[f"data_{name}_groups"] = "; ".join(names[:20]) + (
+            f"; ... ({len(names)} in all)" if len(names) > 20 else ""
+        )
     return description
 
 
 def load_split(source, shape, seed=0):
-    """Load, check and split `source` for a network input of spatial `shape`: (splits, description)."""
+    """Load, check, split `source` for a network input of spatial `shape`: (splits, description)."""
     examples = load(source, shape)
     splits, assignment = split(examples, seed)
     return splits, describe(examples, splits, assignment)
@@ -239,8 +311,12 @@ def load_split(source, shape, seed=0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a dataset folder, or a built-in name: " + ", ".join(BUILTIN))
-    parser.add_argument("--size", type=int, nargs="+", default=[128, 128], help="network input: H W, or D H W")
+    parser.add_argument(
+        "source", help="a dataset folder, or a built-in name: " + ", ".join(BUILTIN)
+    )
+    parser.add_argument(
+        "--size", type=int, nargs="+", default=[128, 128], help="network input: H W, or D H W"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
     args = parser.parse_args()
     if len(args.size) not in (2, 3):

@@ -40,7 +40,8 @@ def contour_panel(ax, image, mask, probability, title):
 
 
 def prediction_figure(images, masks, probabilities, n=6) -> Figure:
-    """The `n` test images with the most foreground, ground-truth (green) and predicted (red) contours.
+    """The `n` test images with the most foreground, ground-truth (green) and predicted (red)
+    contours.
 
     The most foreground, not the first: slices at the top of a brain hold almost no white matter.
     """
@@ -50,7 +51,9 @@ def prediction_figure(images, masks, probabilities, n=6) -> Figure:
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, i in zip(axes, shown):
         dice = metrics.dice_coefficient(masks[i], probabilities[i])
-        contour_panel(ax, images[i, ..., 0], masks[i, ..., 0], probabilities[i, ..., 0], f"Dice {dice:.3f}")
+        contour_panel(
+            ax, images[i, ..., 0], masks[i, ..., 0], probabilities[i, ..., 0], f"Dice {dice:.3f}"
+        )
     fig.suptitle("test images: ground truth (green), prediction (red)")
     return fig
 
@@ -58,10 +61,14 @@ def prediction_figure(images, masks, probabilities, n=6) -> Figure:
 def orthogonal_slices_figure(volumes, masks, probabilities) -> Figure:
     """Axial, coronal and sagittal slices of the first test volume, through its lesions' centre."""
     volume, mask, probability = volumes[0][..., 0], masks[0][..., 0], probabilities[0][..., 0]
-    centre = [int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3)]
+    centre = [
+        int(np.argmax(mask.sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3)
+    ]
     fig = Figure(figsize=(10, 3.6))
     for ax, axis, label in zip(fig.subplots(1, 3), range(3), ("axial", "coronal", "sagittal")):
-        image, truth, predicted = (np.take(a, centre[axis], axis=axis) for a in (volume, mask, probability))
+        image, truth, predicted = (
+            np.take(a, centre[axis], axis=axis) for a in (volume, mask, probability)
+        )
         contour_panel(ax, image, truth, predicted, f"{label} slice {centre[axis]}")
     dice = metrics.dice_coefficient(mask, probability)
     fig.suptitle(f"test volume: ground truth (green), prediction (red), 3D Dice {dice:.3f}")
@@ -71,7 +78,9 @@ def orthogonal_slices_figure(volumes, masks, probabilities) -> Figure:
 def samples_figure(images, masks, foreground) -> Figure:
     """The first four synthetic scans with their lesion contours (data.py --save)."""
     fig = Figure(figsize=(12, 3.4))
-    for ax, image, mask in zip(fig.subplots(1, min(4, len(images)), squeeze=False)[0], images, masks):
+    for ax, image, mask in zip(
+        fig.subplots(1, min(4, len(images)), squeeze=False)[0], images, masks
+    ):
         ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
         ax.contour(mask[..., 0], levels=[0.5], colors="lime", linewidths=1)
         ax.set_axis_off()
@@ -80,7 +89,7 @@ def samples_figure(images, masks, foreground) -> Figure:
 
 
 def overlay(image, mask):
-    """RGB uint8: a normalized image (H, W[, 3]) in grey levels with the outline of `mask` in red."""
+    """RGB uint8: a normalized image (H, W[, 3]) in grey levels, the outline of `mask` in red."""
     grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
     rgb = np.repeat(grey, 3, axis=-1) if grey.shape[-1] == 1 else grey[..., :3].copy()
     rgb[mask & ~ndimage.binary_erosion(mask)] = (255, 0, 0)

@@ -1,11 +1,13 @@
-"""Reading 2D images (PNG, JPEG, TIFF) and NIfTI volumes, with checks that turn bad data into one clear line.
+"""Reading PNG, JPEG, TIFF images and NIfTI volumes, with checks that turn bad data into one line.
 
 What this script teaches:
-- real files are messier than synthetic arrays: 8- or 16-bit, grey or grey saved as RGB, with an alpha
-  channel, palette images, float TIFFs holding NaNs, truncated downloads, macOS `._` files inside archives.
-  Each reader returns plain float32 arrays or raises `DataError` naming the file and the problem;
-- a NIfTI file is an array *and* a geometry: the affine maps voxel indices to millimetres in the scanner.
-  `read_volume` returns both, so that a predicted mask can be written back over the same voxels (predict.py);
+- real files are messier than synthetic arrays: 8- or 16-bit, grey or grey saved as RGB, with an
+  alpha channel, palette images, float TIFFs holding NaNs, truncated downloads, macOS `._` files
+  inside archives. Each reader returns plain float32 arrays or raises `DataError` naming the file
+  and the problem;
+- a NIfTI file is an array *and* a geometry: the affine maps voxel indices to millimetres in the
+  scanner. `read_volume` returns both, so that a predicted mask can be written back over the same
+  voxels (predict.py);
 - masks are checked, not trusted: at most two distinct values (0 and one label), then binarized as
   `value > 0`. A JPEG mask fails this check: its compression invents intermediate values.
 
@@ -23,8 +25,8 @@ from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-# Pillow modes converted to RGB(A) before reading: their raw values are not intensities (palette indices,
-# CMYK inks...). Grey modes (1, L, I;16, I, F) are read as stored.
+# Pillow modes converted to RGB(A) before reading: their raw values are not intensities (palette
+# indices, CMYK inks...). Grey modes (1, L, I;16, I, F) are read as stored.
 _CONVERT_TO_RGBA = ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
 
 
@@ -41,7 +43,7 @@ def suffix(path):
 def stem(path):
     """File name without its known suffix: "case_001.nii.gz" -> "case_001"."""
     name = os.path.basename(str(path))
-    return name[:len(name) - len(suffix(path))] if suffix(path) else os.path.splitext(name)[0]
+    return name[: len(name) - len(suffix(path))] if suffix(path) else os.path.splitext(name)[0]
 
 
 def is_nifti(path):
@@ -49,7 +51,8 @@ def is_nifti(path):
 
 
 def list_files(folder, suffixes=IMAGE_SUFFIXES + NIFTI_SUFFIXES):
-    """Sorted paths of the files in `folder` with one of `suffixes`. Hidden files are skipped: the MSD
+    """Sorted paths of the files in `folder` with one of `suffixes`. Hidden files are skipped: the
+    MSD
     archives, packed on macOS, hold a `._name.nii.gz` resource file next to every volume."""
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and suffix(n) in suffixes)
     return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
@@ -64,30 +67,39 @@ def check_finite(array, path):
     """Raise DataError if `array` holds NaN or infinite values (float TIFFs and NIfTIs can)."""
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int(np.isnan(array).sum())
-        raise DataError(f"{path} contains NaN or infinite values ({bad} NaN of {array.size} values)")
+        raise DataError(
+            f"{path} contains NaN or infinite values ({bad} NaN of {array.size} values)"
+        )
     return array
 
 
 def _open(path):
-    """A fully decoded Pillow image: a truncated file fails here, not later in the middle of training."""
+    """A fully decoded Pillow image: a truncated file fails here, not later in the middle of
+    training."""
     if not os.path.isfile(path):
         raise DataError(f"no such file: {path}")
     try:
         image = Image.open(path)
         if getattr(image, "n_frames", 1) > 1:
-            raise DataError(f"{path} has {image.n_frames} frames (a multi-page TIFF): one 2D image per file is read")
+            raise DataError(
+                f"{path} has {image.n_frames} frames (a multi-page TIFF): "
+                "one 2D image per file is read"
+            )
         image.load()
         return image
     except DataError:
         raise
-    except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError...: all mean "cannot read"
+    except (
+        Exception
+    ) as error:  # Pillow raises OSError, ValueError, SyntaxError...: all mean "cannot read"
         raise DataError(f"cannot read {path}: {_reason(error)}") from None
 
 
 def read_image(path, channels=1):
     """(H, W, channels) float32 pixel values of a PNG, JPEG or TIFF, as stored (not normalized).
 
-    An alpha channel is dropped (it is transparency, not signal); grey saved as RGB counts as one channel.
+    An alpha channel is dropped (it is transparency, not signal); grey saved as RGB counts as one
+    channel.
     """
     image = _open(path)
     if image.mode in _CONVERT_TO_RGBA:
@@ -99,13 +111,16 @@ def read_image(path, channels=1):
         pixels = pixels[..., 0]
     pixels = (pixels[..., None] if pixels.ndim == 2 else pixels).astype(np.float32)
     if pixels.shape[-1] != channels:
-        raise DataError(f"{path} has {pixels.shape[-1]} colour channels (mode {image.mode}), {channels} expected"
-                        + ("; convert it to grey levels" if channels == 1 else ""))
+        raise DataError(
+            f"{path} has {pixels.shape[-1]} colour channels (mode {image.mode}), "
+            f"{channels} expected" + ("; convert it to grey levels" if channels == 1 else "")
+        )
     return check_finite(pixels, path)
 
 
 def read_mask(path):
-    """(H, W) label values of a 2D mask file, as stored: multi-band masks are reduced to grey levels first,
+    """(H, W) label values of a 2D mask file, as stored: multi-band masks are reduced to grey levels
+    first,
     palette masks give their palette indices (the usual way to store labels in a PNG)."""
     image = _open(path)
     if len(image.getbands()) > 1:
@@ -114,31 +129,39 @@ def read_mask(path):
 
 
 def read_volume(path):
-    """(array, nibabel image) of a NIfTI file: an (X, Y, Z) array in the stored order (no reorientation),
-    scaling applied, dtype as stored; trailing axes of size 1 are dropped and a 2D image becomes (X, Y, 1)."""
+    """(array, nibabel image) of a NIfTI file: an (X, Y, Z) array in the stored order (no
+    reorientation), scaling applied, dtype as stored; trailing axes of size 1 are dropped and a 2D
+    image becomes (X, Y, 1)."""
     if not os.path.isfile(path):
         raise DataError(f"no such file: {path}")
     try:
         image = nib.load(path)
-        array = np.asarray(image.dataobj)  # reads everything now: a truncated .gz fails here, with its name
+        array = np.asarray(
+            image.dataobj
+        )  # reads everything now: a truncated .gz fails here, with its name
     except Exception as error:  # nibabel raises ImageFileError, EOFError, zlib.error, OSError...
         raise DataError(f"cannot read {path}: {_reason(error)}") from None
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     array = array[..., None] if array.ndim == 2 else array
     if array.ndim != 3:
-        raise DataError(f"{path} has shape {shape_text(image.shape)}: one single-channel volume (X, Y, Z) "
-                        "is expected (nnU-Net stores each channel in its own _0000, _0001... file)")
+        raise DataError(
+            f"{path} has shape {shape_text(image.shape)}: one single-channel volume (X, Y, Z) "
+            "is expected (nnU-Net stores each channel in its own _0000, _0001... file)"
+        )
     return check_finite(array, path), image
 
 
 def binarize(labels, path):
-    """Float32 0/1 mask from label values: at most two distinct values are allowed, foreground is `value > 0`."""
+    """Float32 0/1 mask from label values: at most two distinct values are allowed, foreground is
+    `value > 0`."""
     values = np.unique(labels)
     if len(values) > 2:
         shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
-        raise DataError(f"mask {path} has {len(values)} distinct values ({shown}): a binary mask has at most "
-                        "two (0 and one label)")
+        raise DataError(
+            f"mask {path} has {len(values)} distinct values ({shown}): a binary mask has at most "
+            "two (0 and one label)"
+        )
     return (labels > 0).astype(np.float32)
 
 
@@ -155,11 +178,16 @@ def main():
             if is_nifti(path):
                 array, image = read_volume(path)
                 zooms = "x".join(f"{z:g}" for z in image.header.get_zooms()[:3])
-                print(f"{path}: volume {shape_text(array.shape)} {array.dtype}, voxels {zooms} mm, "
-                      f"values {array.min():g} to {array.max():g}, {len(np.unique(array))} distinct")
+                print(
+                    f"{path}: volume {shape_text(array.shape)} {array.dtype}, voxels {zooms} mm, "
+                    f"values {array.min():g} to {array.max():g}, {len(np.unique(array))} distinct"
+                )
             else:
                 pixels = read_image(path)
-                print(f"{path}: image {shape_text(pixels.shape)}, values {pixels.min():g} to {pixels.max():g}")
+                print(
+                    f"{path}: image {shape_text(pixels.shape)}, "
+                    f"values {pixels.min():g} to {pixels.max():g}"
+                )
         except DataError as error:
             print(f"error: {error}")
 

@@ -1,11 +1,13 @@
-"""Memory of a training step: activation bytes counted from the layers, and peak process memory measured.
+"""Memory of a training step: activations counted from the layers, peak process memory measured.
 
-What this script teaches: the activations a network keeps for backpropagation can be counted exactly from its
-layers' output shapes and dtypes, but what a process really holds (framework, workspaces, gradients, optimizer
-state) is only known by measuring it. Peak resident memory is a high-water mark of the whole process, so each
-configuration is measured in a fresh Python process: one training step, then the peak.
+What this script teaches: the activations a network keeps for backpropagation can be counted exactly
+from its layers' output shapes and dtypes, but what a process really holds (framework, workspaces,
+gradients, optimizer state) is only known by measuring it. Peak resident memory is a high-water mark
+of the whole process, so each configuration is measured in a fresh Python process: one training
+step, then the peak.
 
-    python memory.py '{"shape": [32, 64, 64], "filters": 8, "depth": 3, "kernel": 3, "batch": 2, "policy": "float32"}'
+    python memory.py '{"shape": [32, 64, 64], "filters": 8, "depth": 3, "kernel": 3, "batch": 2,
+    "policy": "float32"}'
 """
 
 import json
@@ -34,10 +36,13 @@ def activation_bytes(model, batch_size=1):
 
 
 def step_memory(spec):
-    """In this (fresh) process: build `spec`'s U-Net, two training steps; peak resident memory (Linux/macOS)."""
+    """In this (fresh) process: build `spec`'s U-Net, two training steps; peak resident memory
+    (Linux/macOS)."""
     if spec["policy"] != "float32":
         keras.mixed_precision.set_global_policy(spec["policy"])
-    model = unet.build_unet((*spec["shape"], 1), spec["filters"], spec["depth"], kernel_size=spec["kernel"])
+    model = unet.build_unet(
+        (*spec["shape"], 1), spec["filters"], spec["depth"], kernel_size=spec["kernel"]
+    )
     model.compile("adam", metrics.SoftDiceLoss())
     x = np.random.default_rng(0).random((spec["batch"], *spec["shape"], 1), dtype=np.float32)
     y = (x > 0.9).astype(np.float32)
@@ -46,21 +51,27 @@ def step_memory(spec):
     start = time.perf_counter()
     model.train_on_batch(x, y)
     seconds = time.perf_counter() - start
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, in KiB on Linux
+    scale = (
+        1 if sys.platform == "darwin" else 1024
+    )  # ru_maxrss is in bytes on macOS, in KiB on Linux
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     return {"peak_rss_bytes": peak, "step_bytes": peak - before, "step_seconds": seconds}
 
 
 def measure_in_subprocess(spec):
-    """Peak RSS, its growth during the first training step, and the second step's time, for a model `spec`
-    (shape: 2 or 3 spatial sizes, filters, depth, kernel, batch, policy), in a fresh Python process."""
+    """Peak RSS, its growth during the first training step, and the second step's time, for a model
+    `spec` (shape: 2 or 3 spatial sizes, filters, depth, kernel, batch, policy), in a fresh Python
+    process."""
     command = [sys.executable, os.path.abspath(__file__), json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"peak_rss_mb": None, "step_mb": None, "step_seconds": None}
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"peak_rss_mb": measured["peak_rss_bytes"] / 2**20, "step_mb": measured["step_bytes"] / 2**20,
-            "step_seconds": measured["step_seconds"]}
+    return {
+        "peak_rss_mb": measured["peak_rss_bytes"] / 2**20,
+        "step_mb": measured["step_bytes"] / 2**20,
+        "step_seconds": measured["step_seconds"],
+    }
 
 
 def has_gpu():

@@ -1,20 +1,23 @@
-"""Segment new images with a trained model: PNG, JPEG, TIFF or NIfTI in, masks of the same geometry out.
+"""Segment new images with a trained model: PNG, JPEG, TIFF or NIfTI in, masks of that geometry out.
 
 What this script teaches:
-- a model is only half of a prediction: the preprocessing of training is replayed exactly (datasets.py:
-  per-file percentile normalization, then shrink to fit and pad) and undone on the output (geometry.unfit),
-  so that the mask lies pixel for pixel over the input, whatever its size;
-- medical geometry is more than a shape: a NIfTI mask is written with the input's affine and header, so that
-  a viewer (ITK-SNAP, 3D Slicer, FSLeyes) lays it over the scan in millimetres, not just in voxels;
-- a 2D model segments a volume slice by slice along its last axis; a 3D model (input of rank 5) goes through
-  geometry.sliding_window_predict, a volume smaller than the patch being padded first and cropped back after;
-- a batch job leaves no half-written file: each output is written under a temporary name and renamed when
-  complete. A bad input is one line on stderr (exit status 2 at the end); the other inputs are still done.
+- a model is only half of a prediction: the preprocessing of training is replayed exactly
+  (datasets.py: per-file percentile normalization, then shrink to fit and pad) and undone on the
+  output (geometry.unfit), so that the mask lies pixel for pixel over the input, whatever its size;
+- medical geometry is more than a shape: a NIfTI mask is written with the input's affine and header,
+  so that a viewer (ITK-SNAP, 3D Slicer, FSLeyes) lays it over the scan in millimetres, not just in
+  voxels;
+- a 2D model segments a volume slice by slice along its last axis; a 3D model (input of rank 5) goes
+  through geometry.sliding_window_predict, a volume smaller than the patch being padded first and
+  cropped back after;
+- a batch job leaves no half-written file: each output is written under a temporary name and renamed
+  when complete. A bad input is one line on stderr (exit status 2 at the end); the other inputs are
+  still done.
 
-Outputs in --output: `<name>_mask.<ext>` (PNG/TIFF: 0/255 uint8 of the input's size, a JPEG input gives a PNG
-mask since JPEG compression would blur a binary mask; NIfTI: 0/1 uint8 with the input's affine and header)
-and `<name>_overlay.png` (the image, or the volume's slice with the most foreground, with the predicted
-contour in red).
+Outputs in --output: `<name>_mask.<ext>` (PNG/TIFF: 0/255 uint8 of the input's size, a JPEG input
+gives a PNG mask since JPEG compression would blur a binary mask; NIfTI: 0/1 uint8 with the input's
+affine and header) and `<name>_overlay.png` (the image, or the volume's slice with the most
+foreground, with the predicted contour in red).
 
     python predict.py model.keras scan.png --output predictions/
     python predict.py runs:/<run_id>/model images/ --output predictions/ --threshold 0.4
@@ -44,14 +47,30 @@ from imagefiles import DataError
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="predict.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add = parser.add_argument
-    add("model", help="a .keras file, or an MLflow model URI: runs:/<run_id>/model, models:/<name>/<version>, "
-        "models:/<model_id>")
+    add(
+        "model",
+        help="a .keras file, or an MLflow model URI: runs:/<run_id>/model, "
+        "models:/<name>/<version>, "
+        "models:/<model_id>",
+    )
     add("inputs", nargs="+", help="PNG, JPEG, TIFF or NIfTI files, or folders of them")
-    add("--output", default="predictions", help="folder for the masks and overlays (created if needed)")
-    add("--threshold", type=float, default=0.5, help="foreground where the probability is >= threshold")
+    add(
+        "--output",
+        default="predictions",
+        help="folder for the masks and overlays (created if needed)",
+    )
+    add(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="foreground where the probability is >= threshold",
+    )
     add("--overlap", type=float, default=0.5, help="3D models: overlap of the sliding windows")
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
@@ -62,21 +81,35 @@ def parse_args(argv=None):
 
 
 def load_model(location):
-    """A Keras model from a .keras file (keras.models.load_model) or an MLflow URI (mlflow.keras.load_model)."""
+    """A Keras model from a .keras file (keras.models.load_model) or an MLflow URI
+    (mlflow.keras.load_model)."""
     is_uri = location.startswith(("runs:/", "models:/")) or "://" in location
     if not is_uri and not os.path.exists(location):
         raise ValueError(f"no such model file: {location}")
     try:
-        if is_uri or os.path.isdir(location):  # a folder: an MLflow model saved locally (it holds an MLmodel file)
+        if is_uri or os.path.isdir(
+            location
+        ):  # a folder: an MLflow model saved locally (it holds an MLmodel file)
             model = mlflow.keras.load_model(location)
         else:
             model = keras.models.load_model(location)
-    except Exception as error:  # MLflow and Keras raise many types (missing run, bad zip...): one line for all
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    except (
+        Exception
+    ) as error:  # MLflow and Keras raise many types (missing run, bad zip...): one line for all
+        reason = (
+            str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        )
         raise ValueError(f"cannot load the model {location}: {reason}") from None
-    if len(model.input_shape) not in (4, 5) or None in model.input_shape[1:] or model.output_shape[-1] != 1:
-        raise ValueError(f"{location}: expected a binary segmentation model with a fixed input (N, H, W, C) or "
-                         f"(N, D, H, W, C) and one output channel, got {model.input_shape} -> {model.output_shape}")
+    if (
+        len(model.input_shape) not in (4, 5)
+        or None in model.input_shape[1:]
+        or model.output_shape[-1] != 1
+    ):
+        raise ValueError(
+            f"{location}: expected a binary segmentation model with a fixed input (N, H, W, C) or "
+            f"(N, D, H, W, C) and one output channel, "
+            f"got {model.input_shape} -> {model.output_shape}"
+        )
     return model
 
 
@@ -103,7 +136,8 @@ def output_paths(output, path):
 
 
 def predict_images(model, images, batch_size=8):
-    """Probabilities at each image's own size: each normalized (H, W, C) image is fitted to the network,
+    """Probabilities at each image's own size: each normalized (H, W, C) image is fitted to the
+    network,
     predicted, and the fit undone on the probabilities (linear interpolation, thresholded later)."""
     fitted = [geometry.fit(image, model.input_shape[1:3]) for image in images]
     batch = np.stack([array for array, _ in fitted])
@@ -112,17 +146,24 @@ def predict_images(model, images, batch_size=8):
 
 
 def predict_volume(model, volume, overlap=0.5):
-    """Probabilities of a normalized (X, Y, Z) volume: slice by slice along Z for a 2D model, or by sliding
+    """Probabilities of a normalized (X, Y, Z) volume: slice by slice along Z for a 2D model, or by
+    sliding
     windows over (D, H, W) = (Z, X, Y) for a 3D model, the volume padded to at least one patch."""
     if len(model.input_shape) == 4:
-        return np.stack(predict_images(model, [volume[..., z, None] for z in range(volume.shape[-1])]), axis=-1)
-    padded, transform = geometry.fit(np.moveaxis(volume, -1, 0)[..., None], model.input_shape[1:4], shrink=False)
-    probabilities = geometry.unfit(geometry.sliding_window_predict(model, padded, overlap), transform)
+        return np.stack(
+            predict_images(model, [volume[..., z, None] for z in range(volume.shape[-1])]), axis=-1
+        )
+    padded, transform = geometry.fit(
+        np.moveaxis(volume, -1, 0)[..., None], model.input_shape[1:4], shrink=False
+    )
+    probabilities = geometry.unfit(
+        geometry.sliding_window_predict(model, padded, overlap), transform
+    )
     return np.moveaxis(probabilities[..., 0], 0, -1)
 
 
 def segment(model, path, threshold=0.5, overlap=0.5):
-    """(mask, overlay RGB, nibabel image or None) for one file; the mask has the input's geometry."""
+    """(mask, overlay RGB, nibabel image or None) of one file; the mask has the input's geometry."""
     channels = model.input_shape[-1]
     if not imagefiles.suffix(path) and os.path.isfile(path):
         raise DataError(f"{path}: unsupported file type (PNG, JPEG, TIFF or NIfTI)")
@@ -135,15 +176,19 @@ def segment(model, path, threshold=0.5, overlap=0.5):
     volume, nifti = imagefiles.read_volume(path)
     if channels != 1:
         raise DataError(f"{path} is a single-channel volume, the model takes {channels} channels")
-    volume = data.normalize_intensity(volume.astype(np.float32))  # per volume, as in training (datasets.py)
+    volume = data.normalize_intensity(
+        volume.astype(np.float32)
+    )  # per volume, as in training (datasets.py)
     mask = predict_volume(model, volume, overlap) >= threshold
     z = int(np.argmax(mask.sum(axis=(0, 1)))) if mask.any() else volume.shape[-1] // 2
-    # rot90: array rows are X; in RAS storage this shows anterior up and the patient's right on the right
+    # rot90: array rows are X; in RAS storage this shows anterior up and the patient's right on the
+    # right
     return mask, figures.overlay(np.rot90(volume[..., z])[..., None], np.rot90(mask[..., z])), nifti
 
 
 def write_outputs(writers):
-    """Run each writer(path) on a temporary name in the same folder, then rename them all: never a partial file."""
+    """Run each writer(path) on a temporary name in the same folder, then rename them all: never a
+    partial file."""
     done = []
     try:
         for path, write in writers.items():
@@ -162,8 +207,9 @@ def save_mask(path, mask, nifti):
     if nifti is None:
         Image.fromarray(mask.astype(np.uint8) * 255).save(path)
         return
-    # The input's class (NIfTI-1 or -2), affine and header: the mask lands on the same voxels in millimetres.
-    # A new data array resets the header's intensity scaling, and uint8 keeps the labels exact.
+    # The input's class (NIfTI-1 or -2), affine and header: the mask lands on the same voxels in
+    # millimetres. A new data array resets the header's intensity scaling, and uint8 keeps the
+    # labels exact.
     out = type(nifti)(mask.astype(np.uint8).reshape(nifti.shape), nifti.affine, nifti.header)
     out.set_data_dtype(np.uint8)
     out.header["cal_min"], out.header["cal_max"] = 0, 1
@@ -174,9 +220,16 @@ def segment_file(model, path, output, threshold=0.5, overlap=0.5):
     """Segment one file and write its mask and overlay; returns the mask's foreground fraction."""
     mask_path, overlay_path = output_paths(output, path)
     mask, picture, nifti = segment(model, path, threshold, overlap)
-    write_outputs({mask_path: lambda p: save_mask(p, mask, nifti),
-                   overlay_path: lambda p: Image.fromarray(picture).save(p, format="PNG")})
-    print(f"{path}: {imagefiles.shape_text(mask.shape)} -> {mask_path}, foreground {mask.mean():.2%}", flush=True)
+    write_outputs(
+        {
+            mask_path: lambda p: save_mask(p, mask, nifti),
+            overlay_path: lambda p: Image.fromarray(picture).save(p, format="PNG"),
+        }
+    )
+    print(
+        f"{path}: {imagefiles.shape_text(mask.shape)} -> {mask_path}, foreground {mask.mean():.2%}",
+        flush=True,
+    )
     return float(mask.mean())
 
 
@@ -186,11 +239,15 @@ def main(argv=None):
     try:
         files = list_inputs(args.inputs)
         outputs = {}
-        for path in files:  # a.png and a.jpg would both write a_mask.png: refuse before writing anything
+        for (
+            path
+        ) in files:  # a.png and a.jpg would both write a_mask.png: refuse before writing anything
             mask_path = output_paths(args.output, path)[0]
             if mask_path in outputs:
-                raise DataError(f"{outputs[mask_path]} and {path} would both write {mask_path}: give them "
-                                "different --output folders")
+                raise DataError(
+                    f"{outputs[mask_path]} and {path} would both write {mask_path}: give them "
+                    "different --output folders"
+                )
             outputs[mask_path] = path
         model = load_model(args.model)
     except ValueError as error:
@@ -200,7 +257,10 @@ def main(argv=None):
     for path in files:
         try:
             segment_file(model, path, args.output, args.threshold, args.overlap)
-        except (ValueError, OSError) as error:  # one bad file (or a full disk) does not stop the others
+        except (
+            ValueError,
+            OSError,
+        ) as error:  # one bad file (or a full disk) does not stop the others
             failed += 1
             print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
     if failed:

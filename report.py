@@ -1,13 +1,17 @@
-"""Tables of results, read from the MLflow store: the one source of every number in README.md and REPORT.md.
+"""Tables of results, read from the MLflow store: the one source of every number in README.md and
+REPORT.md.
 
-What this script teaches: results are queried from the tracking store, never copied by hand. Each table row is
-one finished run; the columns are the params that distinguish the runs and their final test metrics.
+What this script teaches: results are queried from the tracking store, never copied by hand. Each
+table row is one finished run; the columns are the params that distinguish the runs and their final
+test metrics.
 
-    python report.py tp4-unet                           # every finished run of train.py's experiment
-    python report.py tp4-grid --params loss,optimizer   # the loss x optimizer comparison
-    python report.py --update README.md REPORT.md       # regenerate the tables marked in those files
+    python report.py tp4-unet                           # every finished run of train.py's
+    experiment python report.py tp4-grid --params loss,optimizer   # the loss x optimizer comparison
+    python report.py --update README.md REPORT.md       # regenerate the tables marked in those
+    files
 
-A marked table in a Markdown file is a comment line with the arguments of this script, the table, and an end mark:
+A marked table in a Markdown file is a comment line with the arguments of this script, the table,
+and an end mark:
 
     <!-- report.py tp4-grid --params loss,optimizer -->
     | run | loss | ... (replaced by --update)
@@ -23,17 +27,31 @@ from mlflow import MlflowClient
 
 import cli
 
-METRICS = ("test_dice", "test_iou", "test_dice_per_image", "best_epoch", "epochs_run", "fit_seconds")
+METRICS = (
+    "test_dice",
+    "test_iou",
+    "test_dice_per_image",
+    "best_epoch",
+    "epochs_run",
+    "fit_seconds",
+)
 
 
 def runs_table(experiment, params=(), metrics=METRICS, sort="test_dice"):
-    """Markdown table of the FINISHED runs of `experiment`, best `sort` first; raises ValueError if none."""
+    """Markdown table of the FINISHED runs of `experiment`, best `sort` first; raises ValueError if
+    none."""
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise ValueError(f"no experiment {experiment!r} in the tracking store {mlflow.get_tracking_uri()}")
-    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
-                              order_by=[f"metrics.{sort} DESC"], max_results=1000)
+        raise ValueError(
+            f"no experiment {experiment!r} in the tracking store {mlflow.get_tracking_uri()}"
+        )
+    runs = client.search_runs(
+        [found.experiment_id],
+        "attributes.status = 'FINISHED'",
+        order_by=[f"metrics.{sort} DESC"],
+        max_results=1000,
+    )
     if not runs:
         raise ValueError(f"experiment {experiment!r} has no finished run")
     header = ["run", *params, *metrics]
@@ -45,11 +63,13 @@ def runs_table(experiment, params=(), metrics=METRICS, sort="test_dice"):
     return "\n".join(lines)
 
 
-MARKED = re.compile(r"(<!-- report\.py (?P<args>.*?) -->\n)(?P<table>.*?)(<!-- end report -->)", re.S)
+MARKED = re.compile(
+    r"(<!-- report\.py (?P<args>.*?) -->\n)(?P<table>.*?)(<!-- end report -->)", re.S
+)
 
 
 def update_file(path):
-    """Regenerate every marked table of a Markdown file in place; returns how many were regenerated."""
+    """Regenerate every marked table of a Markdown file in place; returns how many it did."""
     with open(path) as f:
         text = f.read()
     count = 0
@@ -80,13 +100,25 @@ def _format(name, value):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="report.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("experiment", nargs="?", help="MLflow experiment name")
     parser.add_argument("--params", default="", help="comma-separated params to show as columns")
-    parser.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics to show")
-    parser.add_argument("--sort", default="test_dice", help="metric to sort by, best (highest) first")
-    parser.add_argument("--update", nargs="+", metavar="MARKDOWN", help="regenerate the marked tables of these files")
+    parser.add_argument(
+        "--metrics", default=",".join(METRICS), help="comma-separated metrics to show"
+    )
+    parser.add_argument(
+        "--sort", default="test_dice", help="metric to sort by, best (highest) first"
+    )
+    parser.add_argument(
+        "--update",
+        nargs="+",
+        metavar="MARKDOWN",
+        help="regenerate the marked tables of these files",
+    )
     return parser
 
 
@@ -104,8 +136,12 @@ def main(argv=None):
             print(runs_table(args.experiment, _items(args.params), _items(args.metrics), args.sort))
     except (ValueError, OSError) as error:
         parser.exit(2, f"report.py: error: {error}\n")
-    except Exception as error:  # an unreachable server or unreadable store: one line, not a traceback
-        parser.exit(2, f"report.py: error: cannot read the MLflow tracking store: {str(error)[:200]}\n")
+    except (
+        Exception
+    ) as error:  # an unreachable server or unreadable store: one line, not a traceback
+        parser.exit(
+            2, f"report.py: error: cannot read the MLflow tracking store: {str(error)[:200]}\n"
+        )
 
 
 if __name__ == "__main__":

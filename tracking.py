@@ -1,10 +1,12 @@
-"""MLflow conventions shared by train.py (2D) and conv3d.py (3D): one logging path for every experiment.
+"""MLflow conventions shared by train.py (2D) and conv3d.py (3D): one logging path for every
+experiment.
 
-- `tracked_run(...)`: a run that always ends with the right status: FINISHED, FAILED on an exception,
-  KILLED on Ctrl-C or SIGTERM (never left RUNNING), with the metrics logged so far kept;
+- `tracked_run(...)`: a run that always ends with the right status: FINISHED, FAILED on an
+  exception, KILLED on Ctrl-C or SIGTERM (never left RUNNING), with the metrics logged so far kept;
 - `TrackedRun`: what the run logs goes through it, and it counts the seconds spent in MLflow, logged
   at the end as `tracking_seconds` (bench.py reads it: MLflow's share of a run);
-- `EpochLogger`: one printed line and one MLflow value per metric and epoch (`step` = epoch, from 1);
+- `EpochLogger`: one printed line and one MLflow value per metric and epoch (`step` = epoch, from
+  1);
 - `TrackedRun.log_results(...)`: final metrics, configuration, figures and the model (Keras flavor,
   with signature and input example).
 
@@ -52,10 +54,13 @@ class TrackedRun:
         with self.timed():
             mlflow.log_metrics(values, step=step)
 
-    def log_results(self, model, results, example, figures, config, registered_name=None, tables=None):
+    def log_results(
+        self, model, results, example, figures, config, registered_name=None, tables=None
+    ):
         """Final metrics, resolved configuration, model configuration, figures, JSON tables, model.
 
-        `example`: (input, output) of the model for one example, for its signature and input example.
+        `example`: (input, output) of the model for one example, for its signature and input
+        example.
         """
         with self.timed():
             mlflow.log_metrics(results)
@@ -76,13 +81,18 @@ def _interrupt(signum, frame):
 
 @contextlib.contextmanager
 def tracked_run(experiment, run_name, params):
-    """Start a run in `experiment`, log `params`, yield a TrackedRun; end with FINISHED, FAILED or KILLED."""
+    """Start a run in `experiment`, log `params`, yield a TrackedRun; end with FINISHED, FAILED or
+    KILLED."""
     uri = mlflow.get_tracking_uri()
     start = time.perf_counter()
     try:
         mlflow.set_experiment(experiment)
-    except Exception as error:  # MLflow raises many types here (HTTP, SQL, permissions): all mean the same
-        raise TrackingError(f"cannot use the MLflow tracking store {uri}: {_first_line(error)}") from None
+    except (
+        Exception
+    ) as error:  # MLflow raises many types here (HTTP, SQL, permissions): all mean the same
+        raise TrackingError(
+            f"cannot use the MLflow tracking store {uri}: {_first_line(error)}"
+        ) from None
     tracked = TrackedRun(mlflow.start_run(run_name=run_name))
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
@@ -111,7 +121,8 @@ def _first_line(error):
 
 class EpochLogger(keras.callbacks.Callback):
     """Prints one line per epoch and logs loss, dice, iou, their val_ twins, lr, epoch_seconds and
-    images_per_second (training examples per second of training, validation excluded), step=epoch."""
+    images_per_second (training examples per second of training, validation excluded), step=epoch.
+    """
 
     def __init__(self, run: TrackedRun, n_train, epochs, unit="img"):
         super().__init__()
@@ -139,11 +150,12 @@ class EpochLogger(keras.callbacks.Callback):
 
 
 def log_keras_model(model, example, registered_name=None):
-    """Log `model` in the Keras flavor, with its signature and input example; returns MLflow's ModelInfo.
+    """Log `model` in the Keras flavor, with its signature and input example; returns MLflow's
+    ModelInfo.
 
-    The public `mlflow.keras.log_model(..., input_example=...)` fails (MLflow issue #16183, still open
-    in MLflow 3.17: its save_model writes the example before creating the model's folder), so the
-    model goes through `Model.log` with a flavor whose save_model creates the folder first.
+    The public `mlflow.keras.log_model(..., input_example=...)` fails (MLflow issue #16183, still
+    open in MLflow 3.17: its save_model writes the example before creating the model's folder), so
+    the model goes through `Model.log` with a flavor whose save_model creates the folder first.
     tests/test_tracking.py fails once MLflow fixes it: then call mlflow.keras.log_model here.
 
     Requirements are explicit (inferring them would load the model again in a subprocess), and

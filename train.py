@@ -1,19 +1,21 @@
-"""Exercise 2.3: train the U-Net on synthetic scans or real images and track every experiment in MLflow.
+"""Exercise 2.3: train the U-Net on synthetic scans or real images and track every experiment in
+MLflow.
 
 What this script teaches:
-- a training recipe for segmentation: BCE + Dice loss, Adam, cosine learning-rate decay, flips and 90-degree
-  rotations, early stopping on validation Dice with the best weights restored;
-- honest evaluation: the final numbers come from a held-out test set never used for early stopping, computed
-  with metrics.py's exact reference functions;
-- experiment tracking: params, one value per epoch for each metric, final test metrics, figures and the model
-  itself, in MLflow's local store (`mlflow.db` here; `MLFLOW_TRACKING_URI` to use another). See them with
-  `mlflow ui` run from this directory.
+- a training recipe for segmentation: BCE + Dice loss, Adam, cosine learning-rate decay, flips and
+  90-degree rotations, early stopping on validation Dice with the best weights restored;
+- honest evaluation: the final numbers come from a held-out test set never used for early stopping,
+  computed with metrics.py's exact reference functions;
+- experiment tracking: params, one value per epoch for each metric, final test metrics, figures and
+  the model itself, in MLflow's local store (`mlflow.db` here; `MLFLOW_TRACKING_URI` to use
+  another). See them with `mlflow ui` run from this directory.
 
-    python train.py                                    # the main job: the TP's setting, about 12 min on 2 cores
-    python train.py --loss dice --optimizer sgd        # one cell of the loss x optimizer comparison
-    python train.py --grid --image-size 64 --foreground 0.015 --contrast 0.2   # the whole comparison
-    python train.py --dataset mni-wm                   # white matter in a real T1 MRI (nilearn's MNI152)
-    python train.py --data-dir DIR                     # your data: images/ + masks/, or imagesTr/ + labelsTr/
+    python train.py                                    # the main job: the TP's setting, about 12
+    min on 2 cores python train.py --loss dice --optimizer sgd        # one cell of the loss x
+    optimizer comparison python train.py --grid --image-size 64 --foreground 0.015 --contrast 0.2
+    # the whole comparison python train.py --dataset mni-wm                   # white matter in a
+    real T1 MRI (nilearn's MNI152) python train.py --data-dir DIR                     # your data:
+    images/ + masks/, or imagesTr/ + labelsTr/
 """
 
 import os
@@ -36,25 +38,56 @@ import unet
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add = parser.add_argument
-    recipe.add_arguments(parser, batch_size=8, epochs=30, patience=8, xla=True, unit="images")
+    recipe.add_arguments(
+        parser,
+        batch_size=8,
+        epochs=30,
+        patience=8,
+        xla=True,
+        unit="images",
+        experiment="tp4-unet",
+        run_names="UNet_{Loss}_{Optimizer}",
+    )
     datasets.add_arguments(parser)
-    add("--n-images", type=int, default=200, help="number of synthetic images (train/val/test 70/15/15)")
-    add("--image-size", type=int, default=128, help="height and width of the network's input (and of the "
-        "synthetic images); real images are shrunk to fit and padded (geometry.py)")
-    add("--foreground", type=float, default=data.FOREGROUND, help="mean lesion fraction of the pixels")
+    add(
+        "--n-images",
+        type=int,
+        default=200,
+        help="number of synthetic images (train/val/test 70/15/15)",
+    )
+    add(
+        "--image-size",
+        type=int,
+        default=128,
+        help="height and width of the network's input (and of the "
+        "synthetic images); real images are shrunk to fit and padded (geometry.py)",
+    )
+    add(
+        "--foreground",
+        type=float,
+        default=data.FOREGROUND,
+        help="mean lesion fraction of the pixels",
+    )
     add("--contrast", type=float, default=data.CONTRAST, help="lesion brightness above the tissue")
     add("--noise", type=float, default=data.NOISE, help="Rician noise level")
     add("--base-filters", type=int, default=32, help="U-Net filters at the first level")
     add("--depth", type=int, default=4, help="U-Net levels, bottleneck included")
-    add("--no-skip", action="store_true", help="U-Net without skip connections (ablation; run name UNetNoSkip_...)")
-    add("--seed", type=int, default=42, help="seed for data, split, initialization and augmentation")
-    add("--experiment", default="tp4-unet", help="MLflow experiment name")
-    add("--run-name", help="MLflow run name (default: UNet_{Loss}_{Optimizer})")
-    add("--register", metavar="NAME", help="also register the model in the MLflow model registry as NAME")
-    add("--grid", action="store_true", help="run every loss x optimizer as separate runs and print a table")
+    add(
+        "--no-skip",
+        action="store_true",
+        help="U-Net without skip connections (ablation; run name UNetNoSkip_...)",
+    )
+    add(
+        "--grid",
+        action="store_true",
+        help="run every loss x optimizer as separate runs and print a table",
+    )
     args = parser.parse_args(argv)
     for name in ("batch_size", "epochs", "n_images", "image_size"):
         if getattr(args, name) < 1:
@@ -65,11 +98,20 @@ def parse_args(argv=None):
 
 
 def load_data(args):
-    """(splits, description): synthetic scans, or real data (--data-dir, --dataset), checked before any run."""
+    """(splits, description): synthetic scans, or real data (--data-dir, --dataset), checked before
+    any run."""
     if datasets.source(args):
-        return datasets.load_split(datasets.source(args), (args.image_size, args.image_size), args.seed)
-    images, masks = data.make_synthetic_2d(args.n_images, args.image_size, args.seed, foreground=args.foreground,
-                                           contrast=args.contrast, noise=args.noise)
+        return datasets.load_split(
+            datasets.source(args), (args.image_size, args.image_size), args.seed
+        )
+    images, masks = data.make_synthetic_2d(
+        args.n_images,
+        args.image_size,
+        args.seed,
+        foreground=args.foreground,
+        contrast=args.contrast,
+        noise=args.noise,
+    )
     splits = data.split(images, masks, seed=args.seed)
     description = data.describe(images, masks, "synthetic-2d", splits)
     return splits, {**description, "data_contrast": args.contrast, "data_noise": args.noise}
@@ -77,39 +119,64 @@ def load_data(args):
 
 def params(args, model, description):
     """Everything needed to know what a run did, as flat MLflow params."""
-    return {**unet.describe(model), "output_bias": args.output_bias, **recipe.params(args), **description}
+    return {
+        **unet.describe(model),
+        "output_bias": args.output_bias,
+        **recipe.params(args),
+        **description,
+    }
 
 
 def train(args):
-    """One tracked U-Net training run on 2D images; returns the final metrics and the trained model."""
+    """One tracked U-Net training run on 2D images; returns the final metrics and the model."""
     keras.utils.set_random_seed(args.seed)
     splits, description = load_data(args)
     bias = recipe.prior_bias(args, float(splits["train"][1].mean()))
-    model = unet.build_unet((args.image_size, args.image_size, 1), args.base_filters, args.depth,
-                            skip_connections=not args.no_skip, output_bias=bias,
-                            name="UNetNoSkip" if args.no_skip else "UNet")
+    model = unet.build_unet(
+        (args.image_size, args.image_size, 1),
+        args.base_filters,
+        args.depth,
+        skip_connections=not args.no_skip,
+        output_bias=bias,
+        name="UNetNoSkip" if args.no_skip else "UNet",
+    )
     recipe.compile_model(model, args, len(splits["train"][0]))
     run_name = args.run_name or (
         f"{model.name}_{metrics.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
     )
-    print(f"{run_name}: {description['data_split']} train/val/test images of {description['data_shape']}, "
-          f"foreground {description['data_foreground_fraction']:.1%} of pixels, {model.count_params():,} parameters")
+    print(
+        f"{run_name}: {description['data_split']} train/val/test images "
+        f"of {description['data_shape']}, foreground {description['data_foreground_fraction']:.1%} "
+        f"of pixels, {model.count_params():,} parameters"
+    )
     run_params = params(args, model, description)
-    results = recipe.fit_and_log(model, args, splits, run_name, run_params, figures.prediction_figure)
+    results = recipe.fit_and_log(
+        model, args, splits, run_name, run_params, figures.prediction_figure
+    )
     return results, model
 
 
 def run_grid(args):
-    """Every loss x optimizer as a separate run of the same experiment, then a Markdown table of the results."""
+    """Every loss x optimizer as a separate run of the same experiment, then a Markdown table of the
+    results."""
     rows = []
     for loss in metrics.LOSSES:
         for optimizer in recipe.OPTIMIZERS:
-            cell = argparse.Namespace(**{**vars(args), "loss": loss, "optimizer": optimizer, "run_name": None})
-            rows.append((metrics.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)[0]))
-    print("\n| loss | optimizer | test Dice | test IoU | per-image Dice | best epoch |\n|---|---|---|---|---|---|")
+            cell = argparse.Namespace(
+                **{**vars(args), "loss": loss, "optimizer": optimizer, "run_name": None}
+            )
+            rows.append(
+                (metrics.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)[0])
+            )
+    print(
+        "\n| loss | optimizer | test Dice | test IoU | per-image Dice | best epoch |"
+        "\n|---|---|---|---|---|---|"
+    )
     for loss, optimizer, r in sorted(rows, key=lambda row: -row[2]["test_dice"]):
-        print(f"| {loss} | {optimizer} | {r['test_dice']:.3f} | {r['test_iou']:.3f} | "
-              f"{r['test_dice_per_image']:.3f} | {r['best_epoch']} |")
+        print(
+            f"| {loss} | {optimizer} | {r['test_dice']:.3f} | {r['test_iou']:.3f} | "
+            f"{r['test_dice_per_image']:.3f} | {r['best_epoch']} |"
+        )
 
 
 def main(argv=None):

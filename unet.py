@@ -109,12 +109,15 @@ def check_config(
     if upsampling not in UPSAMPLING:
         raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
     if upsampling == "bilinear" and len(input_shape) == 4:
-        raise ValueError("bilinear up-sampling is 2D only; use 'transpose' or 'nearest' for volumes")
+        raise ValueError(
+            "bilinear up-sampling is 2D only; use 'transpose' or 'nearest' for volumes"
+        )
     factor = 2 ** (depth - 1)
     if any(s % factor for s in input_shape[:-1]):
         raise ValueError(
             f"spatial size {tuple(input_shape[:-1])} is not divisible by 2**(depth-1) = {factor} "
-            f"(depth {depth} pools {depth - 1} times); use a multiple of {factor} or a smaller depth"
+            f"(depth {depth} pools {depth - 1} times); "
+            f"use a multiple of {factor} or a smaller depth"
         )
 
 
@@ -131,7 +134,8 @@ def build_unet(
     output_bias: float = 0.0,
     name: str = "UNet",
 ) -> keras.Model:
-    """U-Net with `depth` levels: base, 2*base, ... filters down, 2**(depth-1)*base at the bottleneck.
+    """U-Net with `depth` levels: base, 2*base, ... filters down, 2**(depth-1)*base at the
+    bottleneck.
 
     Args:
         input_shape: (H, W, C) for a 2D network, (D, H, W, C) for a 3D one; every spatial size
@@ -294,9 +298,13 @@ def main() -> None:
     if not args.quiet:
         model.summary(line_length=100)
     total, trainable = count_params(model)
-    print(f"parameters: {total:,} total, {trainable:,} trainable, {total - trainable:,} non-trainable")
+    print(
+        f"parameters: {total:,} total, {trainable:,} trainable, {total - trainable:,} non-trainable"
+    )
     print(f"input  shape: {model.input_shape}  (batch, height, width, channels)")
-    kind = "sigmoid, one foreground probability" if args.num_classes == 1 else "softmax over classes"
+    kind = (
+        "sigmoid, one foreground probability" if args.num_classes == 1 else "softmax over classes"
+    )
     print(f"output shape: {model.output_shape}  ({kind} per pixel)")
 
 

@@ -1,10 +1,9 @@
-"""conv3d.py: parameter counts by hand, memory accounting, sliding-window inference, a tracked 3D run."""
+"""conv3d.py: parameter counts by hand, memory accounting, sliding-window inference, a tracked 3D
+run."""
 
 import keras
-import mlflow
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
 import conv3d
 import geometry
@@ -44,15 +43,22 @@ def test_activation_bytes_follow_the_layer_shapes():
 
 
 def test_memory_grows_with_filters_slices_and_shrinks_with_16_bit_floats():
-    rows = {row["lever"]: row for row in conv3d.measure_levers((16, 16, 16), filters=8, depth=2, peak_memory=False)}
+    rows = {
+        row["lever"]: row
+        for row in conv3d.measure_levers((16, 16, 16), filters=8, depth=2, peak_memory=False)
+    }
     base = rows["baseline (k=3, all filters, all slices, fp32)"]
     assert rows["half the filters"]["activation_mb"] < base["activation_mb"]
-    assert rows["half the slices (D/2)"]["activation_mb"] == pytest.approx(base["activation_mb"] / 2)
+    assert rows["half the slices (D/2)"]["activation_mb"] == pytest.approx(
+        base["activation_mb"] / 2
+    )
     assert rows["kernel 2x2x2"]["params"] < base["params"]
     mixed = next(row for label, row in rows.items() if label.startswith("mixed precision"))
     assert mixed["activation_mb"] < 0.6 * base["activation_mb"]
     bigger = unet.build_unet3d((16, 16, 16, 1), base_filters=16, depth=2)
-    assert memory.activation_bytes(bigger) > memory.activation_bytes(unet.build_unet3d((16, 16, 16, 1), 8, 2))
+    assert memory.activation_bytes(bigger) > memory.activation_bytes(
+        unet.build_unet3d((16, 16, 16, 1), 8, 2)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +71,23 @@ def small_model():
 def test_sliding_window_equals_direct_prediction_when_the_volume_fits(small_model, weighting):
     volume = np.random.default_rng(1).random((8, 16, 16, 1), dtype=np.float32)
     direct = small_model.predict(volume[None], verbose=0)[0]
-    windowed = geometry.sliding_window_predict(small_model, volume, overlap=0.5, weighting=weighting)
+    windowed = geometry.sliding_window_predict(
+        small_model, volume, overlap=0.5, weighting=weighting
+    )
     np.testing.assert_allclose(windowed, direct, atol=1e-5)
 
 
 def test_sliding_window_covers_a_larger_volume_and_blends_exactly():
-    # A 1x1x1 convolution sees one voxel: every patch agrees, so any blending must return the direct output.
+    # A 1x1x1 convolution sees one voxel: every patch agrees, so any blending must return the direct
+    # output.
     inputs = keras.Input((4, 8, 8, 1))
     pointwise = keras.Model(inputs, keras.layers.Conv3D(1, 1, activation="sigmoid")(inputs))
     volume = np.random.default_rng(2).random((10, 21, 13, 1), dtype=np.float32)
-    expected = keras.ops.convert_to_numpy(keras.activations.sigmoid(volume * pointwise.layers[1].kernel.numpy()[0, 0, 0]
-                                                                     + pointwise.layers[1].bias.numpy()))
+    expected = keras.ops.convert_to_numpy(
+        keras.activations.sigmoid(
+            volume * pointwise.layers[1].kernel.numpy()[0, 0, 0] + pointwise.layers[1].bias.numpy()
+        )
+    )
     for weighting in ("constant", "gaussian"):
         out = geometry.sliding_window_predict(pointwise, volume, overlap=0.25, weighting=weighting)
         assert out.shape == (10, 21, 13, 1)
@@ -92,41 +104,35 @@ def test_sliding_window_refuses_bad_volumes(small_model):
 
 
 @pytest.mark.slow
-def test_tracked_3d_training_learns_and_logs_like_train_py(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        args, _ = conv3d.parse_args(["--n-volumes", "24", "--shape", "8", "32", "32", "--depth", "2",
-                                     "--base-filters", "8", "--foreground", "0.1", "--epochs", "6",
-                                     "--patience", "6", "--batch-size", "2", "--seed", "3"])
-        results = conv3d.train3d(args, memory_rows=[{"lever": "baseline", "params": 1}])
-    finally:
-        mlflow.set_tracking_uri(None)
-    client = MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
+def test_tracked_3d_training_learns_and_logs_like_train_py(store):
+    args, _ = conv3d.parse_args(
+        "--n-volumes 24 --shape 8 32 32 --depth 2 --base-filters 8 --foreground 0.1 --epochs 6 "
+        "--patience 6 --batch-size 2 --seed 3".split()
+    )
+    results = conv3d.train3d(args, memory_rows=[{"lever": "baseline", "params": 1}])
+    run = store.search_runs([store.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
     assert run.info.run_name == "Conv3D_Baseline" and run.info.status == "FINISHED"
-    assert run.data.params["architecture"] == "UNet3D" and run.data.params["data_shape"] == "8x32x32x1"
-    dice = [m.value for m in client.get_metric_history(run.info.run_id, "dice")]
+    params = run.data.params
+    assert params["architecture"] == "UNet3D" and params["data_shape"] == "8x32x32x1"
+    dice = [m.value for m in store.get_metric_history(run.info.run_id, "dice")]
     assert len(dice) == results["epochs_run"] and dice[-1] > dice[0] + 0.2, dice
-    assert run.data.metrics["test_dice"] == pytest.approx(results["test_dice"]) and results["test_dice"] > 0.5
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "model_config.json", "memory_levers.json", "test_predictions.png",
-            "training_curves.png"} <= artifacts
+    assert run.data.metrics["test_dice"] == pytest.approx(results["test_dice"])
+    assert results["test_dice"] > 0.5
+    artifacts = {a.path for a in store.list_artifacts(run.info.run_id)}
+    expected = {"config.json", "model_config.json", "memory_levers.json", "test_predictions.png"}
+    assert expected | {"training_curves.png"} <= artifacts
 
 
 @pytest.mark.slow
-def test_2d_slices_baseline_uses_the_same_volumes_and_split(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    try:
-        args, _ = conv3d.parse_args(["--n-volumes", "12", "--shape", "8", "32", "32", "--depth", "2", "--epochs", "2",
-                                     "--seed", "3"])
-        results = conv3d.train_on_slices(args)
-    finally:
-        mlflow.set_tracking_uri(None)
-    client = MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
-    assert run.info.run_name == "UNet2D_Slices" and run.data.params["architecture"] == "UNet2D on slices"
-    assert run.data.params["data_split"] == "8/2/2"  # volumes, split exactly as the 3D run splits them
+def test_2d_slices_baseline_uses_the_same_volumes_and_split(store):
+    args, _ = conv3d.parse_args(
+        "--n-volumes 12 --shape 8 32 32 --depth 2 --epochs 2 --seed 3".split()
+    )
+    results = conv3d.train_on_slices(args)
+    run = store.search_runs([store.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
+    assert run.info.run_name == "UNet2D_Slices"
+    assert run.data.params["architecture"] == "UNet2D on slices"
+    assert (
+        run.data.params["data_split"] == "8/2/2"
+    )  # volumes, split exactly as the 3D run splits them
     assert 0 <= results["test_dice"] <= 1

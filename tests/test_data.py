@@ -58,7 +58,9 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert set.union(*ids) == set(range(200)) and sum(map(len, ids)) == 200
     for k in first:
         np.testing.assert_array_equal(first[k][0], second[k][0])
-        np.testing.assert_array_equal(first[k][0], first[k][1])  # images stay paired with their masks
+        np.testing.assert_array_equal(
+            first[k][0], first[k][1]
+        )  # images stay paired with their masks
     assert not np.array_equal(data.split(images, images, seed=4)["test"][0], first["test"][0])
 
 
@@ -76,11 +78,17 @@ def test_augmentation_moves_image_and_mask_together_and_is_reproducible():
     assert sum(len(x) for x, _ in epoch1) == 16
     originals = {m.tobytes() for m in masks}
     augmented = [m.tobytes() for x, _ in epoch1 for m in x]
-    assert sum(m not in originals for m in augmented) >= 4, "flips and rotations should change most examples"
-    again = _first_epoch(data.make_dataset(masks.copy(), masks, batch_size=4, training=True, seed=1))
+    assert sum(m not in originals for m in augmented) >= 4, (
+        "flips and rotations should change most examples"
+    )
+    again = _first_epoch(
+        data.make_dataset(masks.copy(), masks, batch_size=4, training=True, seed=1)
+    )
     for (x1, _), (x2, _) in zip(epoch1, again):
         np.testing.assert_array_equal(x1, x2)  # same seed, same batches
-    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(epoch1, epoch2))  # new draw each epoch
+    assert any(
+        not np.array_equal(a[0], b[0]) for a, b in zip(epoch1, epoch2)
+    )  # new draw each epoch
 
 
 def test_evaluation_pipeline_keeps_order_and_values():
@@ -91,16 +99,23 @@ def test_evaluation_pipeline_keeps_order_and_values():
 
 def test_full_batches_only_keeps_one_batch_shape_and_reshuffles_what_waits():
     masks = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)  # each "mask" is its index
-    dataset = data.make_dataset(masks, masks, 4, training=True, augment=False, seed=0, drop_remainder=True)
+    dataset = data.make_dataset(
+        masks, masks, 4, training=True, augment=False, seed=0, drop_remainder=True
+    )
     epochs = [_first_epoch(dataset) for _ in range(4)]
     assert all([len(x) for x, _ in epoch] == [4, 4] for epoch in epochs)
     seen = [{int(i) for x, _ in epoch for i in x.ravel()} for epoch in epochs]
     assert len(set.union(*seen)) == 10 and len({frozenset(s) for s in seen}) > 1
-    assert [len(x) for x, _ in _first_epoch(data.make_dataset(masks, masks, 4, training=True))] == [4, 4, 2]
+    assert [len(x) for x, _ in _first_epoch(data.make_dataset(masks, masks, 4, training=True))] == [
+        4,
+        4,
+        2,
+    ]
 
 
 def test_pipelines_run_without_the_autotuner():
-    # Its background thread blocked each new epoch's iterator for ~20 s on 2 busy cores (README, Performance).
+    # Its background thread blocked each new epoch's iterator for ~20 s on 2 busy cores (README,
+    # Performance).
     images, masks = data.make_synthetic_2d(4, size=32, seed=0)
     for training in (True, False):
         assert data.make_dataset(images, masks, 2, training).options().autotune.enabled is False
@@ -109,6 +124,8 @@ def test_pipelines_run_without_the_autotuner():
 def test_volumes_are_augmented_slice_by_slice():
     rng = np.random.default_rng(0)
     volumes = (rng.random((4, 3, 8, 8, 1)) < 0.3).astype(np.float32)
-    for x, y in _first_epoch(data.make_dataset(volumes.copy(), volumes, batch_size=2, training=True)):
+    for x, y in _first_epoch(
+        data.make_dataset(volumes.copy(), volumes, batch_size=2, training=True)
+    ):
         assert x.shape[1:] == (3, 8, 8, 1)
         np.testing.assert_array_equal(x, y)

@@ -1,4 +1,4 @@
-"""geometry.py: fitting images to the network and back (exactly, when only padded), and 3D patches."""
+"""geometry.py: fitting images to the network and back (exact when only padded), 3D patches."""
 
 import numpy as np
 
@@ -36,5 +36,5 @@ def test_volumes_are_padded_not_shrunk_for_the_sliding_window_and_tiled_without_
     assert patches.shape == (2 * 3 * 1, 4, 8, 8) and len(set(corners)) == len(corners)
     rebuilt = np.zeros((8, 24, 8), np.float32)
     for patch, (d, h, w) in zip(patches, corners):
-        rebuilt[d:d + 4, h:h + 8, w:w + 8] = patch
+        rebuilt[d : d + 4, h : h + 8, w : w + 8] = patch
     np.testing.assert_array_equal(rebuilt[:5, :20, :7], volume)

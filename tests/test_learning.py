@@ -1,4 +1,5 @@
-"""A tiny U-Net learns an easy case, and a model with the custom losses and metrics saves and reloads."""
+"""A tiny U-Net learns an easy case, and a model with the custom losses and metrics saves and
+reloads."""
 
 import keras
 import numpy as np
@@ -12,12 +13,18 @@ import unet
 @pytest.fixture(scope="module")
 def trained():
     keras.utils.set_random_seed(0)
-    images, masks = data.make_synthetic_2d(64, size=32, seed=1, foreground=0.1, noise=0.02, bias=0, distractors=0)
+    images, masks = data.make_synthetic_2d(
+        64, size=32, seed=1, foreground=0.1, noise=0.02, bias=0, distractors=0
+    )
     model = unet.build_unet((32, 32, 1), base_filters=8, depth=3)
-    model.compile(keras.optimizers.Adam(1e-2), metrics.BCEDiceLoss(),
-                  metrics=[metrics.DiceMetric(), metrics.IoUMetric()])
-    history = model.fit(data.make_dataset(images, masks, 16, training=True), epochs=4, shuffle=False,
-                        verbose=0)
+    model.compile(
+        keras.optimizers.Adam(1e-2),
+        metrics.BCEDiceLoss(),
+        metrics=[metrics.DiceMetric(), metrics.IoUMetric()],
+    )
+    history = model.fit(
+        data.make_dataset(images, masks, 16, training=True), epochs=4, shuffle=False, verbose=0
+    )
     return model, history.history, images, masks
 
 
@@ -32,14 +39,18 @@ def test_saved_model_reloads_without_custom_objects(trained, tmp_path):
     model, _, images, masks = trained
     path = tmp_path / "unet.keras"
     model.save(path)
-    reloaded = keras.models.load_model(path)  # no custom_objects: everything is registered as serializable
-    np.testing.assert_allclose(reloaded.predict(images[:4], verbose=0), model.predict(images[:4], verbose=0),
-                               atol=1e-6)
+    reloaded = keras.models.load_model(
+        path
+    )  # no custom_objects: everything is registered as serializable
+    np.testing.assert_allclose(
+        reloaded.predict(images[:4], verbose=0), model.predict(images[:4], verbose=0), atol=1e-6
+    )
     assert isinstance(reloaded.loss, metrics.BCEDiceLoss)
     before = model.evaluate(images, masks, verbose=0, return_dict=True)
     after = reloaded.evaluate(images, masks, verbose=0, return_dict=True)
     assert set(after) == {"loss", "dice", "iou"}
     for key in after:
         assert after[key] == pytest.approx(before[key], abs=1e-5)
-    assert after["dice"] == pytest.approx(metrics.dice_coefficient(masks, model.predict(images, verbose=0)),
-                                          abs=1e-5)
+    assert after["dice"] == pytest.approx(
+        metrics.dice_coefficient(masks, model.predict(images, verbose=0)), abs=1e-5
+    )

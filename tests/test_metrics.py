@@ -24,8 +24,12 @@ def test_dice_and_iou_match_scikit_learn_on_random_masks(seed):
     truth = (rng.random((6, 32, 32)) < rng.uniform(0.01, 0.6)).astype(int)
     probabilities = rng.random((6, 32, 32))
     flat_true, flat_pred = truth.ravel(), (probabilities >= 0.5).ravel()
-    assert metrics.dice_coefficient(truth, probabilities) == pytest.approx(f1_score(flat_true, flat_pred))
-    assert metrics.iou_score(truth, probabilities) == pytest.approx(jaccard_score(flat_true, flat_pred))
+    assert metrics.dice_coefficient(truth, probabilities) == pytest.approx(
+        f1_score(flat_true, flat_pred)
+    )
+    assert metrics.iou_score(truth, probabilities) == pytest.approx(
+        jaccard_score(flat_true, flat_pred)
+    )
 
 
 def test_per_image_is_the_mean_of_per_image_values():
@@ -37,11 +41,14 @@ def test_per_image_is_the_mean_of_per_image_values():
     assert metrics.iou_score(truth, pred, per_image=True) == pytest.approx((1 + 2 / 3 + 1) / 3)
 
 
-@pytest.mark.parametrize("truth, pred, expected", [
-    (np.zeros((4, 4)), np.zeros((4, 4)), 1.0),
-    (np.zeros((4, 4)), np.ones((4, 4)), 0.0),
-    (np.ones((4, 4)), np.zeros((4, 4)), 0.0),
-])
+@pytest.mark.parametrize(
+    "truth, pred, expected",
+    [
+        (np.zeros((4, 4)), np.zeros((4, 4)), 1.0),
+        (np.zeros((4, 4)), np.ones((4, 4)), 0.0),
+        (np.ones((4, 4)), np.zeros((4, 4)), 0.0),
+    ],
+)
 def test_empty_masks(truth, pred, expected):
     assert metrics.dice_coefficient(truth, pred) == expected
     assert metrics.iou_score(truth, pred) == expected
@@ -80,17 +87,22 @@ def test_keras_metrics_give_the_dataset_value_not_a_mean_of_batches():
     batch_dice = []
     for start in range(0, 10, 3):  # uneven batches: 3, 3, 3, 1
         for metric in (dice, iou):
-            metric.update_state(truth[start:start + 3], pred[start:start + 3])
-        batch_dice.append(metrics.dice_coefficient(truth[start:start + 3], pred[start:start + 3]))
+            metric.update_state(truth[start : start + 3], pred[start : start + 3])
+        batch_dice.append(
+            metrics.dice_coefficient(truth[start : start + 3], pred[start : start + 3])
+        )
     assert float(dice.result()) == pytest.approx(metrics.dice_coefficient(truth, pred), abs=1e-6)
     assert float(iou.result()) == pytest.approx(metrics.iou_score(truth, pred), abs=1e-6)
-    assert abs(float(dice.result()) - np.mean(batch_dice)) > 1e-4  # the batch mean would have been wrong
+    assert (
+        abs(float(dice.result()) - np.mean(batch_dice)) > 1e-4
+    )  # the batch mean would have been wrong
     dice.reset_state()
     dice.update_state(np.zeros((2, 4, 4, 1)), np.zeros((2, 4, 4, 1)))
     assert float(dice.result()) == 1.0  # both empty
 
 
-# ---- losses -----------------------------------------------------------------------------------------------------
+# ---- losses
+# ------------------------------------------------------------------------------------------------
 
 Y = np.array([1, 1, 0, 0], "float32").reshape(1, 2, 2, 1)
 
@@ -114,10 +126,14 @@ def test_bce_dice_loss_value():
 def test_tversky_losses_values():
     # p = [1, 0, 0, 0]: TP=1, FP=0, FN=1 -> Tversky index 1 / (1 + 0.7).
     assert _loss(metrics.TverskyLoss(), [1, 0, 0, 0]) == pytest.approx(0.7 / 1.7, abs=1e-6)
-    assert _loss(metrics.FocalTverskyLoss(), [1, 0, 0, 0]) == pytest.approx((0.7 / 1.7) ** 0.75, abs=1e-6)
+    assert _loss(metrics.FocalTverskyLoss(), [1, 0, 0, 0]) == pytest.approx(
+        (0.7 / 1.7) ** 0.75, abs=1e-6
+    )
     # alpha = beta = 0.5 is the soft Dice loss.
     p = [0.7, 0.2, 0.4, 0.1]
-    assert _loss(metrics.TverskyLoss(0.5, 0.5), p) == pytest.approx(_loss(metrics.SoftDiceLoss(), p), abs=1e-6)
+    assert _loss(metrics.TverskyLoss(0.5, 0.5), p) == pytest.approx(
+        _loss(metrics.SoftDiceLoss(), p), abs=1e-6
+    )
 
 
 def test_generalized_dice_loss_value():

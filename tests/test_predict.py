@@ -1,4 +1,5 @@
-"""predict.py: masks with the input's geometry from a .keras file or an MLflow URI, 2D and 3D, and bad inputs."""
+"""predict.py: masks with the input's geometry from a .keras file or an MLflow URI, 2D and 3D, and
+bad inputs."""
 
 import os
 
@@ -15,12 +16,15 @@ import metrics
 import predict
 import unet
 
-AFFINE = np.array([[0.0, -0.8, 0.0, 20.0], [0.9, 0.0, 0.0, -15.0], [0.0, 0.0, 2.5, 7.0], [0.0, 0.0, 0.0, 1.0]])
+AFFINE = np.array(
+    [[0.0, -0.8, 0.0, 20.0], [0.9, 0.0, 0.0, -15.0], [0.0, 0.0, 2.5, 7.0], [0.0, 0.0, 0.0, 1.0]]
+)
 
 
 def _save(model, path):
-    # Compiled with the project's loss and metrics: reloading needs them registered (predict imports metrics).
-    # One training step on an empty batch builds the optimizer, as in a trained model, with tiny weight changes.
+    # Compiled with the project's loss and metrics: reloading needs them registered (predict imports
+    # metrics). One training step on an empty batch builds the optimizer, as in a trained model,
+    # with tiny weight changes.
     model.compile("adam", metrics.BCEDiceLoss(), metrics=[metrics.DiceMetric()])
     blank = np.zeros((1, *model.input_shape[1:]), np.float32)
     model.train_on_batch(blank, blank)
@@ -72,24 +76,46 @@ def _binary(path, values):
 def test_png_jpeg_tiff_folder_gives_masks_of_each_input_size(model_2d, tmp_path, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    sizes = {"square.png": (32, 32), "tall.png": (50, 20), "small.png": (20, 24), "photo.jpg": (30, 40),
-             "deep.tif": (45, 30)}
+    sizes = {
+        "square.png": (32, 32),
+        "tall.png": (50, 20),
+        "small.png": (20, 24),
+        "photo.jpg": (30, 40),
+        "deep.tif": (45, 30),
+    }
     for name, (h, w) in sizes.items():
         deep = name.endswith(".tif")
-        Image.fromarray(_grey((h, w), dtype=np.uint16 if deep else np.uint8, high=60000 if deep else 256)).save(
-            inputs / name)
+        Image.fromarray(
+            _grey((h, w), dtype=np.uint16 if deep else np.uint8, high=60000 if deep else 256)
+        ).save(inputs / name)
     code, out, err = _run([model_2d[1], str(inputs), "--output", str(tmp_path / "out")], capsys)
-    assert code == 0 and err == [] and len(out) == len(sizes) and all("foreground" in line for line in out)
-    expected = {"square.png": "square_mask.png", "tall.png": "tall_mask.png", "small.png": "small_mask.png",
-                "photo.jpg": "photo_mask.png", "deep.tif": "deep_mask.tif"}  # JPEG in, PNG mask out: lossless
+    assert (
+        code == 0
+        and err == []
+        and len(out) == len(sizes)
+        and all("foreground" in line for line in out)
+    )
+    expected = {
+        "square.png": "square_mask.png",
+        "tall.png": "tall_mask.png",
+        "small.png": "small_mask.png",
+        "photo.jpg": "photo_mask.png",
+        "deep.tif": "deep_mask.tif",
+    }  # JPEG in, PNG mask out: lossless
     for name, (h, w) in sizes.items():
         mask = _binary(tmp_path / "out" / expected[name], (0, 255))
         assert mask.shape == (h, w), name
-        picture = Image.open(tmp_path / "out" / expected[name].replace("_mask.png", "_overlay.png")
-                             .replace("_mask.tif", "_overlay.png"))
+        picture = Image.open(
+            tmp_path
+            / "out"
+            / expected[name]
+            .replace("_mask.png", "_overlay.png")
+            .replace("_mask.tif", "_overlay.png")
+        )
         assert picture.mode == "RGB" and picture.size == (w, h)
-    assert sorted(os.listdir(tmp_path / "out")) == sorted(list(expected.values()) + [
-        n.split(".")[0] + "_overlay.png" for n in sizes])
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        list(expected.values()) + [n.split(".")[0] + "_overlay.png" for n in sizes]
+    )
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (20, 24)])  # as the network takes it; smaller: padded
@@ -99,9 +125,13 @@ def test_a_png_mask_is_the_models_output_on_the_normalized_image(model_2d, tmp_p
     Image.fromarray(image).save(tmp_path / "x.png")
     assert _run([path, str(tmp_path / "x.png"), "--output", str(tmp_path / "out")], capsys)[0] == 0
     mask = _binary(tmp_path / "out" / "x_mask.png", (0, 255))
-    fitted, transform = geometry.fit(data.normalize_intensity(image.astype(np.float32))[..., None], (32, 32))
+    fitted, transform = geometry.fit(
+        data.normalize_intensity(image.astype(np.float32))[..., None], (32, 32)
+    )
     probabilities = geometry.unfit(model.predict(fitted[None], verbose=0)[0, ..., 0], transform)
-    clear = np.abs(probabilities - 0.5) > 1e-4  # leave out pixels within float noise of the threshold
+    clear = (
+        np.abs(probabilities - 0.5) > 1e-4
+    )  # leave out pixels within float noise of the threshold
     np.testing.assert_array_equal(mask[clear], np.where(probabilities >= 0.5, 255, 0)[clear])
 
 
@@ -109,30 +139,49 @@ def test_threshold_moves_the_foreground(model_2d, tmp_path, capsys):
     Image.fromarray(_grey((32, 32), seed=4)).save(tmp_path / "x.png")
     fractions = []
     for threshold in ("0.1", "0.9"):
-        _run([model_2d[1], str(tmp_path / "x.png"), "--output", str(tmp_path / threshold), "--threshold", threshold],
-             capsys)
+        _run(
+            [
+                model_2d[1],
+                str(tmp_path / "x.png"),
+                "--output",
+                str(tmp_path / threshold),
+                "--threshold",
+                threshold,
+            ],
+            capsys,
+        )
         fractions.append((_binary(tmp_path / threshold / "x_mask.png", (0, 255)) > 0).mean())
     assert fractions[0] > fractions[1]
 
 
-@pytest.mark.parametrize("name, shape", [("scan.nii.gz", (40, 24, 5)), ("scan.nii", (20, 20, 3)),
-                                         ("scan4d.nii.gz", (24, 24, 4, 1))])
-def test_a_2d_model_segments_a_nifti_slice_by_slice_with_its_affine(model_2d, tmp_path, capsys, name, shape):
+@pytest.mark.parametrize(
+    "name, shape",
+    [("scan.nii.gz", (40, 24, 5)), ("scan.nii", (20, 20, 3)), ("scan4d.nii.gz", (24, 24, 4, 1))],
+)
+def test_a_2d_model_segments_a_nifti_slice_by_slice_with_its_affine(
+    model_2d, tmp_path, capsys, name, shape
+):
     _volume(tmp_path / name, shape)
-    code, out, _ = _run([model_2d[1], str(tmp_path / name), "--output", str(tmp_path / "out")], capsys)
+    code, out, _ = _run(
+        [model_2d[1], str(tmp_path / name), "--output", str(tmp_path / "out")], capsys
+    )
     assert code == 0 and len(out) == 1
     stem = name.split(".")[0]
-    mask = nib.load(tmp_path / "out" / (stem + "_mask" + name[len(stem):]))
+    mask = nib.load(tmp_path / "out" / (stem + "_mask" + name[len(stem) :]))
     assert mask.shape == shape and mask.get_data_dtype() == np.uint8
     np.testing.assert_allclose(mask.affine, AFFINE)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
     assert (tmp_path / "out" / f"{stem}_overlay.png").exists()
 
 
-def test_a_2d_model_on_a_volume_normalizes_per_volume_then_predicts_each_slice(model_2d, tmp_path, capsys):
+def test_a_2d_model_on_a_volume_normalizes_per_volume_then_predicts_each_slice(
+    model_2d, tmp_path, capsys
+):
     model, path = model_2d
     volume = _volume(tmp_path / "scan.nii.gz", (32, 32, 3))
-    volume[..., 1] *= 10  # a bright slice: per-slice normalization would hide it, per-volume keeps it
+    volume[..., 1] *= (
+        10  # a bright slice: per-slice normalization would hide it, per-volume keeps it
+    )
     nib.save(nib.Nifti1Image(volume, AFFINE), tmp_path / "scan.nii.gz")
     _run([path, str(tmp_path / "scan.nii.gz"), "--output", str(tmp_path / "out")], capsys)
     mask = np.asarray(nib.load(tmp_path / "out" / "scan_mask.nii.gz").dataobj)
@@ -142,10 +191,17 @@ def test_a_2d_model_on_a_volume_normalizes_per_volume_then_predicts_each_slice(m
     np.testing.assert_array_equal(mask[clear], (probabilities >= 0.5)[clear])
 
 
-@pytest.mark.parametrize("shape", [(20, 24, 10), (12, 12, 6)])  # larger than the 8x16x16 patch; smaller: padded
+@pytest.mark.parametrize(
+    "shape", [(20, 24, 10), (12, 12, 6)]
+)  # larger than the 8x16x16 patch; smaller: padded
 def test_a_3d_model_segments_through_the_sliding_window(model_3d, tmp_path, capsys, shape):
     _volume(tmp_path / "vol.nii.gz", shape)
-    assert _run([model_3d[1], str(tmp_path / "vol.nii.gz"), "--output", str(tmp_path / "out")], capsys)[0] == 0
+    assert (
+        _run(
+            [model_3d[1], str(tmp_path / "vol.nii.gz"), "--output", str(tmp_path / "out")], capsys
+        )[0]
+        == 0
+    )
     mask = nib.load(tmp_path / "out" / "vol_mask.nii.gz")
     assert mask.shape == shape
     np.testing.assert_allclose(mask.affine, AFFINE)
@@ -154,50 +210,66 @@ def test_a_3d_model_segments_through_the_sliding_window(model_3d, tmp_path, caps
 
 def test_a_3d_prediction_keeps_the_slice_axis_last(model_3d, tmp_path, capsys):
     model, path = model_3d
-    volume = _volume(tmp_path / "vol.nii.gz", (16, 16, 8))  # (X, Y, Z): exactly one patch (D, H, W) = (Z, X, Y)
+    volume = _volume(
+        tmp_path / "vol.nii.gz", (16, 16, 8)
+    )  # (X, Y, Z): exactly one patch (D, H, W) = (Z, X, Y)
     _run([path, str(tmp_path / "vol.nii.gz"), "--output", str(tmp_path / "out")], capsys)
     mask = np.asarray(nib.load(tmp_path / "out" / "vol_mask.nii.gz").dataobj)
-    direct = model.predict(np.moveaxis(data.normalize_intensity(volume), -1, 0)[None, ..., None], verbose=0)[0, ..., 0]
+    direct = model.predict(
+        np.moveaxis(data.normalize_intensity(volume), -1, 0)[None, ..., None], verbose=0
+    )[0, ..., 0]
     probabilities = np.moveaxis(direct, 0, -1)
     clear = np.abs(probabilities - 0.5) > 1e-4
     np.testing.assert_array_equal(mask[clear], (probabilities >= 0.5)[clear])
 
 
-def test_mlflow_model_uris(model_2d, tmp_path, capsys):
+def test_mlflow_model_uris(model_2d, store, tmp_path, capsys):
     Image.fromarray(_grey((32, 32))).save(tmp_path / "x.png")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
-        experiment = mlflow.create_experiment("predict", artifact_location=(tmp_path / "artifacts").as_uri())
-        with mlflow.start_run(experiment_id=experiment) as run:
-            # Explicit requirements: inferring them would load the model again in a subprocess (seconds).
-            info = mlflow.keras.log_model(model_2d[0], name="model", registered_model_name="tiny-unet",
-                                          pip_requirements=[f"keras=={keras.__version__}"])
-        capsys.readouterr()  # MLflow's messages about creating the store and registering the model
-        uris = [f"runs:/{run.info.run_id}/model", "models:/tiny-unet/1", info.model_uri]
-        for i, uri in enumerate(uris):
-            code, out, err = _run([uri, str(tmp_path / "x.png"), "--output", str(tmp_path / f"out{i}")], capsys)
-            assert code == 0 and err == [], (uri, err)
-            _binary(tmp_path / f"out{i}" / "x_mask.png", (0, 255))
-        code, _, err = _run(["runs:/0123456789abcdef/model", str(tmp_path / "x.png"), "--output",
-                             str(tmp_path / "bad")], capsys)
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert code == 2 and len(err) == 1 and err[0].startswith("predict.py: error: cannot load the model runs:/")
-    assert info.model_uri.startswith("models:/") and not (tmp_path / "bad").exists()
+    experiment = mlflow.create_experiment("predict", (tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
+        # Explicit requirements: inferring them would load the model again in a subprocess.
+        info = mlflow.keras.log_model(
+            model_2d[0],
+            name="model",
+            registered_model_name="tiny-unet",
+            pip_requirements=[f"keras=={keras.__version__}"],
+        )
+    capsys.readouterr()  # MLflow's messages about registering the model
+    uris = [f"runs:/{run.info.run_id}/model", "models:/tiny-unet/1", info.model_uri]
+    for i, uri in enumerate(uris):
+        output = str(tmp_path / f"out{i}")
+        code, out, err = _run([uri, str(tmp_path / "x.png"), "--output", output], capsys)
+        assert code == 0 and err == [], (uri, err)
+        _binary(tmp_path / f"out{i}" / "x_mask.png", (0, 255))
+    missing = "runs:/0123456789abcdef/model"
+    code, _, err = _run(
+        [missing, str(tmp_path / "x.png"), "--output", str(tmp_path / "bad")], capsys
+    )
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("predict.py: error: cannot load the model runs:/")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Bad inputs: one line each, exit status 2, nothing half-written.
+
 
 def test_a_missing_model_is_one_line_and_nothing_written(tmp_path, capsys):
     Image.fromarray(_grey((32, 32))).save(tmp_path / "x.png")
-    code, out, err = _run([str(tmp_path / "nope.keras"), str(tmp_path / "x.png"), "--output", str(tmp_path / "out")],
-                          capsys)
-    assert code == 2 and out == [] and err == [f"predict.py: error: no such model file: {tmp_path / 'nope.keras'}"]
+    code, out, err = _run(
+        [str(tmp_path / "nope.keras"), str(tmp_path / "x.png"), "--output", str(tmp_path / "out")],
+        capsys,
+    )
+    assert (
+        code == 2
+        and out == []
+        and err == [f"predict.py: error: no such model file: {tmp_path / 'nope.keras'}"]
+    )
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_files_are_reported_one_line_each_and_the_good_ones_still_done(model_2d, model_3d, tmp_path, capsys):
+def test_bad_files_are_reported_one_line_each_and_the_good_ones_still_done(
+    model_2d, model_3d, tmp_path, capsys
+):
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray(_grey((32, 32))).save(inputs / "good.png")
@@ -205,7 +277,9 @@ def test_bad_files_are_reported_one_line_each_and_the_good_ones_still_done(model
     (inputs / "broken.png").write_bytes((inputs / "broken.png").read_bytes()[:60])
     Image.fromarray(_grey((32, 32, 3))).save(inputs / "colour.png")
     missing = str(tmp_path / "missing.png")
-    code, out, err = _run([model_2d[1], str(inputs), missing, "--output", str(tmp_path / "out")], capsys)
+    code, out, err = _run(
+        [model_2d[1], str(inputs), missing, "--output", str(tmp_path / "out")], capsys
+    )
     assert code == 2 and len(out) == 1 and out[0].startswith(str(inputs / "good.png"))
     assert len(err) == 3 and all(line.startswith("predict.py: error: ") for line in err)
     assert "broken.png" in err[0] and "cannot read" in err[0]
@@ -213,7 +287,9 @@ def test_bad_files_are_reported_one_line_each_and_the_good_ones_still_done(model
     assert err[2] == f"predict.py: error: no such file: {missing}"
     assert sorted(os.listdir(tmp_path / "out")) == ["good_mask.png", "good_overlay.png"]
 
-    code, _, err = _run([model_3d[1], str(inputs / "good.png"), "--output", str(tmp_path / "out3d")], capsys)
+    code, _, err = _run(
+        [model_3d[1], str(inputs / "good.png"), "--output", str(tmp_path / "out3d")], capsys
+    )
     assert code == 2 and len(err) == 1 and "a 3D model segments NIfTI volumes" in err[0]
 
 
@@ -226,14 +302,31 @@ def test_a_failure_while_writing_leaves_no_partial_file(model_2d, tmp_path, caps
         raise OSError("No space left on device")
 
     monkeypatch.setattr(predict, "save_mask", full_disk)
-    code, out, err = _run([model_2d[1], str(tmp_path / "scan.nii.gz"), "--output", str(tmp_path / "out")], capsys)
+    code, out, err = _run(
+        [model_2d[1], str(tmp_path / "scan.nii.gz"), "--output", str(tmp_path / "out")], capsys
+    )
     assert code == 2 and out == [] and err == ["predict.py: error: No space left on device"]
     assert os.listdir(tmp_path / "out") == []
 
 
-def test_two_inputs_that_would_write_the_same_mask_are_refused_before_anything(model_2d, tmp_path, capsys):
+def test_two_inputs_that_would_write_the_same_mask_are_refused_before_anything(
+    model_2d, tmp_path, capsys
+):
     Image.fromarray(_grey((32, 32))).save(tmp_path / "a.png")
     Image.fromarray(_grey((32, 32))).convert("RGB").save(tmp_path / "a.jpg")
-    code, _, err = _run([model_2d[1], str(tmp_path / "a.png"), str(tmp_path / "a.jpg"), "--output",
-                         str(tmp_path / "out")], capsys)
-    assert code == 2 and len(err) == 1 and "would both write" in err[0] and not (tmp_path / "out").exists()
+    code, _, err = _run(
+        [
+            model_2d[1],
+            str(tmp_path / "a.png"),
+            str(tmp_path / "a.jpg"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
+    assert (
+        code == 2
+        and len(err) == 1
+        and "would both write" in err[0]
+        and not (tmp_path / "out").exists()
+    )

@@ -12,10 +12,14 @@ import data
 import datasets
 import train
 
-# Not the identity: axes swapped, anisotropic voxels, an offset. Nothing here may depend on it being simple.
-AFFINE = np.array([[0.0, -0.8, 0.0, 20.0], [0.9, 0.0, 0.0, -15.0], [0.0, 0.0, 2.5, 7.0], [0.0, 0.0, 0.0, 1.0]])
-TINY = ["--image-size", "32", "--base-filters", "8", "--depth", "3", "--epochs", "1", "--batch-size", "8",
-        "--experiment", "tiny"]
+# Not the identity: axes swapped, anisotropic voxels, an offset. Nothing here may depend on it being
+# simple.
+AFFINE = np.array(
+    [[0.0, -0.8, 0.0, 20.0], [0.9, 0.0, 0.0, -15.0], [0.0, 0.0, 2.5, 7.0], [0.0, 0.0, 0.0, 1.0]]
+)
+TINY = (
+    "--image-size 32 --base-filters 8 --depth 3 --epochs 1 --batch-size 8 --experiment tiny".split()
+)
 
 
 def _blob(shape, rng):
@@ -27,7 +31,7 @@ def _blob(shape, rng):
 
 
 def write_png_folder(root, shapes=((32, 32),) * 4, seed=0):
-    """images/caseI.png (8-bit grey) and masks/caseI.png (0/255); returns the arrays written, by case name."""
+    """images/caseI.png (8-bit grey) and masks/caseI.png (0/255); returns the arrays by case."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -55,16 +59,24 @@ def write_msd_folder(root, n=3, shape=(32, 32, 8), seed=0):
     return written
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The two layouts, round trip.
+
 
 def test_png_folder_gives_the_values_written_normalized_and_binary_masks(tmp_path):
     written = write_png_folder(tmp_path)
     examples = datasets.load(str(tmp_path), (32, 32))
-    assert examples.layout == "images+masks" and examples.images.shape == examples.masks.shape == (4, 32, 32, 1)
+    assert examples.layout == "images+masks" and examples.images.shape == examples.masks.shape == (
+        4,
+        32,
+        32,
+        1,
+    )
     assert set(np.unique(examples.masks)) == {0.0, 1.0}
     for i, (image, mask) in enumerate(written.values()):  # sorted by name, like the loader
-        np.testing.assert_allclose(examples.images[i, ..., 0], data.normalize_intensity(image.astype(np.float32)))
+        np.testing.assert_allclose(
+            examples.images[i, ..., 0], data.normalize_intensity(image.astype(np.float32))
+        )
         np.testing.assert_array_equal(examples.masks[i, ..., 0], mask > 0)
     assert examples.groups.tolist() == [0, 1, 2, 3]  # one file, one group
 
@@ -72,14 +84,20 @@ def test_png_folder_gives_the_values_written_normalized_and_binary_masks(tmp_pat
 def test_jpeg_and_16_bit_tiff_images_pair_with_png_masks_by_stem(tmp_path):
     write_png_folder(tmp_path, shapes=((32, 32),) * 3)
     rng = np.random.default_rng(1)
-    Image.open(tmp_path / "images" / "case0.png").convert("RGB").save(tmp_path / "images" / "case0.jpg")
+    Image.open(tmp_path / "images" / "case0.png").convert("RGB").save(
+        tmp_path / "images" / "case0.jpg"
+    )
     (tmp_path / "images" / "case0.png").unlink()
-    deep = (rng.random((32, 32)) * 60000).astype(np.uint16)  # beyond 8 bits: must not be clipped to 255
+    deep = (rng.random((32, 32)) * 60000).astype(
+        np.uint16
+    )  # beyond 8 bits: must not be clipped to 255
     (tmp_path / "images" / "case1.png").unlink()
     Image.fromarray(deep).save(tmp_path / "images" / "case1.tif")
     examples = datasets.load(str(tmp_path), (32, 32))
     assert len(examples.images) == 3 and examples.images.dtype == np.float32
-    np.testing.assert_allclose(examples.images[1, ..., 0], data.normalize_intensity(deep.astype(np.float32)))
+    np.testing.assert_allclose(
+        examples.images[1, ..., 0], data.normalize_intensity(deep.astype(np.float32))
+    )
 
 
 def test_images_of_other_sizes_are_fitted_and_their_masks_stay_binary(tmp_path):
@@ -89,7 +107,9 @@ def test_images_of_other_sizes_are_fitted_and_their_masks_stay_binary(tmp_path):
     assert set(np.unique(examples.masks)) <= {0.0, 1.0}
     # 12x20 fits in 32x32: only padded (10 rows above, 6 columns left), values untouched.
     image, mask = written["case1"]
-    np.testing.assert_allclose(examples.images[1, 10:22, 6:26, 0], data.normalize_intensity(image.astype(np.float32)))
+    np.testing.assert_allclose(
+        examples.images[1, 10:22, 6:26, 0], data.normalize_intensity(image.astype(np.float32))
+    )
     np.testing.assert_array_equal(examples.masks[1, 10:22, 6:26, 0], mask > 0)
     assert examples.masks[1].sum() == (mask > 0).sum()
     description = datasets.describe(examples)
@@ -112,19 +132,29 @@ def test_msd_volumes_give_slices_along_the_last_axis_one_group_per_case(tmp_path
 def test_msd_volumes_give_3d_patches_with_depth_along_the_last_axis(tmp_path):
     written = write_msd_folder(tmp_path, shape=(32, 24, 8))
     examples = datasets.load(str(tmp_path), (8, 16, 16))
-    # (X, Y, Z) = (32, 24, 8) -> (D, H, W) = (8, 32, 24), padded to (8, 32, 32): 2 x 2 patches per case.
-    assert examples.images.shape == (12, 8, 16, 16, 1) and examples.groups.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # (X, Y, Z) = (32, 24, 8) -> (D, H, W) = (8, 32, 24), padded to (8, 32, 32): 2 x 2 patches per
+    # case.
+    assert (
+        examples.images.shape == (12, 8, 16, 16, 1)
+        and examples.groups.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    )
     image, label = written["case_001"]
     volume = np.moveaxis(data.normalize_intensity(image), -1, 0)
-    np.testing.assert_allclose(examples.images[5, :, :, :8, 0], volume[:, 0:16, 16:24])  # 2nd patch of case 1
-    np.testing.assert_array_equal(examples.masks[4, ..., 0], np.moveaxis(label, -1, 0)[:, 0:16, 0:16])
+    np.testing.assert_allclose(
+        examples.images[5, :, :, :8, 0], volume[:, 0:16, 16:24]
+    )  # 2nd patch of case 1
+    np.testing.assert_array_equal(
+        examples.masks[4, ..., 0], np.moveaxis(label, -1, 0)[:, 0:16, 0:16]
+    )
     assert (examples.images[5, :, :, 8:] == 0).all()  # W 24 padded to 32 with zeros
 
 
 def test_the_split_never_separates_a_group():
     groups = np.repeat(np.arange(10), 5)
     images = groups.astype(np.float32).reshape(-1, 1, 1, 1)
-    examples = datasets.Examples(images, images, groups, [str(g) for g in range(10)], "test", "msd", [(1, 1)] * 10)
+    examples = datasets.Examples(
+        images, images, groups, [str(g) for g in range(10)], "test", "msd", [(1, 1)] * 10
+    )
     splits, assignment = datasets.split(examples, seed=3)
     seen = [set(splits[name][0].ravel().astype(int)) for name in ("train", "val", "test")]
     assert set.union(*seen) == set(range(10)) and sum(map(len, seen)) == 10  # disjoint, complete
@@ -132,7 +162,9 @@ def test_the_split_never_separates_a_group():
         assert len(splits[name][0]) == 5 * len(ids)  # every example of a group comes along
         assert ids == set(assignment[name].tolist())
     with pytest.raises(datasets.DataError, match="too few"):
-        datasets.split(datasets.Examples(images[:10], images[:10], groups[:10], ["0", "1"], "t", "msd", []))
+        datasets.split(
+            datasets.Examples(images[:10], images[:10], groups[:10], ["0", "1"], "t", "msd", [])
+        )
 
 
 def test_description_says_where_the_data_came_from(tmp_path):
@@ -141,15 +173,18 @@ def test_description_says_where_the_data_came_from(tmp_path):
     examples = datasets.load(str(tmp_path), (32, 32))
     assert description["data_source"] == str(tmp_path) and description["data_layout"] == "msd"
     assert description["data_files"] == 4 and description["data_count"] == 32
-    assert description["data_original_shapes"] == "32x32x8" and description["data_shape"] == "32x32x1"
+    assert (
+        description["data_original_shapes"] == "32x32x8" and description["data_shape"] == "32x32x1"
+    )
     assert description["data_split"] == "16/8/8" and description["data_split_unit"] == "cases"
     assert description["data_hash"] == data.content_hash(examples.images, examples.masks)
     assert description["data_foreground_fraction"] == round(float(examples.masks.mean()), 4)
     assert description["data_test_groups"].startswith("case_00")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Bad data: one DataError naming the file, before anything starts.
+
 
 def _corrupt(path):
     path.write_bytes(path.read_bytes()[:40])
@@ -180,7 +215,9 @@ def _shape_mismatch_png(root):
 
 
 def _shape_mismatch_nifti(root):
-    nib.save(nib.Nifti1Image(np.zeros((32, 32, 7), np.uint8), AFFINE), root / "labelsTr" / "case_002.nii")
+    nib.save(
+        nib.Nifti1Image(np.zeros((32, 32, 7), np.uint8), AFFINE), root / "labelsTr" / "case_002.nii"
+    )
 
 
 def _second_channel(root):
@@ -190,27 +227,70 @@ def _second_channel(root):
 
 def _colour_image(root):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-        root / "images" / "case3.png")
+        root / "images" / "case3.png"
+    )
 
 
 BAD = {
     "missing folder": ("png", lambda root: None, "no such folder", "nowhere"),
-    "no layout": ("png", lambda root: (root / "images").rename(root / "pictures"), "holds neither", None),
-    "empty images": ("png", lambda root: [p.unlink() for p in (root / "images").iterdir()], "holds no image", None),
-    "image without mask": ("png", lambda root: (root / "masks" / "case2.png").unlink(), "have no mask", "case2.png"),
-    "mask without image": ("msd", lambda root: (root / "imagesTr" / "case_001_0000.nii.gz").unlink(),
-                           "have no image", "case_001.nii.gz"),
-    "corrupt png": ("png", lambda root: _corrupt(root / "images" / "case1.png"), "cannot read", "case1.png"),
-    "corrupt nifti": ("msd", lambda root: _corrupt(root / "labelsTr" / "case_000.nii.gz"), "cannot read",
-                      "case_000.nii.gz"),
-    "png shape mismatch": ("png", _shape_mismatch_png, "is 32x32 but its mask case1.png is 30x32", "case1.png"),
-    "nifti shape mismatch": ("msd", _shape_mismatch_nifti, "is 32x32x8 but its mask case_002.nii is 32x32x7",
-                             "case_002_0000.nii"),
+    "no layout": (
+        "png",
+        lambda root: (root / "images").rename(root / "pictures"),
+        "holds neither",
+        None,
+    ),
+    "empty images": (
+        "png",
+        lambda root: [p.unlink() for p in (root / "images").iterdir()],
+        "holds no image",
+        None,
+    ),
+    "image without mask": (
+        "png",
+        lambda root: (root / "masks" / "case2.png").unlink(),
+        "have no mask",
+        "case2.png",
+    ),
+    "mask without image": (
+        "msd",
+        lambda root: (root / "imagesTr" / "case_001_0000.nii.gz").unlink(),
+        "have no image",
+        "case_001.nii.gz",
+    ),
+    "corrupt png": (
+        "png",
+        lambda root: _corrupt(root / "images" / "case1.png"),
+        "cannot read",
+        "case1.png",
+    ),
+    "corrupt nifti": (
+        "msd",
+        lambda root: _corrupt(root / "labelsTr" / "case_000.nii.gz"),
+        "cannot read",
+        "case_000.nii.gz",
+    ),
+    "png shape mismatch": (
+        "png",
+        _shape_mismatch_png,
+        "is 32x32 but its mask case1.png is 30x32",
+        "case1.png",
+    ),
+    "nifti shape mismatch": (
+        "msd",
+        _shape_mismatch_nifti,
+        "is 32x32x8 but its mask case_002.nii is 32x32x7",
+        "case_002_0000.nii",
+    ),
     "three label values": ("msd", _bad_label, r"3 distinct values \(0, 1, 2\)", "case_001.nii.gz"),
     "nan in a volume": ("msd", _nan_image, "NaN", "case_000_0000.nii.gz"),
     "nan in a float tiff": ("png", _nan_tiff, "NaN", "case2.tif"),
     "colour image": ("png", _colour_image, "3 colour channels", "case3.png"),
-    "two channels of one case": ("msd", lambda root: _second_channel(root), "single-channel", "case_000_0001.nii.gz"),
+    "two channels of one case": (
+        "msd",
+        lambda root: _second_channel(root),
+        "single-channel",
+        "case_000_0001.nii.gz",
+    ),
 }
 
 
@@ -232,7 +312,9 @@ def test_bad_data_is_one_data_error_that_names_the_file(tmp_path, case):
     assert BAD[case][3] is None or BAD[case][3] in message
 
 
-@pytest.mark.parametrize("case", ["image without mask", "corrupt png", "three label values", "missing folder"])
+@pytest.mark.parametrize(
+    "case", ["image without mask", "corrupt png", "three label values", "missing folder"]
+)
 def test_train_refuses_bad_data_in_one_line_exit_2_and_no_run(tmp_path, store, capsys, case):
     folder = make_bad(tmp_path, case)
     with pytest.raises(SystemExit) as exit_info:
@@ -260,8 +342,9 @@ def test_data_dir_and_dataset_are_alternatives(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The built-in MRI example.
+
 
 @pytest.fixture()
 def offline(monkeypatch):
@@ -276,9 +359,13 @@ def test_mni_wm_loads_offline_as_slices_in_blocks(offline):
     n = len(examples.images)
     assert examples.images.shape == (n, 32, 32, 1) and 100 < n < 189  # blank slices skipped
     assert set(np.unique(examples.masks)) == {0.0, 1.0} and 0.05 < examples.masks.mean() < 0.5
-    assert (np.diff(examples.groups) >= 0).all() and np.bincount(examples.groups).max() == datasets.SLICE_BLOCK
+    assert (np.diff(examples.groups) >= 0).all() and np.bincount(
+        examples.groups
+    ).max() == datasets.SLICE_BLOCK
     splits, description = datasets.load_split("mni-wm", (32, 32), seed=0)
-    assert description["data_source"] == "mni-wm" and description["data_test_groups"].startswith("slices ")
+    assert description["data_source"] == "mni-wm" and description["data_test_groups"].startswith(
+        "slices "
+    )
     assert sum(len(splits[k][0]) for k in ("train", "val", "test")) == n
 
 
@@ -289,8 +376,9 @@ def test_mni_wm_loads_offline_as_3d_patches(offline):
     assert datasets.describe(examples)["data_fit"] == "tiled into patches"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # End to end: a real-data run is tracked like a synthetic one.
+
 
 @pytest.mark.slow
 def test_train_on_an_msd_folder_logs_the_data_description(tmp_path, store):
@@ -299,6 +387,9 @@ def test_train_on_an_msd_folder_logs_the_data_description(tmp_path, store):
     run = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])[0]
     assert run.info.status == "FINISHED" and 0 <= results["test_dice"] <= 1
     params = run.data.params
-    assert (params["data_layout"], params["data_source"], params["data_split"]) == ("msd", str(tmp_path / "msd"),
-                                                                                   "16/8/8")
+    assert (params["data_layout"], params["data_source"], params["data_split"]) == (
+        "msd",
+        str(tmp_path / "msd"),
+        "16/8/8",
+    )
     assert params["data_split_unit"] == "cases" and "data_contrast" not in params

@@ -1,4 +1,5 @@
-"""report.py: tables come from the MLflow store, and marked tables in Markdown files are regenerated in place."""
+"""report.py: tables come from the MLflow store, and marked tables in Markdown files are regenerated
+in place."""
 
 import mlflow
 import pytest
@@ -7,8 +8,8 @@ import report
 
 
 @pytest.fixture()
-def store(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+def demo_runs(store, tmp_path):
+    """Experiment "demo" in the store: two finished runs and a failed one. Returns its folder."""
     mlflow.set_experiment("demo")
     for name, loss, dice in (("a", "DiceLoss", 0.8), ("b", "BCELoss", 0.9)):
         with mlflow.start_run(run_name=name):
@@ -17,30 +18,35 @@ def store(tmp_path):
     with mlflow.start_run(run_name="crashed"):
         mlflow.log_metrics({"test_dice": 0.99})
         mlflow.end_run("FAILED")
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
+    return tmp_path
 
 
-def test_table_lists_finished_runs_best_first(store):
+def test_table_lists_finished_runs_best_first(demo_runs):
     table = report.runs_table("demo", ["loss"], ["test_dice", "best_epoch"])
-    assert table.splitlines() == ["| run | loss | test_dice | best_epoch |", "|---|---|---|---|",
-                                  "| b | BCELoss | 0.900 | 7 |", "| a | DiceLoss | 0.800 | 7 |"]
+    assert table.splitlines() == [
+        "| run | loss | test_dice | best_epoch |",
+        "|---|---|---|---|",
+        "| b | BCELoss | 0.900 | 7 |",
+        "| a | DiceLoss | 0.800 | 7 |",
+    ]
     with pytest.raises(ValueError, match="no experiment 'nope'"):
         report.runs_table("nope")
 
 
-def test_update_regenerates_marked_tables_and_leaves_the_rest(store):
-    path = store / "README.md"
+def test_update_regenerates_marked_tables_and_leaves_the_rest(demo_runs):
+    path = demo_runs / "README.md"
     marker = "<!-- report.py demo --params loss --metrics test_dice -->"
     path.write_text(f"intro\n{marker}\nstale\n<!-- end report -->\nend\n")
     assert report.update_file(path) == 1
-    assert path.read_text() == ("intro\n<!-- report.py demo --params loss --metrics test_dice -->\n"
-                                "| run | loss | test_dice |\n|---|---|---|\n| b | BCELoss | 0.900 |\n"
-                                "| a | DiceLoss | 0.800 |\n<!-- end report -->\nend\n")
+    assert path.read_text() == (
+        "intro\n<!-- report.py demo --params loss --metrics test_dice -->\n"
+        "| run | loss | test_dice |\n|---|---|---|\n| b | BCELoss | 0.900 |\n"
+        "| a | DiceLoss | 0.800 |\n<!-- end report -->\nend\n"
+    )
 
 
-def test_update_with_an_unknown_experiment_leaves_the_file_untouched(store):
-    path = store / "REPORT.md"
+def test_update_with_an_unknown_experiment_leaves_the_file_untouched(demo_runs):
+    path = demo_runs / "REPORT.md"
     text = "<!-- report.py missing -->\nold\n<!-- end report -->\n"
     path.write_text(text)
     with pytest.raises(SystemExit) as exit_info:

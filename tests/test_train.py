@@ -11,8 +11,10 @@ import recipe
 import tracking
 import train
 
-TINY = ["--n-images", "40", "--image-size", "32", "--base-filters", "8", "--depth", "3", "--epochs", "3",
-        "--batch-size", "8", "--patience", "5", "--foreground", "0.1", "--seed", "1", "--experiment", "tiny"]
+TINY = (
+    "--n-images 40 --image-size 32 --base-filters 8 --depth 3 --epochs 3 --batch-size 8 "
+    "--patience 5 --foreground 0.1 --seed 1 --experiment tiny"
+).split()
 
 
 def _only_run(client):
@@ -23,31 +25,55 @@ def _only_run(client):
 
 @pytest.mark.slow
 def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(store):
-    results, model = train.train(train.parse_args(TINY + ["--loss", "dice", "--optimizer", "sgd"])[0])
+    results, model = train.train(
+        train.parse_args(TINY + ["--loss", "dice", "--optimizer", "sgd"])[0]
+    )
     run = _only_run(store)
     assert run.info.run_name == "UNet_DiceLoss_SGD" and run.info.status == "FINISHED"
     p = run.data.params
-    assert (p["architecture"], p["loss"], p["optimizer"], p["learning_rate"]) == ("UNet", "DiceLoss", "SGD", "0.01")
+    assert (p["architecture"], p["loss"], p["optimizer"], p["learning_rate"]) == (
+        "UNet",
+        "DiceLoss",
+        "SGD",
+        "0.01",
+    )
     assert (p["depth"], p["base_filters"], p["n_params"]) == ("3", "8", str(model.count_params()))
     assert (p["data_split"], p["data_shape"], p["seed"]) == ("28/6/6", "32x32x1", "1")
     images, masks = data.make_synthetic_2d(40, 32, seed=1, foreground=0.1)
     assert p["data_hash"] == data.content_hash(images, masks)
 
     epochs = results["epochs_run"]
-    for key in ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou", "lr", "epoch_seconds",
-                "images_per_second"):
+    for key in (
+        "loss",
+        "dice",
+        "iou",
+        "val_loss",
+        "val_dice",
+        "val_iou",
+        "lr",
+        "epoch_seconds",
+        "images_per_second",
+    ):
         history = store.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == list(range(1, epochs + 1)), key
     for key in ("test_dice", "test_iou", "test_loss", "test_dice_per_image", "best_epoch"):
         assert run.data.metrics[key] == pytest.approx(results[key])
 
     artifacts = {a.path for a in store.list_artifacts(run.info.run_id)}
-    assert {"config.json", "model_config.json", "training_curves.png", "test_predictions.png"} <= artifacts
+    assert {
+        "config.json",
+        "model_config.json",
+        "training_curves.png",
+        "test_predictions.png",
+    } <= artifacts
 
-    # The logged model (MLflow 3: outside the run's artifacts, at models:/<id>) predicts as the trained one.
+    # The logged model (MLflow 3: outside the run's artifacts, at models:/<id>) predicts as the
+    # trained one.
     x_test, y_test = data.split(images, masks, seed=1)["test"]
     logged = mlflow.keras.load_model(run.data.tags["model_uri"])
-    np.testing.assert_allclose(logged.predict(x_test, verbose=0), model.predict(x_test, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        logged.predict(x_test, verbose=0), model.predict(x_test, verbose=0), atol=1e-6
+    )
     pyfunc = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
     assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 32, 32, 1)
     assert pyfunc.metadata.get_output_schema().inputs[0].shape == (-1, 32, 32, 1)
@@ -83,7 +109,7 @@ def test_an_exception_marks_the_run_failed(store, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(recipe, "evaluate", broken)
+    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_begin", broken)  # before any training step
     with pytest.raises(RuntimeError, match="disk full"):
         train.main(TINY + ["--epochs", "1"])
     assert _only_run(store).info.status == "FAILED"
@@ -98,8 +124,13 @@ def test_a_size_the_network_cannot_take_is_refused_before_any_run(store, capsys)
 
 
 def test_an_epoch_under_xla_takes_full_batches_only():
-    xla, eager = (train.parse_args(["--batch-size", "8", flag])[0] for flag in ("--xla", "--no-xla"))
-    assert recipe.epoch_size(140, xla) == (17, 136)  # 140 = 17 x 8 + 4: the 4 wait for another epoch
+    xla, eager = (
+        train.parse_args(["--batch-size", "8", flag])[0] for flag in ("--xla", "--no-xla")
+    )
+    assert recipe.epoch_size(140, xla) == (
+        17,
+        136,
+    )  # 140 = 17 x 8 + 4: the 4 wait for another epoch
     assert recipe.epoch_size(140, eager) == (18, 140)
     assert recipe.epoch_size(7, eager) == (1, 7)
     with pytest.raises(ValueError, match="--batch-size 8 is larger than the 7 training examples"):
@@ -110,7 +141,10 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_any_run(store, c
     with pytest.raises(SystemExit) as exit_info:
         train.main(TINY + ["--batch-size", "32"])  # 28 training images
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == "train.py: error: --batch-size 32 is larger than the 28 training examples"
+    assert (
+        capsys.readouterr().err.strip()
+        == "train.py: error: --batch-size 32 is larger than the 28 training examples"
+    )
     assert store.get_experiment_by_name("tiny") is None
 
 
@@ -124,14 +158,18 @@ def test_an_unreachable_tracking_server_is_one_clear_error(monkeypatch, capsys):
         mlflow.set_tracking_uri(None)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("train.py: error: cannot use the MLflow tracking store http://127.0.0.1:9")
+    assert err[-1].startswith(
+        "train.py: error: cannot use the MLflow tracking store http://127.0.0.1:9"
+    )
 
 
 def test_prediction_figure_shows_the_images_with_the_most_foreground():
     masks = np.zeros((3, 32, 32, 1), np.float32)
     for i, pixels in enumerate((1, 10, 5)):
         masks[i].flat[:pixels] = 1
-    probabilities = np.ones_like(masks)  # Dice of image i: 2k / (k + 1024) for its k foreground pixels
+    probabilities = np.ones_like(
+        masks
+    )  # Dice of image i: 2k / (k + 1024) for its k foreground pixels
     figure = figures.prediction_figure(np.zeros_like(masks), masks, probabilities, n=2)
     titles = [ax.get_title() for ax in figure.axes]
     assert titles == [f"Dice {2 * 10 / 1034:.3f}", f"Dice {2 * 5 / 1029:.3f}"]

@@ -6,13 +6,14 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import REPO
 
 import unet
-from conftest import REPO
 
 
 def _block_params(c_in, c_out, k=3, spatial_dims=2):
-    """Two convolutions without bias (batch norm follows), each with 4 batch-norm parameters per filter."""
+    """Two convolutions without bias (batch norm follows), each with 4 batch-norm parameters per
+    filter."""
     kernel = k**spatial_dims
     return kernel * c_in * c_out + 4 * c_out + kernel * c_out * c_out + 4 * c_out
 
@@ -23,8 +24,12 @@ def _unet_params(channels, base, depth, classes=1, spatial_dims=2):
     for f in filters:  # encoder blocks and bottleneck
         total += _block_params(c_in, f, spatial_dims=spatial_dims)
         c_in = f
-    for f in reversed(filters[:-1]):  # transposed conv 2x..x2 (with bias) then a block on the concatenation
-        total += 2**spatial_dims * (2 * f) * f + f + _block_params(2 * f, f, spatial_dims=spatial_dims)
+    for f in reversed(
+        filters[:-1]
+    ):  # transposed conv 2x..x2 (with bias) then a block on the concatenation
+        total += (
+            2**spatial_dims * (2 * f) * f + f + _block_params(2 * f, f, spatial_dims=spatial_dims)
+        )
     return total + filters[0] * classes + classes  # 1x1 output convolution
 
 
@@ -33,11 +38,17 @@ def test_default_is_the_tps_network():
     assert model.input_shape == (None, 128, 128, 1)
     assert model.output_shape == (None, 128, 128, 1)
     assert model.count_params() == _unet_params(1, 32, 4) == 1_929_249
-    conv_filters = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
-                    and not isinstance(layer, keras.layers.Conv2DTranspose)]
+    conv_filters = [
+        layer.filters
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D)
+        and not isinstance(layer, keras.layers.Conv2DTranspose)
+    ]
     assert conv_filters == [32, 32, 64, 64, 128, 128, 256, 256, 128, 128, 64, 64, 32, 32, 1]
     total, trainable = unet.count_params(model)
-    assert total - trainable == 2 * sum(2 * f for f in (32, 64, 128, 256, 128, 64, 32))  # BN moving stats
+    assert total - trainable == 2 * sum(
+        2 * f for f in (32, 64, 128, 256, 128, 64, 32)
+    )  # BN moving stats
 
 
 def test_sigmoid_output_is_a_probability_map():
@@ -60,9 +71,15 @@ def test_3d_unet_from_a_volume_shape():
     assert model.count_params() == _unet_params(1, 4, 2, spatial_dims=3)
 
 
-@pytest.mark.parametrize("options", [
-    dict(upsampling="bilinear"), dict(upsampling="nearest"), dict(batch_norm=False), dict(dropout=0.5),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(upsampling="bilinear"),
+        dict(upsampling="nearest"),
+        dict(batch_norm=False),
+        dict(dropout=0.5),
+    ],
+)
 def test_variants_keep_the_output_shape(options):
     model = unet.build_unet((32, 32, 1), base_filters=4, depth=3, **options)
     assert model.output_shape == (None, 32, 32, 1)
@@ -76,15 +93,18 @@ def test_without_skips_no_concatenation_and_fewer_parameters():
     assert with_skips.count_params() - without.count_params() == 9 * 4 * 4 + 9 * 8 * 8
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(input_shape=(100, 100, 1)), "not divisible by 2\\*\\*\\(depth-1\\) = 8"),
-    (dict(input_shape=(64, 64, 1), depth=8), "not divisible"),
-    (dict(depth=0), "depth"),
-    (dict(base_filters=0), "base_filters"),
-    (dict(input_shape=(64, 64)), "input_shape"),
-    (dict(upsampling="cubic"), "upsampling"),
-    (dict(input_shape=(8, 16, 16, 1), upsampling="bilinear"), "2D only"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_shape=(100, 100, 1)), "not divisible by 2\\*\\*\\(depth-1\\) = 8"),
+        (dict(input_shape=(64, 64, 1), depth=8), "not divisible"),
+        (dict(depth=0), "depth"),
+        (dict(base_filters=0), "base_filters"),
+        (dict(input_shape=(64, 64)), "input_shape"),
+        (dict(upsampling="cubic"), "upsampling"),
+        (dict(input_shape=(8, 16, 16, 1), upsampling="bilinear"), "2D only"),
+    ],
+)
 def test_bad_configurations_are_refused_with_a_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
         unet.build_unet(**kwargs)
@@ -92,11 +112,17 @@ def test_bad_configurations_are_refused_with_a_message(kwargs, message):
 
 @pytest.mark.slow
 def test_command_line_prints_shapes_and_refuses_bad_sizes():
-    ok = subprocess.run([sys.executable, REPO / "unet.py", "--quiet", "--input-size", "64", "--base-filters", "8"],
-                        capture_output=True, text=True, check=True)
+    ok = subprocess.run(
+        [sys.executable, REPO / "unet.py", "--quiet", "--input-size", "64", "--base-filters", "8"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "output shape: (None, 64, 64, 1)" in ok.stdout
     assert f"{_unet_params(1, 8, 4):,} total" in ok.stdout
-    bad = subprocess.run([sys.executable, REPO / "unet.py", "--input-size", "100"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, REPO / "unet.py", "--input-size", "100"], capture_output=True, text=True
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("unet.py: error: spatial size (100, 100)")
     assert "Traceback" not in bad.stderr
