@@ -1,5 +1,4 @@
-"""The training recipe shared by train.py (2D) and conv3d.py (3D): from compiled model to tracked
-run.
+"""The training recipe shared by train.py (2D) and conv3d.py (3D): from a model to a tracked run.
 
 What this module teaches:
 - a segmentation recipe: BCE + Dice loss, Adam, cosine learning-rate decay, flips and 90-degree

@@ -1,5 +1,4 @@
-"""Tables of results, read from the MLflow store: the one source of every number in README.md and
-REPORT.md.
+"""Tables of results read from the MLflow store: the source of every number in README and REPORT.
 
 What this script teaches: results are queried from the tracking store, never copied by hand. Each
 table row is one finished run; the columns are the params that distinguish the runs and their final

@@ -1,5 +1,4 @@
-"""MLflow conventions shared by train.py (2D) and conv3d.py (3D): one logging path for every
-experiment.
+"""MLflow conventions shared by train.py (2D) and conv3d.py (3D): one logging path for all runs.
 
 - `tracked_run(...)`: a run that always ends with the right status: FINISHED, FAILED on an
   exception, KILLED on Ctrl-C or SIGTERM (never left RUNNING), with the metrics logged so far kept;

@@ -1,5 +1,4 @@
-"""Exercise 2.3: train the U-Net on synthetic scans or real images and track every experiment in
-MLflow.
+"""Exercise 2.3: train the U-Net on synthetic scans or real images, every experiment in MLflow.
 
 What this script teaches:
 - a training recipe for segmentation: BCE + Dice loss, Adam, cosine learning-rate decay, flips and

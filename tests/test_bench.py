@@ -1,5 +1,4 @@
-"""bench.py: FLOP counting by hand, and the quick benchmark still runs end to end (no timing
-assertions)."""
+"""bench.py: FLOPs counted by hand; the quick benchmark runs end to end (timings unchecked)."""
 
 import json
 

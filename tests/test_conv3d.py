@@ -1,5 +1,4 @@
-"""conv3d.py: parameter counts by hand, memory accounting, sliding-window inference, a tracked 3D
-run."""
+"""conv3d.py: parameter counts by hand, memory accounting, sliding windows, a tracked 3D run."""
 
 import keras
 import numpy as np

@@ -1,5 +1,4 @@
-"""A tiny U-Net learns an easy case, and a model with the custom losses and metrics saves and
-reloads."""
+"""A tiny U-Net learns an easy case; a model with the custom losses and metrics saves, reloads."""
 
 import keras
 import numpy as np

@@ -1,5 +1,4 @@
-"""predict.py: masks with the input's geometry from a .keras file or an MLflow URI, 2D and 3D, and
-bad inputs."""
+"""predict.py: masks in the input's geometry from a .keras file or an MLflow URI; bad inputs."""
 
 import os
 

@@ -1,5 +1,4 @@
-"""report.py: tables come from the MLflow store, and marked tables in Markdown files are regenerated
-in place."""
+"""report.py: tables come from the MLflow store; marked tables in Markdown are regenerated."""
 
 import mlflow
 import pytest
