@@ -9,8 +9,8 @@ import os
 
 # MLflow's defaults suit a rate-limited cloud service: 7 retries of up to 120 s each, minutes before
 # an error. Here a tracking server that does not answer a request within 3 s, twice, is down: every
-# script (and MLflow's artifact downloads, which use the same settings) gives up after about 6 s of
-# silence, at once when the connection is refused. A slow remote server: set a larger
+# script (and MLflow's HTTP artifact repository, which reads the same settings) gives up after about
+# 6 s of silence, at once when the connection is refused. A slow remote server: set a larger
 # MLFLOW_HTTP_REQUEST_TIMEOUT in the environment, which wins over these.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "3", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
 
