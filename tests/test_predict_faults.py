@@ -1,14 +1,17 @@
 """predict.py under faults: a silent or absent tracking server, a bad --output, a broken model."""
 
+import os
 import socket
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
 import cli
 import predict
+import unet
 
 
 def _run(args, capsys):
@@ -70,3 +73,60 @@ def test_an_unreachable_tracking_server_fails_in_seconds(
     assert err[0].startswith("predict.py: error: cannot load the model runs:/0123456789abcdef")
     assert elapsed < 10, f"{elapsed:.0f} s"  # the whole command, TensorFlow's import included: < 15
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    """A U-Net whose weights are all NaN, as a diverged training leaves them, saved as .keras."""
+    model = unet.build_unet((32, 32, 1), 8, 2)
+    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    path = tmp_path_factory.mktemp("models") / "diverged.keras"
+    model.save(path)
+    return str(path)
+
+
+def _output_under_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    return tmp_path / "notes.txt" / "masks", "notes.txt exists and is not a folder"
+
+
+BAD_OUTPUTS = {
+    "an existing file": lambda tmp_path: (tmp_path / "x.png", "x.png exists and is not a folder"),
+    "a folder under a file": _output_under_a_file,
+    "a read-only place": lambda tmp_path: ("/sys/tp4-masks", "cannot write in /sys"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OUTPUTS))
+def test_a_bad_output_is_refused_before_the_model_is_loaded(case, image, tmp_path, capsys):
+    output, expected = BAD_OUTPUTS[case](tmp_path)
+    if str(output).startswith("/sys") and not os.path.isdir("/sys"):
+        pytest.skip("needs Linux's /sys")
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = _run(["not-loaded.keras", image, "--output", str(output)], capsys)
+    assert code == 2 and out == [] and len(err) == 1, err
+    assert err[0].startswith(f"predict.py: error: --output {output}: ") and expected in err[0]
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("suffix", [".png", ".nii.gz"])
+def test_a_model_with_non_finite_outputs_is_refused_and_writes_nothing(
+    nan_model, suffix, tmp_path, capsys
+):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b"):
+        array = np.random.default_rng(0).random((32, 32, 3 if suffix == ".nii.gz" else 1))
+        if suffix == ".png":
+            Image.fromarray((array[..., 0] * 255).astype(np.uint8)).save(inputs / f"{name}.png")
+        else:
+            nib.save(
+                nib.Nifti1Image(array.astype(np.float32), np.eye(4)), inputs / f"{name}{suffix}"
+            )
+    code, out, err = _run([nan_model, str(inputs), "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and out == [] and len(err) == 1, (
+        err
+    )  # one line for the batch, not one per file
+    assert err[0].startswith(f"predict.py: error: the model's output on {inputs / ('a' + suffix)}")
+    assert "is not finite (" in err[0]
+    assert os.listdir(tmp_path / "out") == []
