@@ -168,15 +168,19 @@ def load_folder(folder, shape):
                 imagefiles.read_mask(mask_path),
             )
         else:
-            image, labels = (
-                imagefiles.read_volume(image_path)[0],
-                imagefiles.read_volume(mask_path)[0],
+            (image, image_nifti), (labels, label_nifti) = (
+                imagefiles.read_volume(image_path),
+                imagefiles.read_volume(mask_path),
             )
         if image.shape != labels.shape:
             raise DataError(
                 f"image {os.path.basename(image_path)} is {imagefiles.shape_text(image.shape)} "
                 "but its "
                 f"mask {os.path.basename(mask_path)} is {imagefiles.shape_text(labels.shape)}"
+            )
+        if layout == "msd":
+            imagefiles.check_same_grid(
+                image.shape, image_nifti.affine, label_nifti.affine, image_path, mask_path
             )
         mask = imagefiles.binarize(labels, mask_path)
         image = data.normalize_intensity(image.astype(np.float32))
