@@ -60,8 +60,9 @@ def refusing_server():
     return f"http://127.0.0.1:{port}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("server", ["silent_server", "refusing_server"])
+@pytest.mark.parametrize(
+    "server", [pytest.param("silent_server", marks=pytest.mark.slow), "refusing_server"]
+)
 def test_an_unreachable_tracking_server_fails_in_seconds(
     server, request, script_defaults, image, tmp_path, monkeypatch, capsys
 ):
