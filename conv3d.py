@@ -181,12 +181,17 @@ def load_volumes(args):
     """(splits, description): synthetic volumes, or real ones (--data-dir, --dataset) cut into
     --shape patches."""
     if datasets.source(args):
-        return datasets.load_split(datasets.source(args), tuple(args.shape), args.seed)
-    images, masks = data.make_synthetic_3d(
-        args.n_volumes, tuple(args.shape), args.seed, foreground=args.foreground
-    )
-    splits = data.split(images, masks, seed=args.seed)
-    return splits, data.describe(images, masks, "synthetic-3d", splits)
+        splits, description = datasets.load_split(
+            datasets.source(args), tuple(args.shape), args.seed
+        )
+    else:
+        images, masks = data.make_synthetic_3d(
+            args.n_volumes, tuple(args.shape), args.seed, foreground=args.foreground
+        )
+        splits = data.split(images, masks, seed=args.seed)
+        description = data.describe(images, masks, "synthetic-3d", splits)
+    data.require_foreground(splits, description["data_source"])
+    return splits, description
 
 
 def train3d(args, memory_rows=None, loaded=None):

@@ -176,6 +176,17 @@ def split(images, masks, seed=0, val_fraction=0.15, test_fraction=0.15):
     }
 
 
+def require_foreground(splits, source):
+    """Raise ValueError if no training mask holds a foreground pixel: the network would learn to
+    answer "background" everywhere and the run would end at Dice 0 without a word."""
+    masks = splits["train"][1]
+    if not masks.any():
+        raise ValueError(
+            f"no foreground in the {len(masks)} training examples of {source}: every mask is "
+            "empty, nothing to learn (foreground is a mask value > 0)"
+        )
+
+
 def describe(images, masks, source, splits=None):
     """A flat dict that says what the data is: logged as MLflow params, printed by the scripts."""
     description = {

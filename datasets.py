@@ -6,8 +6,9 @@ What this script teaches:
   `DIR/labelsTr/*.nii.gz` (also `.nii`), the Medical Segmentation Decathlon and nnU-Net layout,
   where `case_0000.nii.gz` (nnU-Net's channel suffix) pairs with `case.nii.gz`;
 - everything is checked before anything starts (no MLflow run is left behind by a bad folder):
-  missing masks, unreadable files, image/mask shape mismatches, non-binary masks, NaNs: a
-  `DataError` naming files;
+  missing masks, unreadable files or broken links, an image and its mask of different shapes or
+  (NIfTI) affines, non-binary masks, NaN or inf, images of a few pixels: a `DataError` naming
+  files. A training set without foreground is refused by the scripts (data.require_foreground);
 - one preprocessing for training and prediction (predict.py does the same): intensities normalized
   once per file with data.normalize_intensity (0.5-99.5 percentiles to [0, 1]: robust to scanners
   and outliers; for a NIfTI, per volume before slicing, so the slices of one scan keep their
@@ -168,15 +169,19 @@ def load_folder(folder, shape):
                 imagefiles.read_mask(mask_path),
             )
         else:
-            image, labels = (
-                imagefiles.read_volume(image_path)[0],
-                imagefiles.read_volume(mask_path)[0],
+            (image, image_nifti), (labels, label_nifti) = (
+                imagefiles.read_volume(image_path),
+                imagefiles.read_volume(mask_path),
             )
         if image.shape != labels.shape:
             raise DataError(
                 f"image {os.path.basename(image_path)} is {imagefiles.shape_text(image.shape)} "
                 "but its "
                 f"mask {os.path.basename(mask_path)} is {imagefiles.shape_text(labels.shape)}"
+            )
+        if layout == "msd":
+            imagefiles.check_same_grid(
+                image.shape, image_nifti.affine, label_nifti.affine, image_path, mask_path
             )
         mask = imagefiles.binarize(labels, mask_path)
         image = data.normalize_intensity(image.astype(np.float32))

@@ -3,11 +3,12 @@
 What this script teaches:
 - real files are messier than synthetic arrays: 8- or 16-bit, grey or grey saved as RGB, with an
   alpha channel, palette images, float TIFFs holding NaNs, truncated downloads, macOS `._` files
-  inside archives. Each reader returns plain float32 arrays or raises `DataError` naming the file
-  and the problem;
+  inside archives, broken symbolic links, 1x1 icons. Each reader returns plain float32 arrays or
+  raises `DataError` naming the file and the problem;
 - a NIfTI file is an array *and* a geometry: the affine maps voxel indices to millimetres in the
   scanner. `read_volume` returns both, so that a predicted mask can be written back over the same
-  voxels (predict.py);
+  voxels (predict.py), and `check_same_grid` refuses a label whose affine puts it elsewhere than
+  its image (an axis flipped or an origin moved by the tool that wrote it);
 - masks are checked, not trusted: at most two distinct values (0 and one label), then binarized as
   `value > 0`. A JPEG mask fails this check: its compression invents intermediate values.
 
@@ -28,6 +29,14 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Pillow modes converted to RGB(A) before reading: their raw values are not intensities (palette
 # indices, CMYK inks...). Grey modes (1, L, I;16, I, F) are read as stored.
 _CONVERT_TO_RGBA = ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+# Fewer pixels than this on a side (in-plane for a volume): an icon, a thumbnail or a broken export,
+# not a scan. The smallest images of a medical benchmark (MedMNIST) are 28x28.
+MIN_SIDE = 8
+# A label is on its image's grid if no voxel moves by more than this fraction of a voxel between
+# the two affines. Headers store them as float32, so the same grid written by two tools differs by
+# ~1e-7 of a voxel per voxel index (about 1e-4 mm across 512 voxels); a flipped axis or a shifted
+# origin moves voxels by whole millimetres. 1/100 of a voxel is invisible, and 100x above the noise.
+GRID_TOLERANCE = 0.01
 
 
 class DataError(ValueError):
@@ -55,7 +64,9 @@ def list_files(folder, suffixes=IMAGE_SUFFIXES + NIFTI_SUFFIXES):
     MSD
     archives, packed on macOS, hold a `._name.nii.gz` resource file next to every volume."""
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and suffix(n) in suffixes)
-    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    paths = [os.path.join(folder, n) for n in names]
+    # A broken link is kept, for its reader to name it as such (not as a file that is missing).
+    return [p for p in paths if os.path.isfile(p) or (os.path.islink(p) and not os.path.exists(p))]
 
 
 def _reason(error):
@@ -66,18 +77,49 @@ def _reason(error):
 def check_finite(array, path):
     """Raise DataError if `array` holds NaN or infinite values (float TIFFs and NIfTIs can)."""
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        bad = int(np.isnan(array).sum())
-        raise DataError(
-            f"{path} contains NaN or infinite values ({bad} NaN of {array.size} values)"
-        )
+        counts = [(int(np.isnan(array).sum()), "NaN"), (int(np.isinf(array).sum()), "inf")]
+        found = " and ".join(f"{n} {what}" for n, what in counts if n)
+        raise DataError(f"{path} contains non-finite values: {found} of {array.size}")
     return array
+
+
+def _check_size(shape, path, unit="pixels"):
+    if min(shape) < MIN_SIDE:
+        raise DataError(
+            f"{path} is {shape_text(shape)}: fewer than {MIN_SIDE} {unit} on a side, too small "
+            "to be a scan"
+        )
+
+
+def _require_file(path):
+    if os.path.islink(path) and not os.path.exists(path):
+        raise DataError(
+            f"{path} is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        )
+    if not os.path.isfile(path):
+        raise DataError(f"no such file: {path}")
+
+
+def check_same_grid(shape, image_affine, label_affine, image_path, label_path):
+    """Raise DataError if an image and its label, of the same (X, Y, Z) `shape`, place their voxels
+    at different millimetres: the largest move of a voxel from one affine to the other (at a
+    corner of the volume, the map being affine) beyond GRID_TOLERANCE of the smallest voxel."""
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in shape], [1])).reshape(4, -1)
+    moves = np.linalg.norm(((image_affine - label_affine) @ corners)[:3], axis=0)
+    voxel = float(np.linalg.norm(image_affine[:3, :3], axis=0).min())
+    if moves.max() > GRID_TOLERANCE * voxel:
+        raise DataError(
+            f"image {os.path.basename(image_path)} and its label {os.path.basename(label_path)} "
+            f"are not on the same grid: their affines (voxel to mm) move voxels by up to "
+            f"{moves.max():.3g} mm ({moves.max() / voxel:.3g} voxels), e.g. an axis flipped or an "
+            "origin shifted by the tool that wrote the label"
+        )
 
 
 def _open(path):
     """A fully decoded Pillow image: a truncated file fails here, not later in the middle of
     training."""
-    if not os.path.isfile(path):
-        raise DataError(f"no such file: {path}")
+    _require_file(path)
     try:
         image = Image.open(path)
         if getattr(image, "n_frames", 1) > 1:
@@ -115,6 +157,7 @@ def read_image(path, channels=1):
             f"{path} has {pixels.shape[-1]} colour channels (mode {image.mode}), "
             f"{channels} expected" + ("; convert it to grey levels" if channels == 1 else "")
         )
+    _check_size(pixels.shape[:2], path)
     return check_finite(pixels, path)
 
 
@@ -132,8 +175,7 @@ def read_volume(path):
     """(array, nibabel image) of a NIfTI file: an (X, Y, Z) array in the stored order (no
     reorientation), scaling applied, dtype as stored; trailing axes of size 1 are dropped and a 2D
     image becomes (X, Y, 1)."""
-    if not os.path.isfile(path):
-        raise DataError(f"no such file: {path}")
+    _require_file(path)
     try:
         image = nib.load(path)
         array = np.asarray(
@@ -149,6 +191,7 @@ def read_volume(path):
             f"{path} has shape {shape_text(image.shape)}: one single-channel volume (X, Y, Z) "
             "is expected (nnU-Net stores each channel in its own _0000, _0001... file)"
         )
+    _check_size(array.shape[:2], path, "voxels in-plane")
     return check_finite(array, path), image
 
 

@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import argparse
 import sys
+import tempfile
 
 import keras
 import mlflow.keras
@@ -44,6 +45,10 @@ import geometry
 import imagefiles
 import metrics  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
 from imagefiles import DataError
+
+
+class ModelError(ValueError):
+    """The model, not one input, is unusable: the batch stops."""
 
 
 def parse_args(argv=None):
@@ -113,6 +118,24 @@ def load_model(location):
     return model
 
 
+def check_output(folder):
+    """ValueError if masks cannot be written in `folder` (created later, once the model is loaded):
+    it names a file, lies under one, or its nearest existing folder cannot be written in (no
+    permission, a read-only disk)."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output {folder}: {existing} exists and is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"--output {folder}: cannot write in {existing} ({error.strerror})"
+        ) from None
+
+
 def list_inputs(paths):
     """The files to segment: files as given, folders expanded to their image files (sorted)."""
     files = []
@@ -162,6 +185,18 @@ def predict_volume(model, volume, overlap=0.5):
     return np.moveaxis(probabilities[..., 0], 0, -1)
 
 
+def finite(probabilities, path):
+    """The probabilities, or ModelError if any is NaN or infinite: thresholding would turn them into
+    background without a word (NaN >= 0.5 is False), an empty mask that looks like a result."""
+    bad = int(np.count_nonzero(~np.isfinite(probabilities)))
+    if bad:
+        raise ModelError(
+            f"the model's output on {path} is not finite ({bad} of {probabilities.size} values NaN "
+            "or infinite): its weights are broken (a training that diverged?); no mask written"
+        )
+    return probabilities
+
+
 def segment(model, path, threshold=0.5, overlap=0.5):
     """(mask, overlay RGB, nibabel image or None) of one file; the mask has the input's geometry."""
     channels = model.input_shape[-1]
@@ -171,7 +206,7 @@ def segment(model, path, threshold=0.5, overlap=0.5):
         if len(model.input_shape) == 5:
             raise DataError(f"{path} is a 2D image: a 3D model segments NIfTI volumes")
         image = data.normalize_intensity(imagefiles.read_image(path, channels))
-        mask = predict_images(model, [image])[0] >= threshold
+        mask = finite(predict_images(model, [image])[0], path) >= threshold
         return mask, figures.overlay(image, mask), None
     volume, nifti = imagefiles.read_volume(path)
     if channels != 1:
@@ -179,7 +214,7 @@ def segment(model, path, threshold=0.5, overlap=0.5):
     volume = data.normalize_intensity(
         volume.astype(np.float32)
     )  # per volume, as in training (datasets.py)
-    mask = predict_volume(model, volume, overlap) >= threshold
+    mask = finite(predict_volume(model, volume, overlap), path) >= threshold
     z = int(np.argmax(mask.sum(axis=(0, 1)))) if mask.any() else volume.shape[-1] // 2
     # rot90: array rows are X; in RAS storage this shows anterior up and the patient's right on the
     # right
@@ -249,6 +284,7 @@ def main(argv=None):
                     "different --output folders"
                 )
             outputs[mask_path] = path
+        check_output(args.output)  # before the model: loading it can take a while
         model = load_model(args.model)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
@@ -257,6 +293,8 @@ def main(argv=None):
     for path in files:
         try:
             segment_file(model, path, args.output, args.threshold, args.overlap)
+        except ModelError as error:  # a broken model gives nothing useful on the other files either
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
         except (
             ValueError,
             OSError,

@@ -1,13 +1,15 @@
 """Tables of results read from the MLflow store: the source of every number in README and REPORT.
 
 What this script teaches: results are queried from the tracking store, never copied by hand. Each
-table row is one finished run; the columns are the params that distinguish the runs and their final
-test metrics.
+table row is one finished run (a failed, killed or still running run has no result to show: --all
+lists them too, with their status); the columns are the params that distinguish the runs and their
+final test metrics. Without arguments: the experiments in the store and how many runs each holds.
 
-    python report.py tp4-unet                           # every finished run of train.py's
-    experiment python report.py tp4-grid --params loss,optimizer   # the loss x optimizer comparison
-    python report.py --update README.md REPORT.md       # regenerate the tables marked in those
-    files
+    python report.py                                # the experiments and their run counts
+    python report.py tp4-unet                       # the finished runs of train.py's experiment
+    python report.py tp4-grid --params loss,optimizer   # the loss x optimizer comparison
+    python report.py tp4-unet --all                 # every run, whatever its status
+    python report.py --update README.md REPORT.md   # regenerate the tables marked in those files
 
 A marked table in a Markdown file is a comment line with the arguments of this script, the table,
 and an end mark:
@@ -20,6 +22,7 @@ and an end mark:
 import argparse
 import re
 import shlex
+from collections import Counter
 
 import mlflow
 from mlflow import MlflowClient
@@ -36,9 +39,25 @@ METRICS = (
 )
 
 
-def runs_table(experiment, params=(), metrics=METRICS, sort="test_dice"):
-    """Markdown table of the FINISHED runs of `experiment`, best `sort` first; raises ValueError if
-    none."""
+# Run statuses counted for each experiment (MLflow's RunStatus names), in the columns' order.
+STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING")
+
+
+def experiments_table():
+    """Markdown table of the experiments in the store (by name) with their run counts by status."""
+    header = ["experiment", "runs", *(status.lower() for status in STATUSES)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for experiment in mlflow.search_experiments(order_by=["name ASC"]):
+        runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
+        counts = Counter(run.info.status for run in runs)
+        cells = [experiment.name, len(runs), *(counts[status] for status in STATUSES)]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def runs_table(experiment, params=(), metrics=METRICS, sort="test_dice", all_runs=False):
+    """Markdown table of the FINISHED runs of `experiment` (every run, with a status column, if
+    `all_runs`), best `sort` first; raises ValueError if none."""
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -47,16 +66,20 @@ def runs_table(experiment, params=(), metrics=METRICS, sort="test_dice"):
         )
     runs = client.search_runs(
         [found.experiment_id],
-        "attributes.status = 'FINISHED'",
+        "" if all_runs else "attributes.status = 'FINISHED'",
         order_by=[f"metrics.{sort} DESC"],
         max_results=1000,
     )
     if not runs:
-        raise ValueError(f"experiment {experiment!r} has no finished run")
-    header = ["run", *params, *metrics]
+        raise ValueError(
+            f"experiment {experiment!r} has no "
+            + ("run" if all_runs else "finished run (--all lists the others)")
+        )
+    header = ["run", *(["status"] if all_runs else []), *params, *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        cells = [run.info.run_name] + [run.data.params.get(p, "") for p in params]
+        cells = [run.info.run_name] + ([run.info.status] if all_runs else [])
+        cells += [run.data.params.get(p, "") for p in params]
         cells += [_format(name, run.data.metrics.get(name)) for name in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -77,7 +100,9 @@ def update_file(path):
         nonlocal count
         args = _parser().parse_args(shlex.split(match["args"]))
         count += 1
-        table = runs_table(args.experiment, _items(args.params), _items(args.metrics), args.sort)
+        table = runs_table(
+            args.experiment, _items(args.params), _items(args.metrics), args.sort, args.all
+        )
         return f"{match.group(1)}{table}\n{match.group(4)}"
 
     text = MARKED.sub(regenerate, text)
@@ -104,7 +129,14 @@ def _parser():
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("experiment", nargs="?", help="MLflow experiment name")
+    parser.add_argument(
+        "experiment", nargs="?", help="MLflow experiment name (none: list the experiments)"
+    )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every run, with its status (failed, killed, running), not only the finished ones",
+    )
     parser.add_argument("--params", default="", help="comma-separated params to show as columns")
     parser.add_argument(
         "--metrics", default=",".join(METRICS), help="comma-separated metrics to show"
@@ -125,14 +157,18 @@ def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     cli.setup()
-    if not args.update and not args.experiment:
-        parser.error("give an experiment name, or --update FILE...")
     try:
         if args.update:
             for path in args.update:
                 print(f"{path}: {update_file(path)} tables regenerated")
+        elif args.experiment:
+            print(
+                runs_table(
+                    args.experiment, _items(args.params), _items(args.metrics), args.sort, args.all
+                )
+            )
         else:
-            print(runs_table(args.experiment, _items(args.params), _items(args.metrics), args.sort))
+            print(experiments_table())
     except (ValueError, OSError) as error:
         parser.exit(2, f"report.py: error: {error}\n")
     except (

@@ -100,20 +100,23 @@ def load_data(args):
     """(splits, description): synthetic scans, or real data (--data-dir, --dataset), checked before
     any run."""
     if datasets.source(args):
-        return datasets.load_split(
+        splits, description = datasets.load_split(
             datasets.source(args), (args.image_size, args.image_size), args.seed
         )
-    images, masks = data.make_synthetic_2d(
-        args.n_images,
-        args.image_size,
-        args.seed,
-        foreground=args.foreground,
-        contrast=args.contrast,
-        noise=args.noise,
-    )
-    splits = data.split(images, masks, seed=args.seed)
-    description = data.describe(images, masks, "synthetic-2d", splits)
-    return splits, {**description, "data_contrast": args.contrast, "data_noise": args.noise}
+    else:
+        images, masks = data.make_synthetic_2d(
+            args.n_images,
+            args.image_size,
+            args.seed,
+            foreground=args.foreground,
+            contrast=args.contrast,
+            noise=args.noise,
+        )
+        splits = data.split(images, masks, seed=args.seed)
+        description = data.describe(images, masks, "synthetic-2d", splits)
+        description.update(data_contrast=args.contrast, data_noise=args.noise)
+    data.require_foreground(splits, description["data_source"])
+    return splits, description
 
 
 def params(args, model, description):

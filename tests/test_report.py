@@ -52,3 +52,26 @@ def test_update_with_an_unknown_experiment_leaves_the_file_untouched(demo_runs):
         report.main(["--update", str(path)])
     assert exit_info.value.code == 2
     assert path.read_text() == text
+
+
+def test_all_shows_every_status_in_a_status_column(demo_runs):
+    table = report.runs_table("demo", metrics=["test_dice"], all_runs=True)
+    assert table.splitlines() == [
+        "| run | status | test_dice |",
+        "|---|---|---|",
+        "| crashed | FAILED | 0.990 |",
+        "| b | FINISHED | 0.900 |",
+        "| a | FINISHED | 0.800 |",
+    ]
+
+
+def test_without_arguments_the_experiments_are_listed_with_their_run_counts(demo_runs, capsys):
+    mlflow.set_experiment("empty")
+    report.main([])
+    assert capsys.readouterr().out.splitlines() == [
+        "| experiment | runs | finished | failed | killed | running |",
+        "|---|---|---|---|---|---|",
+        "| Default | 0 | 0 | 0 | 0 | 0 |",
+        "| demo | 3 | 2 | 1 | 0 | 0 |",
+        "| empty | 0 | 0 | 0 | 0 | 0 |",
+    ]

@@ -1,0 +1,133 @@
+"""predict.py under faults: a silent or absent tracking server, a bad --output, a broken model."""
+
+import os
+import socket
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+import cli
+import predict
+import unet
+
+
+def _run(args, capsys):
+    """predict.main -> (exit code, stdout lines, stderr lines)."""
+    try:
+        predict.main(args)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
+
+
+@pytest.fixture()
+def script_defaults(monkeypatch):
+    """cli.setup()'s MLflow settings as a script gets them (none set beforehand), undone after."""
+    for name in cli.MLFLOW_HTTP_DEFAULTS:
+        monkeypatch.setenv(name, "")  # recorded, so that what setup() sets is removed at the end
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture()
+def image(tmp_path):
+    path = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture()
+def silent_server():
+    """The address of a server that never answers: its accept queue is full (listen(0) plus one
+    connection), so the kernel drops every new connection attempt, like a blackholed address."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        with socket.create_connection(server.getsockname()):
+            yield "http://{}:{}".format(*server.getsockname())
+
+
+@pytest.fixture()
+def refusing_server():
+    """The address of a port where nothing listens (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    "server", [pytest.param("silent_server", marks=pytest.mark.slow), "refusing_server"]
+)
+def test_an_unreachable_tracking_server_fails_in_seconds(
+    server, request, script_defaults, image, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue(server))
+    start = time.perf_counter()
+    code, out, err = _run(["runs:/0123456789abcdef/model", image, "--output", "out"], capsys)
+    elapsed = time.perf_counter() - start
+    assert code == 2 and out == [] and len(err) == 1, err
+    assert err[0].startswith("predict.py: error: cannot load the model runs:/0123456789abcdef")
+    assert elapsed < 10, f"{elapsed:.0f} s"  # the whole command, TensorFlow's import included: < 15
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    """A U-Net whose weights are all NaN, as a diverged training leaves them, saved as .keras."""
+    model = unet.build_unet((32, 32, 1), 8, 2)
+    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    path = tmp_path_factory.mktemp("models") / "diverged.keras"
+    model.save(path)
+    return str(path)
+
+
+def _output_under_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    return tmp_path / "notes.txt" / "masks", "notes.txt exists and is not a folder"
+
+
+BAD_OUTPUTS = {
+    "an existing file": lambda tmp_path: (tmp_path / "x.png", "x.png exists and is not a folder"),
+    "a folder under a file": _output_under_a_file,
+    "a read-only place": lambda tmp_path: ("/sys/tp4-masks", "cannot write in /sys"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OUTPUTS))
+def test_a_bad_output_is_refused_before_the_model_is_loaded(case, image, tmp_path, capsys):
+    output, expected = BAD_OUTPUTS[case](tmp_path)
+    if str(output).startswith("/sys") and not os.path.isdir("/sys"):
+        pytest.skip("needs Linux's /sys")
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = _run(["not-loaded.keras", image, "--output", str(output)], capsys)
+    assert code == 2 and out == [] and len(err) == 1, err
+    assert err[0].startswith(f"predict.py: error: --output {output}: ") and expected in err[0]
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("suffix", [".png", ".nii.gz"])
+def test_a_model_with_non_finite_outputs_is_refused_and_writes_nothing(
+    nan_model, suffix, tmp_path, capsys
+):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b"):
+        array = np.random.default_rng(0).random((32, 32, 3 if suffix == ".nii.gz" else 1))
+        if suffix == ".png":
+            Image.fromarray((array[..., 0] * 255).astype(np.uint8)).save(inputs / f"{name}.png")
+        else:
+            nib.save(
+                nib.Nifti1Image(array.astype(np.float32), np.eye(4)), inputs / f"{name}{suffix}"
+            )
+    code, out, err = _run([nan_model, str(inputs), "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and out == [] and len(err) == 1, (
+        err
+    )  # one line for the batch, not one per file
+    assert err[0].startswith(f"predict.py: error: the model's output on {inputs / ('a' + suffix)}")
+    assert "is not finite (" in err[0]
+    assert os.listdir(tmp_path / "out") == []
