@@ -16,9 +16,8 @@ is the fraction of the hardware used.
   steps at the rate measured here, which also carries the machine's drift between the two
   measurements.
 
-    python bench.py             # default U-Net (128x128, batch 8), default Conv3D, end-to-end
-    train.py python bench.py --quick     # CI-size shapes: seconds, checks that the benchmark still
-    runs
+    python bench.py             # default U-Net, default Conv3D, end-to-end train.py
+    python bench.py --quick     # CI-size shapes: seconds, checks that the benchmark still runs
 """
 
 import os
@@ -181,8 +180,7 @@ def bench_model(model, batch, repeats, jit_compile=False, steps=8, steps_per_exe
 
 def bench_end_to_end(epochs, n_images, quick):
     """`python train.py` with its defaults (fewer epochs), in a process of its own with a throw-away
-    MLflow
-    store: where the wall time goes. MLflow's share is the run's own `tracking_seconds`."""
+    MLflow store: where the wall time goes. MLflow's share is the run's own `tracking_seconds`."""
     command = [
         sys.executable,
         os.path.join(HERE, "train.py"),

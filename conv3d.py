@@ -13,11 +13,10 @@ What this script teaches:
 
 The 3D U-Net is unet.build_unet3d: unet.py's blocks with Conv3D layers.
 
-    python conv3d.py                        # summary, Conv2D vs Conv3D, memory levers, then a
-    tracked training python conv3d.py --mixed-precision      # the same training under
-    mixed_bfloat16 (CPU) / mixed_float16 (GPU) python conv3d.py --skip-training        # only the
-    architecture and the memory tables python conv3d.py --dataset mni-wm       # white matter in 3D
-    patches of a real T1 MRI (nilearn's MNI152)
+    python conv3d.py                    # summary, Conv2D vs Conv3D, memory levers, training
+    python conv3d.py --mixed-precision  # the same training in mixed bfloat16 (CPU) / float16 (GPU)
+    python conv3d.py --skip-training    # only the architecture and the memory tables
+    python conv3d.py --dataset mni-wm   # white matter in 3D patches of a real T1 MRI (MNI152)
 """
 
 import os

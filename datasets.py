@@ -209,8 +209,7 @@ def load_folder(folder, shape):
 def volume_examples(volume, mask, shape, name):
     """Examples from one normalized (X, Y, Z) volume and its mask: 2D slices along the last axis
     fitted to (H, W), or 3D (D, H, W) patches with D along that axis. Returns (images, masks,
-    positions along the
-    slice axis); blank slices or patches are skipped."""
+    positions along the slice axis); blank slices or patches are skipped."""
     if len(shape) == 2:
         kept = [z for z in range(volume.shape[-1]) if np.ptp(volume[..., z]) > 0]
         images = [geometry.fit(volume[..., z], shape)[0] for z in kept]
@@ -251,8 +250,7 @@ BUILTIN = {"mni-wm": mni_wm}
 
 def load(source, shape):
     """Examples from `source`: a built-in name (BUILTIN) or a dataset folder (write ./mni-wm for a
-    folder of
-    that name). `shape` is the network's spatial input: (H, W) or (D, H, W)."""
+    folder of that name). `shape` is the network's spatial input: (H, W) or (D, H, W)."""
     return BUILTIN[source](tuple(shape)) if source in BUILTIN else load_folder(source, tuple(shape))
 
 

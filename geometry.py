@@ -118,8 +118,7 @@ def window_corners(shape, patch, strides):
 
 def tile(array, patch):
     """Non-overlapping patches covering `array`, whose spatial axes are zero-padded at the end to
-    multiples of
-    `patch`. Returns (patches stacked on a new first axis, their corners)."""
+    multiples of `patch`. Returns (patches stacked on a new first axis, their corners)."""
     spatial = array.shape[: len(patch)]
     padded_shape = [-(-s // p) * p for s, p in zip(spatial, patch)]
     padding = [(0, t - s) for s, t in zip(spatial, padded_shape)] + [(0, 0)] * (
@@ -135,8 +134,7 @@ def patch_weights(
     patch_shape, weighting: Literal["constant", "gaussian"] = "gaussian", sigma_scale=0.125
 ):
     """Blending weights of one patch: constant, or a Gaussian (sigma = patch/8, as nnU-Net) that
-    trusts the
-    patch centre, where the network saw the most context, more than its borders."""
+    trusts the patch centre, where the network saw the most context, more than its borders."""
     if weighting == "constant":
         return np.ones(patch_shape, np.float32)
     if weighting != "gaussian":
@@ -152,8 +150,7 @@ def patch_weights(
 
 def sliding_window_predict(model, volume, overlap=0.5, weighting="gaussian", batch_size=4):
     """Segment a (D, H, W, C) volume at least as large as the model's patch with overlapping patches
-    whose
-    outputs are blended with `patch_weights`. Returns (D, H, W, classes) probabilities."""
+    whose outputs are blended with `patch_weights`. Returns (D, H, W, classes) probabilities."""
     patch = tuple(model.input_shape[1:4])
     if volume.ndim != 4 or volume.shape[-1] != model.input_shape[-1]:
         raise ValueError(

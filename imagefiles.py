@@ -61,8 +61,7 @@ def is_nifti(path):
 
 def list_files(folder, suffixes=IMAGE_SUFFIXES + NIFTI_SUFFIXES):
     """Sorted paths of the files in `folder` with one of `suffixes`. Hidden files are skipped: the
-    MSD
-    archives, packed on macOS, hold a `._name.nii.gz` resource file next to every volume."""
+    MSD archives, packed on macOS, hold a `._name.nii.gz` resource file next to every volume."""
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and suffix(n) in suffixes)
     paths = [os.path.join(folder, n) for n in names]
     # A broken link is kept, for its reader to name it as such (not as a file that is missing).
@@ -163,8 +162,7 @@ def read_image(path, channels=1):
 
 def read_mask(path):
     """(H, W) label values of a 2D mask file, as stored: multi-band masks are reduced to grey levels
-    first,
-    palette masks give their palette indices (the usual way to store labels in a PNG)."""
+    first, palette masks give their palette indices (the usual way to store labels in a PNG)."""
     image = _open(path)
     if len(image.getbands()) > 1:
         image = image.convert("L")

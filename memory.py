@@ -7,7 +7,7 @@ of the whole process, so each configuration is measured in a fresh Python proces
 step, then the peak.
 
     python memory.py '{"shape": [32, 64, 64], "filters": 8, "depth": 3, "kernel": 3, "batch": 2,
-    "policy": "float32"}'
+                       "policy": "float32"}'
 """
 
 import json
@@ -80,7 +80,8 @@ def has_gpu():
 
 def main():
     if len(sys.argv) != 2:
-        sys.exit(f"usage: python memory.py SPEC_JSON\n{__doc__.splitlines()[-2].strip()}")
+        example = __doc__.split("\n\n")[-1].rstrip()
+        sys.exit(f"usage: python memory.py SPEC_JSON, e.g.\n{example}")
     print(json.dumps(step_memory(json.loads(sys.argv[1]))))
 
 

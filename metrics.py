@@ -11,8 +11,7 @@ What this script teaches:
   not a mean of batch values; and the losses: soft Dice, BCE + Dice, Tversky, focal Tversky,
   Generalized Dice.
 
-    python metrics.py        # worked cases, Dice vs IoU table, identity check, scikit-learn
-    cross-check
+    python metrics.py   # worked cases, Dice vs IoU table, identity check, scikit-learn cross-check
 """
 
 from collections.abc import Callable
@@ -182,8 +181,7 @@ class BCEDiceLoss(SoftDiceLoss):
 @keras.saving.register_keras_serializable(package="tp4")
 class TverskyLoss(_SegmentationLoss):
     """1 - TP / (TP + α·FP + β·FN) (Salehi et al. 2017). β > α costs a missed lesion pixel more than
-    a false
-    alarm, which pushes recall up on small lesions; α = β = 0.5 is the soft Dice loss."""
+    a false alarm, which pushes recall up on small lesions; α = β = 0.5 is the soft Dice loss."""
 
     def __init__(self, alpha=0.3, beta=0.7, name="tversky_loss", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -203,8 +201,7 @@ class TverskyLoss(_SegmentationLoss):
 @keras.saving.register_keras_serializable(package="tp4")
 class FocalTverskyLoss(TverskyLoss):
     """(1 - Tversky index) ** (1/γ) (Abraham & Khan 2019, γ = 4/3): flattens the loss near a perfect
-    overlap,
-    so training keeps its focus on the images that are still badly segmented."""
+    overlap, so training keeps its focus on the images that are still badly segmented."""
 
     def __init__(self, alpha=0.3, beta=0.7, gamma=4 / 3, name="focal_tversky_loss", **kwargs):
         super().__init__(alpha, beta, name=name, **kwargs)

@@ -160,8 +160,8 @@ def output_paths(output, path):
 
 def predict_images(model, images, batch_size=8):
     """Probabilities at each image's own size: each normalized (H, W, C) image is fitted to the
-    network,
-    predicted, and the fit undone on the probabilities (linear interpolation, thresholded later)."""
+    network, predicted, and the fit undone on the probabilities (linear interpolation, thresholded
+    later)."""
     fitted = [geometry.fit(image, model.input_shape[1:3]) for image in images]
     batch = np.stack([array for array, _ in fitted])
     probabilities = model.predict(batch, batch_size=batch_size, verbose=0)[..., 0]
@@ -170,8 +170,8 @@ def predict_images(model, images, batch_size=8):
 
 def predict_volume(model, volume, overlap=0.5):
     """Probabilities of a normalized (X, Y, Z) volume: slice by slice along Z for a 2D model, or by
-    sliding
-    windows over (D, H, W) = (Z, X, Y) for a 3D model, the volume padded to at least one patch."""
+    sliding windows over (D, H, W) = (Z, X, Y) for a 3D model, the volume padded to at least one
+    patch."""
     if len(model.input_shape) == 4:
         return np.stack(
             predict_images(model, [volume[..., z, None] for z in range(volume.shape[-1])]), axis=-1

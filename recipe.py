@@ -111,8 +111,8 @@ def peak_learning_rate(args):
 def epoch_size(n_train, args):
     """(batches, images) of one training epoch. With XLA, full batches only: XLA compiles one
     program per batch shape, and a partial last batch would cost a second compile of the training
-    step for a few
-    images. The reshuffle at every epoch changes which images wait for the next one."""
+    step for a few images. The reshuffle at every epoch changes which images wait for the next
+    one."""
     if not args.xla:
         return -(-n_train // args.batch_size), n_train
     if n_train < args.batch_size:
@@ -171,8 +171,7 @@ def params(args):
 
 def evaluate(model, images, masks, batch_size):
     """Test metrics (metrics.py's reference functions) and the training loss over the whole test
-    set, all
-    from one set of predictions: one forward pass. Returns (metrics, probabilities)."""
+    set, all from one set of predictions: one forward pass. Returns (metrics, probabilities)."""
     probabilities = model.predict(images, batch_size=batch_size, verbose=0)
     return {
         "test_dice": metrics.dice_coefficient(masks, probabilities),

@@ -9,12 +9,11 @@ What this script teaches:
   the model itself, in MLflow's local store (`mlflow.db` here; `MLFLOW_TRACKING_URI` to use
   another). See them with `mlflow ui` run from this directory.
 
-    python train.py                                    # the main job: the TP's setting, about 12
-    min on 2 cores python train.py --loss dice --optimizer sgd        # one cell of the loss x
-    optimizer comparison python train.py --grid --image-size 64 --foreground 0.015 --contrast 0.2
-    # the whole comparison python train.py --dataset mni-wm                   # white matter in a
-    real T1 MRI (nilearn's MNI152) python train.py --data-dir DIR                     # your data:
-    images/ + masks/, or imagesTr/ + labelsTr/
+    python train.py                               # the main job: the TP's setting
+    python train.py --loss dice --optimizer sgd   # one cell of the loss x optimizer comparison
+    python train.py --grid --image-size 64 --foreground 0.015 --contrast 0.2   # all the cells
+    python train.py --dataset mni-wm              # white matter in a real T1 MRI (MNI152)
+    python train.py --data-dir DIR                # images/ + masks/, or imagesTr/ + labelsTr/
 """
 
 import os
