@@ -231,7 +231,7 @@ def http_url(host, port):
 
 def public_url(args):
     """The server's URL for clients: by the machine's name when it listens on all addresses."""
-    return http_url(socket.getfqdn() if args.host in EVERY_ADDRESS else args.host, args.port)
+    return http_url(socket.gethostname() if args.host in EVERY_ADDRESS else args.host, args.port)
 
 
 def print_client_settings(url, lab, first_start):
