@@ -213,9 +213,9 @@ def serve(args):
 
 
 def auth_secrets(lab, first_start):
-    """The environment of MLflow's basic-auth secrets: the static key that signs its forms, and the
-    admin password, read once by MLflow to create the admin user at the first start:
-    MLFLOW_AUTH_ADMIN_PASSWORD, or DIR/admin_password, generated at the first start."""
+    """Environment variables for MLflow's basic auth: the static key that signs its forms, and the
+    admin password (MLflow reads it only to create the admin user, at the first start):
+    MLFLOW_AUTH_ADMIN_PASSWORD if set, else DIR/admin_password, generated at the first start."""
     env = {"MLFLOW_FLASK_SERVER_SECRET_KEY": secret(lab / "flask_secret_key", secrets.token_hex)}
     if "MLFLOW_AUTH_ADMIN_PASSWORD" not in os.environ:
         if first_start:
