@@ -21,8 +21,10 @@ import psutil
 import pytest
 from conftest import REPO
 from mlflow import MlflowClient
+from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
 import postgres
+import tracking
 import tracking_server
 
 TINY = (
@@ -209,6 +211,27 @@ def test_a_restart_on_the_same_dir_keeps_every_run_and_stops_every_process(serve
     assert client.get_metric_history(kept, "dice")[0].value == 0.5
     assert client.download_artifacts(kept, "note.txt", str(server.lab.parent)) is not None
     assert (server.lab.parent / "note.txt").read_text() == "kept"
+
+
+def test_a_run_goes_to_its_experiment_when_another_process_creates_it_at_the_same_time(
+    store, monkeypatch
+):
+    """Four trainings starting at once race to create their experiment: MLflow's set_experiment
+    then returns it without making it active. Here the race is lost on purpose: the experiment
+    appears between set_experiment's lookup and its create."""
+    winner = store.create_experiment("raced")
+    lookup = TrackingServiceClient.get_experiment_by_name
+    lookups = []
+
+    def not_yet_created(self, name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else lookup(self, name)
+
+    monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", not_yet_created)
+    with tracking.tracked_run("raced", "late", {}) as run:
+        pass
+    assert lookups == ["raced", "raced"]  # the race happened
+    assert run.info.experiment_id == winner
 
 
 def test_a_port_in_use_is_one_line_and_creates_nothing(tmp_path, capsys):
