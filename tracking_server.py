@@ -64,6 +64,18 @@ def parse_args(argv=None):
     return args, parser
 
 
+def writable_folder(path):
+    """The folder at `path`, made if new; one line if that fails or it cannot be written."""
+    folder = Path(path).resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create {folder}: {error.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write to {folder}: permission denied")
+    return folder
+
+
 def secret(path, make):
     """The secret in `path`, made by `make()` and written mode 600 if the file does not exist."""
     if not path.exists():
@@ -183,10 +195,7 @@ def serve(args):
     Ctrl-C or SIGTERM, stop both."""
     check_port_is_free(args.host, args.port)
     programs = postgres.bindir()
-    lab = Path(args.dir).resolve()
-    lab.mkdir(parents=True, exist_ok=True)
-    if not os.access(lab, os.W_OK | os.X_OK):
-        raise OSError(f"cannot write to {lab}")
+    lab = writable_folder(args.dir)
     cluster = postgres.Cluster(programs, lab / "postgres")
     signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C
     first_start = not cluster.exists()

@@ -253,7 +253,18 @@ def test_a_dir_that_cannot_be_written_is_one_line(tmp_path, capsys):
         tracking_server.main([str(tmp_path / "file" / "lab"), "--port", str(_free_port())])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
-        f"tracking_server.py: error: [Errno 20] Not a directory: '{tmp_path / 'file' / 'lab'}'\n"
+        f"tracking_server.py: error: cannot create {tmp_path / 'file' / 'lab'}: Not a directory\n"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_read_only_dir_is_one_line(tmp_path, capsys):
+    (tmp_path / "lab").mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as exit_info:
+        tracking_server.main([str(tmp_path / "lab"), "--port", str(_free_port())])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"tracking_server.py: error: cannot write to {tmp_path / 'lab'}: permission denied\n"
     )
 
 
