@@ -61,8 +61,6 @@ class Server:
             assert time.monotonic() < deadline, self.text()
             time.sleep(0.5)
         assert self.process.poll() is None, self.text()
-        # mlflow server and its workers: children of tracking_server.py (PostgreSQL is a daemon).
-        self.children = psutil.Process(self.process.pid).children(recursive=True)
 
     def text(self):
         return self.output.read_text()
@@ -72,8 +70,12 @@ class Server:
         return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
 
     def stop(self):
-        """SIGTERM, as a service manager would; then make sure that nothing it started is left."""
-        self.process.send_signal(signal.SIGTERM)
+        """SIGTERM, as a service manager would; then make sure that nothing it started is left.
+        Returns its exit status."""
+        if self.process.poll() is None:
+            # mlflow server and its workers are its children; PostgreSQL is a daemon.
+            self.children = psutil.Process(self.process.pid).children(recursive=True)
+            self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout=120)
         finally:
@@ -97,7 +99,7 @@ def server():
         server.start()
         yield server
     finally:
-        if server.process and server.process.poll() is None:
+        if server.process:
             server.stop()
         shutil.rmtree(base, ignore_errors=True)
 
@@ -123,15 +125,26 @@ def _status(url, user=None, password=None, host=None):
         return error.code
 
 
-def _train(server, experiment, *flags):
+def _train(server, experiment, *flag_sets):
+    """train.py with the server's credentials, one process per set of flags, all at once; each
+    must succeed. Stops any left when a test fails."""
     env = {**os.environ, **server.credentials(), "MLFLOW_TRACKING_URI": server.url}
-    return subprocess.Popen(
-        [sys.executable, REPO / "train.py", *TINY, "--experiment", experiment, *flags],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    command = [sys.executable, REPO / "train.py", *TINY, "--experiment", experiment]
+    processes = [
+        subprocess.Popen(
+            [*command, *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for flags in flag_sets
+    ]
+    try:
+        for process in processes:
+            output = process.communicate(timeout=900)[0]
+            assert process.returncode == 0, output[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def _every_run(client):
@@ -160,9 +173,7 @@ def test_requests_without_the_right_login_or_for_another_host_are_refused(server
 
 @pytest.mark.slow
 def test_train_py_with_credentials_is_recorded_with_its_artifacts_in_dir(server, client):
-    done = _train(server, "lab", "--loss", "dice")
-    output = done.communicate(timeout=600)[0]
-    assert done.returncode == 0, output[-3000:]
+    _train(server, "lab", ["--loss", "dice"])
     (run,) = client.search_runs([client.get_experiment_by_name("lab").experiment_id])
     assert (run.info.run_name, run.info.status) == ("UNet_DiceLoss_Adam", "FINISHED")
     assert run.data.params["loss"] == "DiceLoss"
@@ -175,10 +186,7 @@ def test_train_py_with_credentials_is_recorded_with_its_artifacts_in_dir(server,
 @pytest.mark.slow
 def test_four_concurrent_trainings_are_all_recorded(server, client):
     # Four of the grid's 24 shards at once, one cell each (the first 4: BCE x every optimizer).
-    trainings = [_train(server, "concurrent", "--grid", "--shard", f"{i}/24") for i in range(4)]
-    for training in trainings:
-        output = training.communicate(timeout=900)[0]
-        assert training.returncode == 0, output[-3000:]
+    _train(server, "concurrent", *(["--grid", "--shard", f"{i}/24"] for i in range(4)))
     runs = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])
     assert sorted(run.info.run_name for run in runs) == [
         "UNet_BCELoss_Adam",
