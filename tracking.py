@@ -85,14 +85,17 @@ def tracked_run(experiment, run_name, params):
     uri = mlflow.get_tracking_uri()
     start = time.perf_counter()
     try:
-        mlflow.set_experiment(experiment)
+        experiment_id = mlflow.set_experiment(experiment).experiment_id
     except (
         Exception
     ) as error:  # MLflow raises many types here (HTTP, SQL, permissions): all mean the same
         raise TrackingError(
             f"cannot use the MLflow tracking store {uri}: {_first_line(error)}"
         ) from None
-    tracked = TrackedRun(mlflow.start_run(run_name=run_name))
+    # By id: when another process creates the experiment at the same moment, MLflow 3.17's
+    # set_experiment returns it without making it active, and start_run() alone would log to the
+    # Default experiment (set_experiment races: mlflow/mlflow#12259, #10334).
+    tracked = TrackedRun(mlflow.start_run(experiment_id=experiment_id, run_name=run_name))
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     status = "FAILED"

@@ -22,6 +22,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import argparse
+import itertools
 import sys
 
 import keras
@@ -86,13 +87,45 @@ def parse_args(argv=None):
         action="store_true",
         help="run every loss x optimizer as separate runs and print a table",
     )
+    add(
+        "--shard",
+        type=parse_shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="with --grid: run only its cells I, I+N, I+2N, ... (I from 0 to N-1), so that N "
+        "machines or processes share the grid, logging to one tracking server",
+    )
     args = parser.parse_args(argv)
+    if args.shard != (0, 1) and not args.grid:
+        parser.error("--shard goes with --grid")
+    if not grid_cells(args.shard):
+        parser.error(
+            f"--shard {args.shard[0]}/{args.shard[1]}: the grid has {len(grid_cells())} cells"
+        )
     for name in ("batch_size", "epochs", "n_images", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.patience < 0 or (args.lr is not None and args.lr <= 0):
         parser.error("--patience must be >= 0 and --lr > 0")
     return args, parser
+
+
+def parse_shard(text):
+    """--shard I/N as (I, N), with 0 <= I < N: the I-th of N shares of the grid, from 0."""
+    try:
+        index, count = (int(number) for number in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N, two whole numbers") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text!r}: I/N needs 0 <= I < N")
+    return index, count
+
+
+def grid_cells(shard=(0, 1)):
+    """The (loss, optimizer) cells of the grid in a fixed order, every N-th from the I-th for
+    shard (I, N): N shards cover each cell once."""
+    index, count = shard
+    return list(itertools.product(metrics.LOSSES, recipe.OPTIMIZERS))[index::count]
 
 
 def load_data(args):
@@ -158,17 +191,20 @@ def train(args):
 
 
 def run_grid(args):
-    """Every loss x optimizer as a separate run of the same experiment, then a Markdown table of the
-    results."""
+    """Every loss x optimizer of the shard as a separate run of the same experiment, then a
+    Markdown table of their results."""
     rows = []
-    for loss in metrics.LOSSES:
-        for optimizer in recipe.OPTIMIZERS:
-            cell = argparse.Namespace(
-                **{**vars(args), "loss": loss, "optimizer": optimizer, "run_name": None}
-            )
-            rows.append(
-                (metrics.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)[0])
-            )
+    for loss, optimizer in grid_cells(args.shard):
+        cell = argparse.Namespace(
+            **{**vars(args), "loss": loss, "optimizer": optimizer, "run_name": None}
+        )
+        rows.append(
+            (metrics.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)[0])
+        )
+    if args.shard != (0, 1):
+        print(
+            f"\nshard {args.shard[0]}/{args.shard[1]}: {len(rows)} of the {len(grid_cells())} cells"
+        )
     print(
         "\n| loss | optimizer | test Dice | test IoU | per-image Dice | best epoch |"
         "\n|---|---|---|---|---|---|"

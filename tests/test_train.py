@@ -173,3 +173,52 @@ def test_prediction_figure_shows_the_images_with_the_most_foreground():
     figure = figures.prediction_figure(np.zeros_like(masks), masks, probabilities, n=2)
     titles = [ax.get_title() for ax in figure.axes]
     assert titles == [f"Dice {2 * 10 / 1034:.3f}", f"Dice {2 * 5 / 1029:.3f}"]
+
+
+def test_shard_1_of_3_runs_every_third_cell_from_the_second_and_3_shards_cover_the_grid():
+    cells = train.grid_cells(train.parse_args(["--grid", "--shard", "1/3"])[0].shard)
+    # The grid in order: bce x (adam, adamw, sgd, rmsprop), dice x (...), ...: cells 1, 4, ..., 22.
+    assert cells == [
+        ("bce", "adamw"),
+        ("dice", "adam"),
+        ("dice", "rmsprop"),
+        ("bce_dice", "sgd"),
+        ("tversky", "adamw"),
+        ("focal_tversky", "adam"),
+        ("focal_tversky", "rmsprop"),
+        ("generalized_dice", "sgd"),
+    ]
+    shards = [train.grid_cells((i, 3)) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(train.grid_cells())
+    assert len(train.grid_cells()) == len(metrics.LOSSES) * len(recipe.OPTIMIZERS) == 24
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--grid", "--shard", "3/3"], "argument --shard: '3/3': I/N needs 0 <= I < N"),
+        (["--grid", "--shard", "1/0"], "argument --shard: '1/0': I/N needs 0 <= I < N"),
+        (["--grid", "--shard", "1"], "argument --shard: '1' is not I/N, two whole numbers"),
+        (["--grid", "--shard", "24/25"], "--shard 24/25: the grid has 24 cells"),
+        (["--shard", "0/2"], "--shard goes with --grid"),
+    ],
+)
+def test_a_bad_shard_is_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"train.py: error: {message}"
+
+
+@pytest.mark.slow
+def test_a_grid_shard_runs_its_cells_each_as_its_own_run_and_prints_their_table(store, capsys):
+    train.main(TINY + ["--epochs", "1", "--no-xla", "--grid", "--shard", "11/12"])
+    runs = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])
+    names = {"UNet_CombinedLoss_RMSprop", "UNet_GeneralizedDiceLoss_RMSprop"}  # cells 11 and 23
+    assert {run.info.run_name for run in runs} == names
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert sorted(line.split(" | ")[:2] for line in table[1:]) == [
+        ["| CombinedLoss", "RMSprop"],
+        ["| GeneralizedDiceLoss", "RMSprop"],
+    ]
