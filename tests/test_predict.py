@@ -11,7 +11,7 @@ from PIL import Image
 
 import data
 import geometry
-import metrics
+import losses
 import predict
 import unet
 
@@ -24,7 +24,7 @@ def _save(model, path):
     # Compiled with the project's loss and metrics: reloading needs them registered (predict imports
     # metrics). One training step on an empty batch builds the optimizer, as in a trained model,
     # with tiny weight changes.
-    model.compile("adam", metrics.BCEDiceLoss(), metrics=[metrics.DiceMetric()])
+    model.compile("adam", losses.BCEDiceLoss(), metrics=[losses.DiceMetric()])
     blank = np.zeros((1, *model.input_shape[1:]), np.float32)
     model.train_on_batch(blank, blank)
     model.save(path)

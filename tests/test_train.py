@@ -6,7 +6,7 @@ import pytest
 
 import data
 import figures
-import metrics
+import losses
 import recipe
 import tracking
 import train
@@ -82,7 +82,7 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
     # test_loss: the soft Dice loss over the whole test set, by hand.
     p = model.predict(x_test, verbose=0).astype(np.float64)
     overlap = (y_test * p).sum()
-    expected = 1 - (2 * overlap + metrics.EPSILON) / (y_test.sum() + p.sum() + metrics.EPSILON)
+    expected = 1 - (2 * overlap + losses.EPSILON) / (y_test.sum() + p.sum() + losses.EPSILON)
     assert results["test_loss"] == pytest.approx(expected, rel=1e-4)
 
 
