@@ -42,7 +42,7 @@ import data
 import figures
 import geometry
 import imagefiles
-import metrics  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
+import losses  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
 from imagefiles import DataError
 
 

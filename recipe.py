@@ -22,6 +22,7 @@ import numpy as np
 
 import data
 import figures
+import losses
 import metrics
 import tracking
 
@@ -50,7 +51,7 @@ EVAL_BATCH_FACTOR = 4  # validation and test batches, in training batches (fit_a
 def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, run_names):
     """The recipe's and the run's flags, shared by train.py and conv3d.py (defaults differ)."""
     add = parser.add_argument
-    add("--loss", choices=metrics.LOSSES, default="bce_dice", help="training loss")
+    add("--loss", choices=losses.LOSSES, default="bce_dice", help="training loss")
     add("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer")
     add(
         "--lr",
@@ -146,8 +147,8 @@ def compile_model(model, args, n_train):
     optimizer = OPTIMIZERS[args.optimizer].make(learning_rate(args, epoch_size(n_train, args)[0]))
     model.compile(
         optimizer,
-        metrics.get_loss(args.loss),
-        metrics=[metrics.DiceMetric(), metrics.IoUMetric()],
+        losses.get_loss(args.loss),
+        metrics=[losses.DiceMetric(), losses.IoUMetric()],
         jit_compile=args.xla,
     )
     return model
@@ -159,7 +160,7 @@ def params(args):
         "optimizer": OPTIMIZERS[args.optimizer].label,
         "learning_rate": peak_learning_rate(args),
         "lr_schedule": args.lr_schedule,
-        "loss": metrics.LOSSES[args.loss].label,
+        "loss": losses.LOSSES[args.loss].label,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
         "patience": args.patience,

@@ -31,7 +31,7 @@ import cli
 import data
 import datasets
 import figures
-import metrics
+import losses
 import recipe
 import unet
 
@@ -141,7 +141,7 @@ def train(args):
     )
     recipe.compile_model(model, args, len(splits["train"][0]))
     run_name = args.run_name or (
-        f"{model.name}_{metrics.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
+        f"{model.name}_{losses.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
     )
     print(
         f"{run_name}: {description['data_split']} train/val/test images "
@@ -159,13 +159,13 @@ def run_grid(args):
     """Every loss x optimizer as a separate run of the same experiment, then a Markdown table of the
     results."""
     rows = []
-    for loss in metrics.LOSSES:
+    for loss in losses.LOSSES:
         for optimizer in recipe.OPTIMIZERS:
             cell = argparse.Namespace(
                 **{**vars(args), "loss": loss, "optimizer": optimizer, "run_name": None}
             )
             rows.append(
-                (metrics.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)[0])
+                (losses.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)[0])
             )
     print(
         "\n| loss | optimizer | test Dice | test IoU | per-image Dice | best epoch |"
