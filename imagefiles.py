@@ -8,8 +8,10 @@ What this script teaches:
 - a NIfTI file is an array *and* a geometry: the affine maps voxel indices to millimetres in the
   scanner. `read_volume` returns both, so that a predicted mask can be written back over the same
   voxels (predict.py);
-- masks are checked, not trusted: at most two distinct values (0 and one label), then binarized as
-  `value > 0`. A JPEG mask fails this check: its compression invents intermediate values.
+- masks are checked, not trusted: a binary mask has at most two distinct values (0 and one label),
+  binarized as `value > 0`; a mask of C classes holds the labels 0..C-1 themselves (as MSD and
+  nnU-Net store them). A JPEG mask fails this check: its compression invents intermediate values;
+- a NIfTI header also gives the voxel size (`voxel_size_mm`): surface distances are in millimetres.
 
 datasets.py (training data) and predict.py (new images) read files through this module only.
 
@@ -152,17 +154,36 @@ def read_volume(path):
     return check_finite(array, path), image
 
 
-def binarize(labels, path):
-    """Float32 0/1 mask from label values: at most two distinct values are allowed, foreground is
-    `value > 0`."""
+def label_map(labels, path, num_classes=2):
+    """Float32 label map from the values of a mask file. Two classes: at most two distinct values,
+    foreground is `value > 0` (0/1, 0/255...). C classes: the values are the labels 0..C-1."""
     values = np.unique(labels)
-    if len(values) > 2:
-        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
-        raise DataError(
-            f"mask {path} has {len(values)} distinct values ({shown}): a binary mask has at most "
-            "two (0 and one label)"
+    shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+    if len(values) > num_classes:
+        rule = (
+            "a binary mask has at most two (0 and one label); --num-classes for label maps"
+            if num_classes == 2
+            else f"at most {num_classes} with --num-classes {num_classes}"
         )
-    return (labels > 0).astype(np.float32)
+        raise DataError(f"mask {path} has {len(values)} distinct values ({shown}): {rule}")
+    if num_classes == 2:
+        return (labels > 0).astype(np.float32)
+    if not np.isin(values, np.arange(num_classes)).all():
+        raise DataError(
+            f"mask {path} has the values {shown}: labels of {num_classes} classes are "
+            f"0..{num_classes - 1}"
+        )
+    return labels.astype(np.float32)
+
+
+_MM_PER_UNIT = {"mm": 1.0, "micron": 1e-3, "meter": 1e3, "unknown": 1.0}  # unknown: NIfTI's mm
+
+
+def voxel_size_mm(nifti):
+    """(X, Y, Z) voxel size of a NIfTI image in millimetres, from its header (a 2D image: Z 1)."""
+    zooms = tuple(float(z) for z in nifti.header.get_zooms()[:3])
+    scale = _MM_PER_UNIT.get(nifti.header.get_xyzt_units()[0], 1.0)
+    return tuple(z * scale for z in zooms + (1.0,) * (3 - len(zooms)))
 
 
 def shape_text(shape):
