@@ -101,6 +101,21 @@ def iou_score(
     return float(np.mean(_ratio(tp, tp + fp + fn)))
 
 
+def label_map(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """The predicted class of every voxel.
+
+    Args:
+        probabilities: (..., 1) sigmoid output (foreground probability) or (..., C) softmax.
+        threshold: sigmoid only: foreground where the probability is >= threshold.
+
+    Returns:
+        uint8 labels of the spatial shape (the channel axis dropped): 0/1, or 0..C-1 (argmax).
+    """
+    if probabilities.shape[-1] == 1:
+        return (probabilities[..., 0] >= threshold).astype(np.uint8)
+    return np.argmax(probabilities, axis=-1).astype(np.uint8)
+
+
 # ------------------------------------------------------------------------------------------------
 # Surface distances, for one image or volume. MONAI's definitions (compute_hausdorff_distance,
 # compute_surface_dice with use_subvoxels=False, through get_mask_edges and get_surface_distance):

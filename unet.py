@@ -131,7 +131,7 @@ def build_unet(
     upsampling: Upsampling = "transpose",
     skip_connections: bool = True,
     kernel_size: int = 3,
-    output_bias: float = 0.0,
+    output_bias: float | list[float] = 0.0,
     name: str = "UNet",
 ) -> keras.Model:
     """U-Net with `depth` levels: base, 2*base, ... filters down, 2**(depth-1)*base at the
@@ -150,7 +150,8 @@ def build_unet(
         kernel_size: k, for k x k (x k) convolutions.
         output_bias: initial output logit: log(f / (1 - f)) makes the untrained network predict
             the foreground fraction f everywhere instead of 0.5, which spares the first epochs
-            on imbalanced data.
+            on imbalanced data. A softmax output takes one value per class (log f_c: the
+            network starts at the class fractions).
         name: the model's name (logged as its architecture).
 
     Returns:
