@@ -291,10 +291,10 @@ def print_results(run_name, results, n_test, tolerance=1.0):
         f"\n{run_name}: best epoch {results['best_epoch']} of {results['epochs_run']}, "
         f"fit {results['fit_seconds']:.0f} s"
     )
-    classes = sorted({key.rpartition("_class")[2] for key in results if "_class" in key})
+    classes = sorted({int(key.rpartition("_class")[2]) for key in results if "_class" in key})
     suffixes = ["", *(f"_class{c}" for c in classes)]
     print(
-        f"{f'test set ({n_test} examples)':<36}"
+        f"{f'test set ({n_test} examples)':<30}"
         + "".join(f"{s[1:] or 'value':>9}" for s in suffixes)
     )
     for label, key in (
@@ -306,7 +306,8 @@ def print_results(run_name, results, n_test, tolerance=1.0):
         ("cases with one empty mask", "test_one_empty"),
         ("loss", "test_loss"),
     ):
+        values = [results[key + s] for s in suffixes if key + s in results]
         print(
-            f"{label:<36}"
-            + "".join(f"{results[key + s]:>9.4g}" for s in suffixes if key + s in results)
+            f"{label:<30}"
+            + "".join(f"{v:>9}" if isinstance(v, int) else f"{v:>9.4f}" for v in values)
         )

@@ -8,6 +8,7 @@ test metrics.
     experiment python report.py tp4-grid --params loss,optimizer   # the loss x optimizer comparison
     python report.py --update README.md REPORT.md       # regenerate the tables marked in those
     files
+    python report.py --cases RUN_ID                     # one run's per-case test table
 
 A marked table in a Markdown file is a comment line with the arguments of this script, the table,
 and an end mark:
@@ -86,6 +87,23 @@ def update_file(path):
     return count
 
 
+def cases_table(run_id):
+    """Markdown table of a run's per-case test results (its test_cases.json artifact: one row per
+    case and class; an empty HD95 cell is infinite: exactly one of the two masks is empty)."""
+    try:
+        table = mlflow.artifacts.load_dict(f"runs:/{run_id}/test_cases.json")
+    except Exception as error:  # MLflow raises several types for a missing run or artifact
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"run {run_id} has no per-case table: {reason}") from None
+    lines = ["| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
+    for row in table["data"]:
+        cells = [
+            f"{v:.3f}" if isinstance(v, float) else "inf" if v is None else str(v) for v in row
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _items(text):
     return [item for item in text.split(",") if item]
 
@@ -112,6 +130,7 @@ def _parser():
     parser.add_argument(
         "--sort", default="test_dice", help="metric to sort by, best (highest) first"
     )
+    parser.add_argument("--cases", metavar="RUN_ID", help="print a run's per-case test table")
     parser.add_argument(
         "--update",
         nargs="+",
@@ -125,10 +144,12 @@ def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     cli.setup()
-    if not args.update and not args.experiment:
-        parser.error("give an experiment name, or --update FILE...")
+    if not (args.update or args.experiment or args.cases):
+        parser.error("give an experiment name, --cases RUN_ID, or --update FILE...")
     try:
-        if args.update:
+        if args.cases:
+            print(cases_table(args.cases))
+        elif args.update:
             for path in args.update:
                 print(f"{path}: {update_file(path)} tables regenerated")
         else:

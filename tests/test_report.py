@@ -52,3 +52,26 @@ def test_update_with_an_unknown_experiment_leaves_the_file_untouched(demo_runs):
         report.main(["--update", str(path)])
     assert exit_info.value.code == 2
     assert path.read_text() == text
+
+
+def test_cases_prints_a_runs_per_case_table(store, capsys):
+    table = {
+        "columns": ["case", "class", "dice", "hd95"],
+        "data": [["a", 1, 0.5, 2.25], ["b", 1, 0.0, None]],
+    }
+    mlflow.set_experiment("demo")
+    with mlflow.start_run() as run:
+        mlflow.log_dict(table, "test_cases.json")
+    report.main(["--cases", run.info.run_id])
+    assert capsys.readouterr().out.splitlines() == [
+        "| case | class | dice | hd95 |",
+        "|---|---|---|---|",
+        "| a | 1 | 0.500 | 2.250 |",
+        "| b | 1 | 0.000 | inf |",
+    ]
+    with mlflow.start_run() as bare:
+        pass
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--cases", bare.info.run_id])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"report.py: error: run {bare.info.run_id} has no")
