@@ -6,8 +6,9 @@ What this script teaches:
   lesions, blur (partial-volume effect), a smooth intensity bias field and Rician noise, as in MRI;
 - why the foreground fraction matters: `foreground=0.015` gives the 1-2 % lesions of real studies,
   where a network that predicts "background everywhere" is 98.5 % accurate and 0 % useful;
-- several classes: with `num_classes=C`, C-1 kinds of lesion, each with its own shape (more
-  elongated) and brightness (brighter), and masks that are label maps of values 0..C-1;
+- several classes: with `num_classes=C`, C-1 kinds of lesion, each with its own shape (kind 2 more
+  elongated than kind 1) and contrast (kind 2 darker than the tissue, kind 3 fainter and bright
+  again, as MRI shows hyper- and hypo-intense lesions), and masks that are label maps 0..C-1;
 - a tf.data input pipeline that keeps the CPU busy with the network, not with the data:
   shuffle -> joint image+mask augmentation -> batch -> prefetch.
 
@@ -42,7 +43,7 @@ BIAS = 0.3  # peak-to-peak amplitude of the multiplicative bias field
 DISTRACTORS = 2  # tubular look-alikes (vessels) that must not be segmented
 NUM_CLASSES = 2  # background and one kind of lesion: a binary mask
 ELONGATION = 1.8  # lesion kind k is ELONGATION**(k-1) times longer along one axis than kind 1
-BRIGHTNESS = 0.5  # lesion kind k is 1 + BRIGHTNESS*(k-1) times as bright as kind 1
+CONTRAST_RATIO = -0.7  # the contrast of lesion kind k is CONTRAST_RATIO**(k-1) times kind 1's
 
 
 class Cases(NamedTuple):
@@ -105,8 +106,8 @@ def _synthetic_scan(
         radii = (volume / unit_ball) ** (1 / ndim) * aspect / np.prod(aspect) ** (1 / ndim)
         center = size / 2 + rng.uniform(-0.22, 0.22, ndim) * size
         labels[_blob(rng, grid, center, np.maximum(radii, 1.0), 0.15) & body] = kind
-    brightness = np.concatenate([[0.0], 1 + BRIGHTNESS * np.arange(num_classes - 1)])
-    image += contrast * brightness[labels] * (1 + 0.1 * _smooth_noise(rng, shape, sigma=1.5))
+    ratios = np.concatenate([[0.0], CONTRAST_RATIO ** np.arange(num_classes - 1)])
+    image += contrast * ratios[labels] * (1 + 0.1 * _smooth_noise(rng, shape, sigma=1.5))
 
     # Acquisition: blur, a smooth multiplicative bias field, then Rician (MRI magnitude) noise.
     image = ndimage.gaussian_filter(image, blur) if blur > 0 else image
