@@ -111,7 +111,11 @@ def _items(text):
 def _format(name, value):
     if value is None:
         return ""
-    if name in ("best_epoch", "epochs_run") or name.endswith("seconds"):
+    if (
+        name in ("best_epoch", "epochs_run")
+        or name.startswith("test_one_empty")
+        or name.endswith("seconds")
+    ):
         return f"{value:.0f}"
     return f"{value:.3f}"
 
