@@ -24,7 +24,7 @@ normalize_intensity, split, describe and content_hash from here.
 
 import argparse
 import hashlib
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -294,7 +294,7 @@ def describe(
     return description
 
 
-def spacing_text(spacing: np.ndarray, unit: str) -> str:
+def spacing_text(spacing: np.ndarray, unit: Literal["mm", "px"]) -> str:
     """The voxel sizes of a dataset in a few words, for the `data_spacing` param.
 
     Args:
@@ -313,7 +313,14 @@ def spacing_text(spacing: np.ndarray, unit: str) -> str:
 
 
 def content_hash(*arrays: np.ndarray) -> str:
-    """First 12 hex digits of a SHA-256 over the arrays' bytes: same hash, same data."""
+    """A short fingerprint of the data: same hash, same data.
+
+    Args:
+        arrays: the arrays, in order (their bytes, C-contiguous).
+
+    Returns:
+        The first 12 hex digits of a SHA-256 over their bytes.
+    """
     digest = hashlib.sha256()
     for array in arrays:
         digest.update(np.ascontiguousarray(array).tobytes())

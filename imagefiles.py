@@ -154,7 +154,7 @@ def read_volume(path):
     return check_finite(array, path), image
 
 
-def label_map(labels, path, num_classes=2):
+def label_map(labels: np.ndarray, path: str, num_classes: int = 2) -> np.ndarray:
     """Float32 label map from the values of a mask file. Two classes: at most two distinct values,
     foreground is `value > 0` (0/1, 0/255...). C classes: the values are the labels 0..C-1."""
     values = np.unique(labels)
@@ -179,7 +179,7 @@ def label_map(labels, path, num_classes=2):
 _MM_PER_UNIT = {"mm": 1.0, "micron": 1e-3, "meter": 1e3, "unknown": 1.0}  # unknown: NIfTI's mm
 
 
-def voxel_size_mm(nifti):
+def voxel_size_mm(nifti: nib.spatialimages.SpatialImage) -> tuple[float, float, float]:
     """(X, Y, Z) voxel size of a NIfTI image in millimetres, from its header (a 2D image: Z 1)."""
     zooms = tuple(float(z) for z in nifti.header.get_zooms()[:3])
     scale = _MM_PER_UNIT.get(nifti.header.get_xyzt_units()[0], 1.0)

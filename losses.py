@@ -19,7 +19,9 @@ from typing import NamedTuple
 
 import keras
 from keras import ops
+from numpy.typing import ArrayLike
 
+Tensor = ArrayLike  # a backend tensor (TensorFlow here) or a NumPy array
 EPSILON = 1e-6  # keeps soft losses finite on empty batches; negligible against any real pixel count
 
 
@@ -28,18 +30,32 @@ def _one_hot(labels, classes, dtype):
     return ops.one_hot(ops.cast(labels[..., 0], "int32"), classes, dtype=dtype)
 
 
-def class_channels(y_true, y_pred):
-    """(truth, probabilities) with one channel per class, background first: a sigmoid output counts
-    as two classes (background 1 - p, foreground p)."""
+def class_channels(y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor]:
+    """One channel per class for the truth and the prediction, background first.
+
+    Args:
+        y_true: label map (N, ..., 1) of values 0..C-1.
+        y_pred: (N, ..., 1) sigmoid or (N, ..., C) softmax probabilities.
+
+    Returns:
+        (one-hot truth, probabilities), both (N, ..., C): a sigmoid output counts as two classes
+        (background 1 - p, foreground p).
+    """
     if y_pred.shape[-1] == 1:
         truth = ops.cast(y_true, y_pred.dtype)
         return ops.concatenate([1 - truth, truth], -1), ops.concatenate([1 - y_pred, y_pred], -1)
     return _one_hot(y_true, y_pred.shape[-1], y_pred.dtype), y_pred
 
 
-def foreground_channels(y_true, y_pred):
-    """(truth, probabilities) of the foreground classes only: the sigmoid channel as it is, or the
-    softmax channels 1..C-1 with a one-hot truth."""
+def foreground_channels(y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor]:
+    """The truth and the prediction of the foreground classes only.
+
+    Args: as `class_channels`.
+
+    Returns:
+        (truth, probabilities), both (N, ..., C-1): the sigmoid channel as it is, or the softmax
+        channels 1..C-1 with a one-hot truth.
+    """
     if y_pred.shape[-1] == 1:
         return ops.cast(y_true, y_pred.dtype), y_pred
     truth, probabilities = class_channels(y_true, y_pred)
@@ -128,8 +144,14 @@ def _soft_counts(y_true, y_pred):
     return tp, ops.sum(pred, axis=axes) - tp, ops.sum(truth, axis=axes) - tp
 
 
-def cross_entropy(y_true, y_pred):
-    """Mean cross-entropy per pixel: binary for a sigmoid output, categorical for a softmax one."""
+def cross_entropy(y_true: Tensor, y_pred: Tensor) -> Tensor:
+    """Mean cross-entropy per pixel, over every class.
+
+    Args: as `class_channels`.
+
+    Returns:
+        A scalar: binary cross-entropy for a sigmoid output, categorical for a softmax one.
+    """
     if y_pred.shape[-1] == 1:
         return ops.mean(keras.losses.binary_crossentropy(ops.cast(y_true, y_pred.dtype), y_pred))
     return ops.mean(keras.losses.sparse_categorical_crossentropy(y_true[..., 0], y_pred))
