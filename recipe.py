@@ -50,6 +50,13 @@ SCHEDULES = ("cosine", "plateau", "constant")
 EVAL_BATCH_FACTOR = 4  # validation and test batches, in training batches (fit_and_log)
 
 
+def _non_negative(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, run_names):
     """The recipe's and the run's flags, shared by train.py and conv3d.py (defaults differ)."""
     add = parser.add_argument
@@ -105,7 +112,7 @@ def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, r
     )
     add(
         "--nsd-tolerance",
-        type=float,
+        type=_non_negative,
         default=1.0,
         help="normalized surface Dice tolerance, in the unit of the voxel spacing (mm for NIfTI, "
         "pixels otherwise)",

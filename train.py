@@ -101,8 +101,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.patience < 0 or (args.lr is not None and args.lr <= 0):
         parser.error("--patience must be >= 0 and --lr > 0")
-    if args.num_classes < 2 or args.nsd_tolerance < 0:
-        parser.error("--num-classes must be at least 2 (background included), --nsd-tolerance >= 0")
+    if args.num_classes < 2:
+        parser.error("--num-classes must be at least 2 (background included)")
     return args, parser
 
 

@@ -364,10 +364,7 @@ def test_tta_mask_is_the_thresholded_mean_of_the_four_flips(model_2d, tmp_path, 
 @pytest.fixture(scope="module")
 def model_3_classes(tmp_path_factory):
     keras.utils.set_random_seed(1)
-    model = unet.build_unet((32, 32, 1), 8, 3, num_classes=3)
-    model.compile("adam", losses.BCEDiceLoss(), metrics=[losses.DiceMetric(num_classes=3)])
-    blank = np.zeros((1, 32, 32, 1), np.float32)  # an image, and its label map: all background
-    model.train_on_batch(blank, blank)  # builds the optimizer, as in a trained model
+    model = unet.build_unet((32, 32, 1), 4, 2, num_classes=3)  # uncompiled: saved and read faster
     path = tmp_path_factory.mktemp("models") / "unet3.keras"
     model.save(path)
     return model, str(path)
