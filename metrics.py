@@ -117,17 +117,7 @@ def label_map(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# Surface distances, for one image or volume. MONAI's definitions (compute_hausdorff_distance,
-# compute_surface_dice with use_subvoxels=False, through get_mask_edges and get_surface_distance):
-# - the surface of a mask is the mask minus its binary erosion by the cross-shaped structuring
-#   element (connectivity 1, SciPy's default). Outside the array counts as background (SciPy's
-#   border_value=0; MONAI pads its crop by one voxel of background): a mask touching the border of
-#   the image has a surface there;
-# - the distance of a surface voxel is the Euclidean distance to the nearest surface voxel of the
-#   other mask, scaled by the spacing (SciPy's distance_transform_edt(sampling=spacing));
-# - percentiles interpolate linearly (NumPy's default, as torch.quantile in MONAI).
-# Empty masks follow the project's rule for Dice: both empty is a perfect answer (HD95 0, NSD 1,
-# where MONAI gives NaN), exactly one empty is the worst (HD95 inf, NSD 0, as MONAI).
+# Surface distances, for one image or volume, as MONAI defines them (surface_distances says how).
 
 
 def _binary_pair(y_true, y_pred, threshold):
@@ -173,6 +163,18 @@ def surface_distances(
     y_true: ArrayLike, y_pred: ArrayLike, spacing: Spacing = None, threshold: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances from each surface voxel of one mask to the nearest surface voxel of the other.
+
+    MONAI's definitions (get_mask_edges and get_surface_distance, under compute_hausdorff_distance
+    and compute_surface_dice with use_subvoxels=False):
+    - the surface of a mask is the mask minus its binary erosion by the cross-shaped structuring
+      element (connectivity 1: `surface`). Outside the array counts as background (SciPy's
+      border_value=0; MONAI pads its crop with one voxel of background), so a mask touching the
+      border of the image has a surface there;
+    - the distance of a surface voxel is the Euclidean distance to the nearest surface voxel of the
+      other mask, scaled by the spacing (SciPy's distance_transform_edt(sampling=spacing));
+    - `hd95` interpolates percentiles linearly (NumPy's default, torch.quantile's in MONAI).
+    Empty masks follow the project's rule for Dice: both empty is a perfect answer (HD95 0, NSD 1,
+    where MONAI gives NaN), exactly one empty the worst (HD95 inf, NSD 0, as in MONAI).
 
     Args:
         y_true: binary mask of one image (H, W) or volume (D, H, W), a trailing (…, 1) allowed.
