@@ -104,16 +104,28 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
 
 @pytest.mark.slow
 def test_a_three_class_run_logs_per_class_metrics_and_learns(store):
-    args = train.parse_args(TINY + ["--num-classes", "3", "--tta", "--nsd-tolerance", "2"])[0]
+    extra = [
+        "--num-classes",
+        "3",
+        "--tta",
+        "--nsd-tolerance",
+        "2",
+        "--epochs",
+        "12",
+        "--patience",
+        "12",
+    ]
+    args = train.parse_args(TINY + extra)[0]
     results, model = train.train(args)
     run = _only_run(store)
     assert model.output_shape == (None, 32, 32, 3) and run.data.params["num_classes"] == "3"
     logged = run.data.metrics
     for name in ("dice", "iou", "hd95", "nsd"):  # HD95: over the classes that have a value
-        per_class = [logged[f"test_{name}_class{c}"] for c in (1, 2)]
-        assert logged[f"test_{name}"] == pytest.approx(np.nanmean(per_class))
-    losses_by_epoch = [m.value for m in store.get_metric_history(run.info.run_id, "loss")]
-    assert losses_by_epoch[-1] < losses_by_epoch[0]  # it learned
+        per_class = [v for v in (logged[f"test_{name}_class{c}"] for c in (1, 2)) if v == v]
+        expected = np.mean(per_class) if per_class else float("nan")
+        assert logged[f"test_{name}"] == pytest.approx(expected, nan_ok=True)
+    val_dice = [m.value for m in store.get_metric_history(run.info.run_id, "val_dice")]
+    assert val_dice[-1] > val_dice[0] + 0.1  # it learned (the mean Dice of the two lesion kinds)
     table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/test_cases.json")
     assert [row[1] for row in table["data"][:4]] == [1, 2, 1, 2]  # a row per case and class
 
