@@ -249,13 +249,13 @@ def train_on_slices(args, loaded=None):
         name: (x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:]))
         for name, (x, y) in volumes.items()
     }
-    slice_cases = (
-        volume_cases
-        and data.Cases(  # each test volume's slices, in-plane voxel size
-            [f"{case} slice {z}" for case in volume_cases.ids for z in range(args.shape[0])],
-            np.repeat(volume_cases.spacing[:, 1:], args.shape[0], axis=0),
+    slice_cases = None  # real data: each test volume's slices, with their in-plane voxel size
+    if volume_cases:
+        depth = args.shape[0]
+        slice_cases = data.Cases(
+            [f"{case} slice {z}" for case in volume_cases.ids for z in range(depth)],
+            np.repeat(volume_cases.spacing[:, 1:], depth, axis=0),
         )
-    )
     description = {**description, "data_slices": "2D slices of the volumes"}
     # The 2D network gets its own batch (--slice-batch-size) and XLA setting (--slice-xla).
     slice_args = argparse.Namespace(

@@ -221,11 +221,13 @@ def volume_examples(volume, mask, shape, name, voxel_size=(1.0, 1.0, 1.0)):
     size of the examples); blank slices or patches are skipped."""
     if len(shape) == 2:
         kept = [z for z in range(volume.shape[-1]) if np.ptp(volume[..., z]) > 0]
-        images = [geometry.fit(volume[..., z], shape)[0] for z in kept]
+        fits = [geometry.fit(volume[..., z], shape) for z in kept]
+        images = [fitted for fitted, _ in fits]
         masks = [geometry.fit(mask[..., z], shape, order=0)[0] for z in kept]
         where = [f"slice {z}" for z in kept]
-        scaled = geometry.fit(volume[..., 0], shape)[1]  # every slice has the same shape
-        spacing = np.multiply(voxel_size[:2], np.divide(scaled.original, scaled.scaled))
+        # Every slice has the same shape, hence the same resize: its pixels grow by original/scaled.
+        grow = np.divide(fits[0][1].original, fits[0][1].scaled) if fits else 1.0
+        spacing = np.multiply(voxel_size[:2], grow)
     else:
         both = np.stack(
             [np.moveaxis(volume, -1, 0), np.moveaxis(mask, -1, 0)], axis=-1
@@ -335,9 +337,10 @@ def describe(examples, splits=None, assignment=None):
     return description
 
 
-def test_cases(examples, assignment):
-    """data.Cases of the test examples: their names and voxel sizes, in the order of the split."""
-    selected = np.isin(examples.groups, assignment["test"])
+def split_cases(examples, assignment, name="test"):
+    """data.Cases of one split's examples (test: the per-case table): their names and voxel sizes,
+    in the order of the split."""
+    selected = np.isin(examples.groups, assignment[name])
     ids = examples.case_ids or [examples.group_names[g] for g in examples.groups]
     spacing = examples.spacing
     spacing = np.ones((len(ids), examples.images.ndim - 2)) if spacing is None else spacing
@@ -349,7 +352,7 @@ def load_split(source, shape, seed=0, num_classes=2):
     classes: (splits, description, test cases)."""
     examples = load(source, shape, num_classes)
     splits, assignment = split(examples, seed)
-    return splits, describe(examples, splits, assignment), test_cases(examples, assignment)
+    return splits, describe(examples, splits, assignment), split_cases(examples, assignment)
 
 
 def main():
