@@ -41,8 +41,8 @@ import tensorflow as tf
 
 import cli
 import data
+import losses
 import memory
-import metrics
 import recipe
 import unet
 
@@ -151,8 +151,8 @@ def bench_model(model, batch, repeats, jit_compile=False, steps=8, steps_per_exe
     y = (x > 0.9).astype(np.float32)
     model.compile(
         keras.optimizers.Adam(1e-3),
-        metrics.BCEDiceLoss(),
-        metrics=[metrics.DiceMetric(), metrics.IoUMetric()],
+        losses.BCEDiceLoss(),
+        metrics=[losses.DiceMetric(), losses.IoUMetric()],
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )

@@ -28,6 +28,7 @@ import argparse
 import sys
 
 import keras
+import numpy as np
 
 import cli
 import data
@@ -177,10 +178,10 @@ def parse_args(argv=None):
 
 
 def load_volumes(args):
-    """(splits, description): synthetic volumes, or real ones (--data-dir, --dataset) cut into
-    --shape patches."""
+    """(splits, description, test cases): synthetic volumes (test cases None), or real ones
+    (--data-dir, --dataset) cut into --shape patches."""
     if datasets.source(args):
-        splits, description = datasets.load_split(
+        splits, description, cases = datasets.load_split(
             datasets.source(args), tuple(args.shape), args.seed
         )
     else:
@@ -188,16 +189,16 @@ def load_volumes(args):
             args.n_volumes, tuple(args.shape), args.seed, foreground=args.foreground
         )
         splits = data.split(images, masks, seed=args.seed)
-        description = data.describe(images, masks, "synthetic-3d", splits)
+        description, cases = data.describe(images, masks, "synthetic-3d", splits), None
     data.require_foreground(splits, description["data_source"])
-    return splits, description
+    return splits, description, cases
 
 
 def train3d(args, memory_rows=None, loaded=None):
     """A tracked 3D training run (same MLflow conventions as train.py); `loaded`: load_volumes(args)
     if done."""
     keras.utils.set_random_seed(args.seed)
-    splits, description = loaded or load_volumes(args)
+    splits, description, test_cases = loaded or load_volumes(args)
     policy = (
         ("mixed_float16" if memory.has_gpu() else "mixed_bfloat16")
         if args.mixed_precision
@@ -236,6 +237,7 @@ def train3d(args, memory_rows=None, loaded=None):
             figures.orthogonal_slices_figure,
             "vol",
             tables,
+            test_cases,
         )
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -246,11 +248,18 @@ def train_on_slices(args, loaded=None):
     the same volumes, same split. Its global test Dice pools all test voxels, so it compares with
     the 3D run's directly."""
     keras.utils.set_random_seed(args.seed)
-    volumes, description = loaded or load_volumes(args)
+    volumes, description, volume_cases = loaded or load_volumes(args)
     splits = {
         name: (x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:]))
         for name, (x, y) in volumes.items()
     }
+    slice_cases = None  # real data: each test volume's slices, with their in-plane voxel size
+    if volume_cases:
+        depth = args.shape[0]
+        slice_cases = data.Cases(
+            [f"{case} slice {z}" for case in volume_cases.ids for z in range(depth)],
+            np.repeat(volume_cases.spacing[:, 1:], depth, axis=0),
+        )
     description = {**description, "data_slices": "2D slices of the volumes"}
     # The 2D network gets its own batch (--slice-batch-size) and XLA setting (--slice-xla).
     slice_args = argparse.Namespace(
@@ -278,7 +287,13 @@ def train_on_slices(args, loaded=None):
         f"batch {slice_args.batch_size}, XLA {'on' if slice_args.xla else 'off'}"
     )
     return recipe.fit_and_log(
-        model, slice_args, splits, "UNet2D_Slices", run_params, figures.prediction_figure
+        model,
+        slice_args,
+        splits,
+        "UNet2D_Slices",
+        run_params,
+        figures.prediction_figure,
+        test_cases=slice_cases,
     )
 
 

@@ -6,6 +6,9 @@ What this script teaches:
   lesions, blur (partial-volume effect), a smooth intensity bias field and Rician noise, as in MRI;
 - why the foreground fraction matters: `foreground=0.015` gives the 1-2 % lesions of real studies,
   where a network that predicts "background everywhere" is 98.5 % accurate and 0 % useful;
+- several classes: with `num_classes=C`, C-1 kinds of lesion, each with its own shape (kind 2 more
+  elongated than kind 1) and contrast (kind 2 darker than the tissue, kind 3 fainter and bright
+  again, as MRI shows hyper- and hypo-intense lesions), and masks that are label maps 0..C-1;
 - a tf.data input pipeline that keeps the CPU busy with the network, not with the data:
   shuffle -> joint image+mask augmentation -> batch -> prefetch.
 
@@ -21,6 +24,7 @@ normalize_intensity, split, describe and content_hash from here.
 
 import argparse
 import hashlib
+from typing import Literal, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -37,6 +41,16 @@ NOISE = 0.04  # standard deviation of the Rician noise
 BLUR = 1.0  # Gaussian blur sigma in pixels (partial-volume effect)
 BIAS = 0.3  # peak-to-peak amplitude of the multiplicative bias field
 DISTRACTORS = 2  # tubular look-alikes (vessels) that must not be segmented
+NUM_CLASSES = 2  # background and one kind of lesion: a binary mask
+ELONGATION = 1.8  # lesion kind k is ELONGATION**(k-1) times longer along one axis than kind 1
+CONTRAST_RATIO = -0.7  # the contrast of lesion kind k is CONTRAST_RATIO**(k-1) times kind 1's
+
+
+class Cases(NamedTuple):
+    """Who the examples are, for per-case results: a name and a voxel size for each example."""
+
+    ids: list  # one name per example: a file, a case and its slice or patch
+    spacing: np.ndarray  # (N, spatial dims): each example's voxel size, after any resize
 
 
 def _smooth_noise(rng, shape, sigma):
@@ -52,8 +66,12 @@ def _blob(rng, grid, center, radii, irregularity):
     return distance <= 1.0 + irregularity * wobble
 
 
-def _synthetic_scan(rng, shape, foreground, lesions, contrast, noise, blur, bias, distractors):
-    """One image and its lesion mask, for a 2D (H, W) or 3D (D, H, W) shape."""
+def _synthetic_scan(
+    rng, shape, foreground, lesions, contrast, noise, blur, bias, distractors, num_classes
+):
+    """One image and its label map (0: background, 1..num_classes-1: kinds of lesion), for a 2D
+    (H, W) or 3D (D, H, W) shape. With two classes, no random draw is added to the sequence: the
+    scans are those of the binary generator."""
     ndim = len(shape)
     grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
     size = np.array(shape, dtype=np.float32)
@@ -76,28 +94,39 @@ def _synthetic_scan(rng, shape, foreground, lesions, contrast, noise, blur, bias
         image += 0.5 * contrast * (_blob(rng, grid, center, radii, 0.1) & body)
 
     # Lesions: their total volume is drawn around `foreground` of the scan, shared at random between
-    # them.
-    mask = np.zeros(shape, dtype=bool)
+    # them. Each is one kind (class); a later lesion covers an earlier one where they overlap.
+    labels = np.zeros(shape, dtype=np.uint8)
     count = rng.integers(lesions[0], lesions[1] + 1)
     total = foreground * np.prod(shape) * rng.uniform(0.5, 1.5)
+    kinds = rng.integers(1, num_classes, count) if num_classes > 2 else np.ones(count, int)
     unit_ball = np.pi if ndim == 2 else 4 / 3 * np.pi
-    for volume in total * rng.dirichlet(np.ones(count)):
+    for volume, kind in zip(total * rng.dirichlet(np.ones(count)), kinds):
         aspect = rng.uniform(0.75, 1.33, ndim)
+        aspect[0] *= ELONGATION ** (kind - 1)
         radii = (volume / unit_ball) ** (1 / ndim) * aspect / np.prod(aspect) ** (1 / ndim)
         center = size / 2 + rng.uniform(-0.22, 0.22, ndim) * size
-        mask |= _blob(rng, grid, center, np.maximum(radii, 1.0), 0.15) & body
-    image += contrast * mask * (1 + 0.1 * _smooth_noise(rng, shape, sigma=1.5))
+        labels[_blob(rng, grid, center, np.maximum(radii, 1.0), 0.15) & body] = kind
+    ratios = np.concatenate([[0.0], CONTRAST_RATIO ** np.arange(num_classes - 1)])
+    image += contrast * ratios[labels] * (1 + 0.1 * _smooth_noise(rng, shape, sigma=1.5))
 
     # Acquisition: blur, a smooth multiplicative bias field, then Rician (MRI magnitude) noise.
     image = ndimage.gaussian_filter(image, blur) if blur > 0 else image
     ramp = sum(rng.uniform(-1, 1) * (g / s - 0.5) for g, s in zip(grid, size))
     image = image * (1 + bias * ramp / ndim)
     real, imag = image + noise * rng.standard_normal(shape), noise * rng.standard_normal(shape)
-    return normalize_intensity(np.sqrt(real**2 + imag**2)), mask
+    return normalize_intensity(np.sqrt(real**2 + imag**2)), labels
 
 
-def normalize_intensity(image, low=0.5, high=99.5):
-    """Map the [low, high] percentiles of an image to [0, 1], clip: robust to outliers, scanners."""
+def normalize_intensity(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Map the [low, high] percentiles of an image to [0, 1], clip: robust to outliers, scanners.
+
+    Args:
+        image: any array of intensities.
+        low, high: the percentiles that become 0 and 1.
+
+    Returns:
+        float32 array of the image's shape, in [0, 1].
+    """
     lo, hi = np.percentile(image, [low, high])
     return np.clip((image - lo) / max(hi - lo, 1e-8), 0.0, 1.0).astype(np.float32)
 
@@ -107,6 +136,10 @@ def _make_synthetic(n, shape, seed, **kwargs):
         raise ValueError(f"need at least one scan, got n={n}")
     if not 0 < kwargs["foreground"] < 0.5:
         raise ValueError(f"foreground must be in (0, 0.5), got {kwargs['foreground']}")
+    if kwargs["num_classes"] < 2:
+        raise ValueError(
+            f"num_classes counts the background: 2 or more, not {kwargs['num_classes']}"
+        )
     rng = np.random.default_rng(seed)
     scans = [_synthetic_scan(rng, shape, **kwargs) for _ in range(n)]
     images = np.stack([image for image, _ in scans])[..., None]
@@ -114,7 +147,7 @@ def _make_synthetic(n, shape, seed, **kwargs):
     return images, masks
 
 
-def _scan_options(foreground, lesions, contrast, noise, blur, bias, distractors):
+def _scan_options(foreground, lesions, contrast, noise, blur, bias, distractors, num_classes):
     return dict(
         foreground=foreground,
         lesions=lesions,
@@ -123,45 +156,101 @@ def _scan_options(foreground, lesions, contrast, noise, blur, bias, distractors)
         blur=blur,
         bias=bias,
         distractors=distractors,
+        num_classes=num_classes,
     )
 
 
 def make_synthetic_2d(
-    n,
-    size=128,
-    seed=0,
-    foreground=FOREGROUND,
-    lesions=LESIONS,
-    contrast=CONTRAST,
-    noise=NOISE,
-    blur=BLUR,
-    bias=BIAS,
-    distractors=DISTRACTORS,
-):
-    """`n` synthetic 2D scans: float32 images in [0, 1] and binary float32 masks, (N, H, W, 1)."""
-    options = _scan_options(foreground, lesions, contrast, noise, blur, bias, distractors)
+    n: int,
+    size: int = 128,
+    seed: int = 0,
+    foreground: float = FOREGROUND,
+    lesions: tuple[int, int] = LESIONS,
+    contrast: float = CONTRAST,
+    noise: float = NOISE,
+    blur: float = BLUR,
+    bias: float = BIAS,
+    distractors: int = DISTRACTORS,
+    num_classes: int = NUM_CLASSES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic 2D scans with lesions to segment.
+
+    Args:
+        n: number of scans.
+        size: height and width in pixels.
+        seed: the random seed (same seed, same scans).
+        foreground: mean fraction of the pixels that are lesion, in (0, 0.5).
+        lesions: (min, max) number of lesions per scan.
+        contrast: lesion brightness above the tissue (kind 1).
+        noise: standard deviation of the Rician noise.
+        blur: Gaussian blur sigma in pixels (partial-volume effect).
+        bias: peak-to-peak amplitude of the multiplicative bias field.
+        distractors: tubular look-alikes that are not lesions.
+        num_classes: classes, background included: 2 gives binary masks, C gives C-1 kinds of
+            lesion.
+
+    Returns:
+        (images, masks), both float32 (N, H, W, 1): images in [0, 1], masks of values
+        0..num_classes-1.
+
+    Raises:
+        ValueError: n < 1, foreground out of range, or num_classes < 2.
+    """
+    options = _scan_options(
+        foreground, lesions, contrast, noise, blur, bias, distractors, num_classes
+    )
     return _make_synthetic(n, (size, size), seed, **options)
 
 
 def make_synthetic_3d(
-    n,
-    shape=(32, 64, 64),
-    seed=0,
-    foreground=FOREGROUND,
-    lesions=LESIONS,
-    contrast=CONTRAST,
-    noise=NOISE,
-    blur=BLUR,
-    bias=BIAS,
-    distractors=DISTRACTORS,
-):
-    """`n` synthetic volumes: float32 images and binary float32 masks, both (N, D, H, W, 1)."""
-    options = _scan_options(foreground, lesions, contrast, noise, blur, bias, distractors)
+    n: int,
+    shape: tuple[int, int, int] = (32, 64, 64),
+    seed: int = 0,
+    foreground: float = FOREGROUND,
+    lesions: tuple[int, int] = LESIONS,
+    contrast: float = CONTRAST,
+    noise: float = NOISE,
+    blur: float = BLUR,
+    bias: float = BIAS,
+    distractors: int = DISTRACTORS,
+    num_classes: int = NUM_CLASSES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic volumes with lesions to segment.
+
+    Args:
+        shape: (D, H, W) in voxels.
+        n, seed, foreground, lesions, contrast, noise, blur, bias, distractors, num_classes: as
+            `make_synthetic_2d`.
+
+    Returns:
+        (images, masks), both float32 (N, D, H, W, 1).
+    """
+    options = _scan_options(
+        foreground, lesions, contrast, noise, blur, bias, distractors, num_classes
+    )
     return _make_synthetic(n, tuple(shape), seed, **options)
 
 
-def split(images, masks, seed=0, val_fraction=0.15, test_fraction=0.15):
-    """Deterministic train/validation/test split (scikit-learn): {"train": (x, y), "val": ...}."""
+def split(
+    images: np.ndarray,
+    masks: np.ndarray,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Deterministic train/validation/test split (scikit-learn's train_test_split).
+
+    Args:
+        images, masks: arrays with the examples along axis 0.
+        seed: the split's seed (same seed, same split).
+        val_fraction, test_fraction: shares of the examples (at least one each).
+
+    Returns:
+        {"train": (images, masks), "val": (...), "test": (...)}.
+
+    Raises:
+        ValueError: different lengths, or too few examples for three parts.
+    """
     if len(images) != len(masks):
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
     n_test = max(1, round(test_fraction * len(images)))
@@ -176,9 +265,17 @@ def split(images, masks, seed=0, val_fraction=0.15, test_fraction=0.15):
     }
 
 
-def require_foreground(splits, source):
-    """Raise ValueError if no training mask holds a foreground pixel: the network would learn to
-    answer "background" everywhere and the run would end at Dice 0 without a word."""
+def require_foreground(splits: dict, source: str) -> None:
+    """Refuse a training set without foreground: the network would learn to answer "background"
+    everywhere and the run would end at Dice 0 without a word.
+
+    Args:
+        splits: the result of `split` (or datasets.load_split).
+        source: the data's name, for the message.
+
+    Raises:
+        ValueError: if no training mask holds a foreground pixel.
+    """
     masks = splits["train"][1]
     if not masks.any():
         raise ValueError(
@@ -187,13 +284,26 @@ def require_foreground(splits, source):
         )
 
 
-def describe(images, masks, source, splits=None):
-    """A flat dict that says what the data is: logged as MLflow params, printed by the scripts."""
+def describe(
+    images: np.ndarray, masks: np.ndarray, source: str, splits: dict | None = None
+) -> dict[str, object]:
+    """What the data is, as flat MLflow params (the scripts print them too).
+
+    Args:
+        images, masks: the whole dataset, examples along axis 0.
+        source: where it came from ("synthetic-2d", a folder...).
+        splits: the result of `split`, to record its sizes.
+
+    Returns:
+        data_source, data_count, data_shape, data_foreground_fraction (all lesion classes),
+        data_spacing (1 pixel: synthetic data), data_hash, and data_split if splits are given.
+    """
     description = {
         "data_source": source,
         "data_count": len(images),
         "data_shape": "x".join(str(s) for s in images.shape[1:]),
-        "data_foreground_fraction": round(float(masks.mean()), 4),
+        "data_foreground_fraction": round(float(np.mean(masks > 0)), 4),
+        "data_spacing": spacing_text(np.ones((1, images.ndim - 2)), "px"),
         "data_hash": content_hash(images, masks),
     }
     if splits:
@@ -203,8 +313,33 @@ def describe(images, masks, source, splits=None):
     return description
 
 
-def content_hash(*arrays):
-    """First 12 hex digits of a SHA-256 over the arrays' bytes: same hash, same data."""
+def spacing_text(spacing: np.ndarray, unit: Literal["mm", "px"]) -> str:
+    """The voxel sizes of a dataset in a few words, for the `data_spacing` param.
+
+    Args:
+        spacing: (N, spatial dims) voxel size of each example.
+        unit: "mm" or "px".
+
+    Returns:
+        "1x1 px", "0.8x0.8x2.5 mm", or "12 spacings, 0.7x0.7 to 1.2x1.2 mm" (smallest to largest
+        voxel).
+    """
+    rows = sorted({tuple(row) for row in np.asarray(spacing, float)}, key=np.prod)
+    shown = list(dict.fromkeys("x".join(f"{s:.3g}" for s in row) for row in rows))
+    if len(shown) <= 3:
+        return f"{', '.join(shown)} {unit}"
+    return f"{len(shown)} spacings, {shown[0]} to {shown[-1]} {unit}"
+
+
+def content_hash(*arrays: np.ndarray) -> str:
+    """A short fingerprint of the data: same hash, same data.
+
+    Args:
+        arrays: the arrays, in order (their bytes, C-contiguous).
+
+    Returns:
+        The first 12 hex digits of a SHA-256 over their bytes.
+    """
     digest = hashlib.sha256()
     for array in arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
@@ -223,14 +358,31 @@ def _augment(image, mask, seed):
 
 
 def make_dataset(
-    images, masks, batch_size, training=False, augment=True, seed=0, drop_remainder=False
-):
-    """tf.data pipeline. Training: reshuffle every epoch and augment (deterministic for the seed).
-    drop_remainder: full batches only (one batch shape, hence one XLA compile; recipe.epoch_size).
+    images: np.ndarray,
+    masks: np.ndarray,
+    batch_size: int,
+    training: bool = False,
+    augment: bool = True,
+    seed: int = 0,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """tf.data pipeline: shuffle -> joint augmentation -> batch -> prefetch.
 
     Fixed parallelism instead of tf.data's autotuner: flipping a batch takes milliseconds, and the
     autotuner's background thread could block the replacement of an epoch's iterator for seconds on
     2 busy cores (PERFORMANCE.md).
+
+    Args:
+        images, masks: (N, ..., C) arrays; masks are label maps, flipped and rotated with images.
+        batch_size: examples per batch.
+        training: reshuffle every epoch and augment (deterministic for the seed).
+        augment: the random flips and 90-degree rotations, when training.
+        seed: the seed of the shuffle and of the augmentation.
+        drop_remainder: full batches only (one batch shape, hence one XLA compile;
+            recipe.epoch_size).
+
+    Returns:
+        A dataset of (images, masks) batches.
     """
     dataset = tf.data.Dataset.from_tensor_slices((images, masks))
     if training:

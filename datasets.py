@@ -7,13 +7,18 @@ What this script teaches:
   where `case_0000.nii.gz` (nnU-Net's channel suffix) pairs with `case.nii.gz`;
 - everything is checked before anything starts (no MLflow run is left behind by a bad folder):
   missing masks, unreadable files or broken links, an image and its mask of different shapes or
-  (NIfTI) affines, non-binary masks, NaN or inf, images of a few pixels: a `DataError` naming
-  files. A training set without foreground is refused by the scripts (data.require_foreground);
+  (NIfTI) affines, masks with more values than classes (`--num-classes`: 2 is binary, C takes
+  label maps 0..C-1), NaN or inf, images of a few pixels: a `DataError` naming files. A training
+  set without foreground is refused by the scripts (data.require_foreground);
 - one preprocessing for training and prediction (predict.py does the same): intensities normalized
   once per file with data.normalize_intensity (0.5-99.5 percentiles to [0, 1]: robust to scanners
   and outliers; for a NIfTI, per volume before slicing, so the slices of one scan keep their
   relative contrast), then fitted to the network by geometry.fit (2D: shrink to fit, then pad) or
   cut into patches by geometry.tile (3D);
+- every example keeps its name (file, case and slice or patch) and its voxel size, for the per-case
+  test table and the surface distances: from the NIfTI header in mm (a slice: its in-plane size),
+  1 px for PNG/JPEG/TIFF, and multiplied by the shrink factor when an image is shrunk to fit (its
+  pixels grow);
 - volumes give 2D examples as slices along the array's last axis (as stored, usually axial; no
   reorientation) and 3D examples as (D, H, W) patches where D is that same last axis. Blank slices
   and patches (constant image: outside the body, or padding) are skipped;
@@ -65,6 +70,9 @@ class Examples:
     source: str  # the folder path or the built-in name
     layout: str  # "images+masks", "msd" or "builtin"
     original_shapes: list  # spatial shape of every file read, before fitting
+    case_ids: list | None = None  # name of each example: "case_001 slice 12" (None: its group's)
+    spacing: np.ndarray | None = None  # (N, spatial dims) voxel size of each example (None: 1)
+    spacing_unit: str = "px"  # "mm" (NIfTI) or "px" (pixels of the image files)
 
 
 def add_arguments(parser):
@@ -152,9 +160,9 @@ def _by_key(paths, strip_channel):
     return by_key
 
 
-def load_folder(folder, shape):
+def load_folder(folder, shape, num_classes=2):
     """Examples fitted to `shape` ((H, W): 2D, (D, H, W): 3D patches) from a dataset folder, checked
-    first."""
+    first; masks hold num_classes classes (2: binary)."""
     layout, pairs = find_pairs(folder)
     if layout == "images+masks" and len(shape) == 3:
         raise DataError(
@@ -163,38 +171,40 @@ def load_folder(folder, shape):
         )
     parts, shapes = [], []
     for image_path, mask_path in pairs:
+        case = imagefiles.stem(mask_path)  # the case name, without a _0000 channel
         if layout == "images+masks":
             image, labels = (
                 imagefiles.read_image(image_path)[..., 0],
                 imagefiles.read_mask(mask_path),
             )
         else:
-            (image, image_nifti), (labels, label_nifti) = (
+            (image, nifti), (labels, label_nifti) = (
                 imagefiles.read_volume(image_path),
                 imagefiles.read_volume(mask_path),
             )
         if image.shape != labels.shape:
             raise DataError(
-                f"image {os.path.basename(image_path)} is {imagefiles.shape_text(image.shape)} "
-                "but its "
-                f"mask {os.path.basename(mask_path)} is {imagefiles.shape_text(labels.shape)}"
+                f"image {os.path.basename(image_path)} is {imagefiles.shape_text(image.shape)} but "
+                f"its mask {os.path.basename(mask_path)} is {imagefiles.shape_text(labels.shape)}"
             )
         if layout == "msd":
             imagefiles.check_same_grid(
-                image.shape, image_nifti.affine, label_nifti.affine, image_path, mask_path
+                image.shape, nifti.affine, label_nifti.affine, image_path, mask_path
             )
-        mask = imagefiles.binarize(labels, mask_path)
+        mask = imagefiles.label_map(labels, mask_path, num_classes)
         image = data.normalize_intensity(image.astype(np.float32))
         shapes.append(image.shape)
         if layout == "images+masks":
-            fitted = geometry.fit(image, shape)[0], geometry.fit(mask, shape, order=0)[0]
-            parts.append(tuple(array[None, ..., None] for array in fitted))
+            fitted, transform = geometry.fit(image, shape)
+            fitted_mask = geometry.fit(mask, shape, order=0)[0]
+            spacing = np.divide(transform.original, transform.scaled)  # 1 px, larger once shrunk
+            parts.append((fitted[None, ..., None], fitted_mask[None, ..., None], [case], spacing))
         else:
-            parts.append(volume_examples(image, mask, shape, image_path)[:2])
-    names = [
-        imagefiles.stem(mask_path) for _, mask_path in pairs
-    ]  # the case name, without a _0000 channel
-    groups = np.concatenate([np.full(len(images), i) for i, (images, _) in enumerate(parts)])
+            found = volume_examples(image, mask, shape, image_path, imagefiles.voxel_size_mm(nifti))
+            images, masks, _, where, spacing = found
+            parts.append((images, masks, [f"{case} {w}" for w in where], spacing))
+    names = [imagefiles.stem(mask_path) for _, mask_path in pairs]
+    groups = np.concatenate([np.full(len(p[0]), i) for i, p in enumerate(parts)])
     return Examples(
         np.concatenate([p[0] for p in parts]),
         np.concatenate([p[1] for p in parts]),
@@ -203,17 +213,26 @@ def load_folder(folder, shape):
         str(folder),
         layout,
         shapes,
+        [name for p in parts for name in p[2]],
+        np.concatenate([np.tile(p[3], (len(p[0]), 1)) for p in parts]),
+        "px" if layout == "images+masks" else "mm",
     )
 
 
-def volume_examples(volume, mask, shape, name):
+def volume_examples(volume, mask, shape, name, voxel_size=(1.0, 1.0, 1.0)):
     """Examples from one normalized (X, Y, Z) volume and its mask: 2D slices along the last axis
     fitted to (H, W), or 3D (D, H, W) patches with D along that axis. Returns (images, masks,
-    positions along the slice axis); blank slices or patches are skipped."""
+    positions along the slice axis, where each example is ("slice 3", "patch 0,16,0"), the voxel
+    size of the examples); blank slices or patches are skipped."""
     if len(shape) == 2:
         kept = [z for z in range(volume.shape[-1]) if np.ptp(volume[..., z]) > 0]
-        images = [geometry.fit(volume[..., z], shape)[0] for z in kept]
+        fits = [geometry.fit(volume[..., z], shape) for z in kept]
+        images = [fitted for fitted, _ in fits]
         masks = [geometry.fit(mask[..., z], shape, order=0)[0] for z in kept]
+        where = [f"slice {z}" for z in kept]
+        # Every slice has the same shape, hence the same resize: its pixels grow by original/scaled.
+        grow = np.divide(fits[0][1].original, fits[0][1].scaled) if fits else 1.0
+        spacing = np.multiply(voxel_size[:2], grow)
     else:
         both = np.stack(
             [np.moveaxis(volume, -1, 0), np.moveaxis(mask, -1, 0)], axis=-1
@@ -222,9 +241,11 @@ def volume_examples(volume, mask, shape, name):
         chosen = [i for i, patch in enumerate(patches) if np.ptp(patch[..., 0]) > 0]
         kept = [corners[i][0] for i in chosen]
         images, masks = patches[chosen, ..., 0], patches[chosen, ..., 1]
+        where = ["patch " + ",".join(str(c) for c in corners[i]) for i in chosen]
+        spacing = np.array([voxel_size[2], voxel_size[0], voxel_size[1]])  # (D, H, W) = (Z, X, Y)
     if not kept:
         raise DataError(f"{name}: every slice is blank (a constant image)")
-    return np.stack(images)[..., None], np.stack(masks)[..., None], np.array(kept)
+    return np.stack(images)[..., None], np.stack(masks)[..., None], np.array(kept), where, spacing
 
 
 def mni_wm(shape):
@@ -238,20 +259,34 @@ def mni_wm(shape):
     wm = nilearn_datasets.load_mni152_wm_template(resolution=MNI_RESOLUTION)
     volume = data.normalize_intensity(t1.get_fdata(dtype=np.float32))
     mask = (wm.get_fdata(dtype=np.float32) > 0.5).astype(np.float32)
-    images, masks, positions = volume_examples(volume, mask, shape, "mni-wm")
+    voxel_size = imagefiles.voxel_size_mm(t1)
+    images, masks, positions, where, spacing = volume_examples(
+        volume, mask, shape, "mni-wm", voxel_size
+    )
     block = SLICE_BLOCK if len(shape) == 2 else shape[0]
     groups = positions // block
     names = [f"slices {g * block}-{g * block + block - 1}" for g in range(int(groups.max()) + 1)]
-    return Examples(images, masks, groups, names, "mni-wm", "builtin", [volume.shape])
+    ids = [f"mni-wm {w}" for w in where]
+    spacing = np.tile(spacing, (len(images), 1))
+    return Examples(
+        images, masks, groups, names, "mni-wm", "builtin", [volume.shape], ids, spacing, "mm"
+    )
 
 
 BUILTIN = {"mni-wm": mni_wm}
 
 
-def load(source, shape):
+def load(source, shape, num_classes=2):
     """Examples from `source`: a built-in name (BUILTIN) or a dataset folder (write ./mni-wm for a
-    folder of that name). `shape` is the network's spatial input: (H, W) or (D, H, W)."""
-    return BUILTIN[source](tuple(shape)) if source in BUILTIN else load_folder(source, tuple(shape))
+    folder of that name). `shape` is the network's spatial input: (H, W) or (D, H, W); masks hold
+    num_classes classes, background included."""
+    if source not in BUILTIN:
+        return load_folder(source, tuple(shape), num_classes)
+    if num_classes != 2:
+        raise DataError(
+            f"{source} has two classes (background and one structure): no --num-classes"
+        )
+    return BUILTIN[source](tuple(shape))
 
 
 def split(examples, seed=0, val_fraction=0.15, test_fraction=0.15):
@@ -297,6 +332,8 @@ def describe(examples, splits=None, assignment=None):
             "data_split_unit": _unit(examples),
         }
     )
+    if examples.spacing is not None:
+        description["data_spacing"] = data.spacing_text(examples.spacing, examples.spacing_unit)
     for name in ("val", "test") if assignment else ():
         names = [examples.group_names[i] for i in assignment[name]]
         description[f"data_{name}_groups"] = "; ".join(names[:20]) + (
@@ -305,11 +342,22 @@ def describe(examples, splits=None, assignment=None):
     return description
 
 
-def load_split(source, shape, seed=0):
-    """Load, check, split `source` for a network input of spatial `shape`: (splits, description)."""
-    examples = load(source, shape)
+def split_cases(examples, assignment, name="test"):
+    """data.Cases of one split's examples (test: the per-case table): their names and voxel sizes,
+    in the order of the split."""
+    selected = np.isin(examples.groups, assignment[name])
+    ids = examples.case_ids or [examples.group_names[g] for g in examples.groups]
+    spacing = examples.spacing
+    spacing = np.ones((len(ids), examples.images.ndim - 2)) if spacing is None else spacing
+    return data.Cases([ids[i] for i in np.flatnonzero(selected)], spacing[selected])
+
+
+def load_split(source, shape, seed=0, num_classes=2):
+    """Load, check, split `source` for a network input of spatial `shape`, masks of num_classes
+    classes: (splits, description, test cases)."""
+    examples = load(source, shape, num_classes)
     splits, assignment = split(examples, seed)
-    return splits, describe(examples, splits, assignment)
+    return splits, describe(examples, splits, assignment), split_cases(examples, assignment)
 
 
 def main():
@@ -321,11 +369,12 @@ def main():
         "--size", type=int, nargs="+", default=[128, 128], help="network input: H W, or D H W"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    parser.add_argument("--num-classes", type=int, default=2, help="classes, background included")
     args = parser.parse_args()
     if len(args.size) not in (2, 3):
         parser.error("--size takes H W or D H W")
     try:
-        _, description = load_split(args.source, args.size, args.seed)
+        _, description, _ = load_split(args.source, args.size, args.seed, args.num_classes)
     except DataError as error:
         parser.exit(2, f"datasets.py: error: {error}\n")
     for key, value in description.items():

@@ -9,8 +9,10 @@ What this script teaches:
   scanner. `read_volume` returns both, so that a predicted mask can be written back over the same
   voxels (predict.py), and `check_same_grid` refuses a label whose affine puts it elsewhere than
   its image (an axis flipped or an origin moved by the tool that wrote it);
-- masks are checked, not trusted: at most two distinct values (0 and one label), then binarized as
-  `value > 0`. A JPEG mask fails this check: its compression invents intermediate values.
+- masks are checked, not trusted: a binary mask has at most two distinct values (0 and one label),
+  binarized as `value > 0`; a mask of C classes holds the labels 0..C-1 themselves (as MSD and
+  nnU-Net store them). A JPEG mask fails this check: its compression invents intermediate values;
+- a NIfTI header also gives the voxel size (`voxel_size_mm`): surface distances are in millimetres.
 
 datasets.py (training data) and predict.py (new images) read files through this module only.
 
@@ -130,9 +132,8 @@ def _open(path):
         return image
     except DataError:
         raise
-    except (
-        Exception
-    ) as error:  # Pillow raises OSError, ValueError, SyntaxError...: all mean "cannot read"
+    # Pillow raises OSError, ValueError, SyntaxError...: all mean "cannot read"
+    except Exception as error:
         raise DataError(f"cannot read {path}: {_reason(error)}") from None
 
 
@@ -193,17 +194,36 @@ def read_volume(path):
     return check_finite(array, path), image
 
 
-def binarize(labels, path):
-    """Float32 0/1 mask from label values: at most two distinct values are allowed, foreground is
-    `value > 0`."""
+def label_map(labels: np.ndarray, path: str, num_classes: int = 2) -> np.ndarray:
+    """Float32 label map from the values of a mask file. Two classes: at most two distinct values,
+    foreground is `value > 0` (0/1, 0/255...). C classes: the values are the labels 0..C-1."""
     values = np.unique(labels)
-    if len(values) > 2:
-        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
-        raise DataError(
-            f"mask {path} has {len(values)} distinct values ({shown}): a binary mask has at most "
-            "two (0 and one label)"
+    shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+    if len(values) > num_classes:
+        rule = (
+            "a binary mask has at most two (0 and one label); --num-classes for label maps"
+            if num_classes == 2
+            else f"at most {num_classes} with --num-classes {num_classes}"
         )
-    return (labels > 0).astype(np.float32)
+        raise DataError(f"mask {path} has {len(values)} distinct values ({shown}): {rule}")
+    if num_classes == 2:
+        return (labels > 0).astype(np.float32)
+    if not np.isin(values, np.arange(num_classes)).all():
+        raise DataError(
+            f"mask {path} has the values {shown}: labels of {num_classes} classes are "
+            f"0..{num_classes - 1}"
+        )
+    return labels.astype(np.float32)
+
+
+_MM_PER_UNIT = {"mm": 1.0, "micron": 1e-3, "meter": 1e3, "unknown": 1.0}  # unknown: NIfTI's mm
+
+
+def voxel_size_mm(nifti: nib.spatialimages.SpatialImage) -> tuple[float, float, float]:
+    """(X, Y, Z) voxel size of a NIfTI image in millimetres, from its header (a 2D image: Z 1)."""
+    zooms = tuple(float(z) for z in nifti.header.get_zooms()[:3])
+    scale = _MM_PER_UNIT.get(nifti.header.get_xyzt_units()[0], 1.0)
+    return tuple(z * scale for z in zooms + (1.0,) * (3 - len(zooms)))
 
 
 def shape_text(shape):

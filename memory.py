@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import tensorflow as tf
 
-import metrics
+import losses
 import unet
 
 
@@ -43,7 +43,7 @@ def step_memory(spec):
     model = unet.build_unet(
         (*spec["shape"], 1), spec["filters"], spec["depth"], kernel_size=spec["kernel"]
     )
-    model.compile("adam", metrics.SoftDiceLoss())
+    model.compile("adam", losses.SoftDiceLoss())
     x = np.random.default_rng(0).random((spec["batch"], *spec["shape"], 1), dtype=np.float32)
     y = (x > 0.9).astype(np.float32)
     before = psutil.Process().memory_info().rss

@@ -1,4 +1,4 @@
-"""Exercise 2.2: Dice and IoU, exactly, and the losses that train segmentation networks.
+"""Exercise 2.2: exact Dice and IoU, and the surface distances that say how far off a boundary is.
 
 What this script teaches:
 - Dice = 2|A∩B| / (|A|+|B|) and IoU = |A∩B| / |A∪B| on binary masks, with both related by
@@ -7,31 +7,49 @@ What this script teaches:
   A `smooth=1` term in the formula is a bug: on a 2x2 mask it turns a Dice of 0.8 into 0.83;
 - a global value (all pixels of all images pooled) differs from a per-image mean (MONAI's
   convention): one missed small lesion barely moves the first and costs a whole image in the second;
-- Keras metrics that accumulate TP/FP/FN over the epoch, so the epoch value is the dataset value,
-  not a mean of batch values; and the losses: soft Dice, BCE + Dice, Tversky, focal Tversky,
-  Generalized Dice.
+- overlap is not shape: the 95th-percentile Hausdorff distance (HD95) and the normalized surface
+  Dice (NSD) of the Medical Segmentation Decathlon compare the *boundaries*, in millimetres once the
+  voxel spacing is known. A false alarm far from the lesion barely moves Dice and sends HD95 up
+  (unless it holds under 5 % of the surface: the percentile is there to ignore stray voxels); a
+  boundary one voxel off everywhere costs a small lesion a quarter of its Dice and none of its NSD
+  at a 1-voxel tolerance.
 
-    python metrics.py   # worked cases, Dice vs IoU table, identity check, scikit-learn cross-check
+The Keras side (epoch metrics, losses) is losses.py.
+
+    python metrics.py        # worked cases (Dice, IoU, HD95, NSD, ASSD), scikit-learn cross-check
 """
 
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Sequence
 
-import keras
 import numpy as np
-from keras import ops
+from numpy.typing import ArrayLike
+from scipy import ndimage
 from sklearn.metrics import f1_score, jaccard_score
 
-EPSILON = 1e-6  # keeps soft losses finite on empty batches; negligible against any real pixel count
+Spacing = float | Sequence[float] | None  # voxel size per spatial axis (one number: isotropic)
 
 
 # ------------------------------------------------------------------------------------------------
-# Reference NumPy metrics: exact counts on binarized masks.
+# Overlap: exact counts on binarized masks.
 
 
-def confusion_counts(y_true, y_pred, threshold=0.5, per_image=False):
-    """(TP, FP, FN) pixel counts; predictions >= threshold count as foreground. Per image: arrays
-    over axis 0."""
+def confusion_counts(
+    y_true: ArrayLike, y_pred: ArrayLike, threshold: float = 0.5, per_image: bool = False
+) -> tuple:
+    """(TP, FP, FN) pixel counts of a binary mask against probabilities.
+
+    Args:
+        y_true: binary mask of 0s and 1s, any shape.
+        y_pred: probabilities (or a 0/1 mask) of the same shape.
+        threshold: predictions >= threshold count as foreground.
+        per_image: count each image apart (axis 0 is the batch).
+
+    Returns:
+        (TP, FP, FN): integers, or arrays over axis 0 if per_image.
+
+    Raises:
+        ValueError: shapes differ, y_true is not binary, or per_image without a batch axis.
+    """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"shape mismatch: y_true {y_true.shape} vs y_pred {y_pred.shape}")
@@ -55,216 +73,190 @@ def _ratio(numerator, denominator):
     return np.where(denominator > 0, numerator / np.maximum(denominator, 1), 1.0)
 
 
-def dice_coefficient(y_true, y_pred, threshold=0.5, per_image=False):
-    """Dice = 2TP / (2TP + FP + FN); over all pixels, or the mean per-image values if per_image."""
+def dice_coefficient(
+    y_true: ArrayLike, y_pred: ArrayLike, threshold: float = 0.5, per_image: bool = False
+) -> float:
+    """Dice = 2TP / (2TP + FP + FN); 1.0 when both masks are empty.
+
+    Args: as `confusion_counts`.
+
+    Returns:
+        Dice over all pixels pooled, or the mean of the per-image values if per_image.
+    """
     tp, fp, fn = confusion_counts(y_true, y_pred, threshold, per_image)
     return float(np.mean(_ratio(2 * tp, 2 * tp + fp + fn)))
 
 
-def iou_score(y_true, y_pred, threshold=0.5, per_image=False):
-    """IoU (Jaccard) = TP / (TP + FP + FN); over all pixels, or the mean of per-image values if
-    per_image."""
+def iou_score(
+    y_true: ArrayLike, y_pred: ArrayLike, threshold: float = 0.5, per_image: bool = False
+) -> float:
+    """IoU (Jaccard) = TP / (TP + FP + FN); 1.0 when both masks are empty.
+
+    Args: as `confusion_counts`.
+
+    Returns:
+        IoU over all pixels pooled, or the mean of the per-image values if per_image.
+    """
     tp, fp, fn = confusion_counts(y_true, y_pred, threshold, per_image)
     return float(np.mean(_ratio(tp, tp + fp + fn)))
 
 
+def label_map(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """The predicted class of every voxel.
+
+    Args:
+        probabilities: (..., 1) sigmoid output (foreground probability) or (..., C) softmax.
+        threshold: sigmoid only: foreground where the probability is >= threshold.
+
+    Returns:
+        uint8 labels of the spatial shape (the channel axis dropped): 0/1, or 0..C-1 (argmax).
+    """
+    if probabilities.shape[-1] == 1:
+        return (probabilities[..., 0] >= threshold).astype(np.uint8)
+    return np.argmax(probabilities, axis=-1).astype(np.uint8)
+
+
 # ------------------------------------------------------------------------------------------------
-# Keras metrics: exact epoch values from counts accumulated over all batches.
+# Surface distances, for one image or volume, as MONAI defines them (surface_distances says how).
 
 
-class _OverlapMetric(keras.metrics.Metric):
-    """Accumulates TP, FP and FN (float64, exact far beyond one epoch of pixels); subclasses define
-    result()."""
-
-    def __init__(self, threshold=0.5, name=None, dtype=None):
-        super().__init__(name=name, dtype=dtype)
-        self.threshold = threshold
-        self.counts = self.add_variable(
-            shape=(3,), initializer="zeros", dtype="float64", name="tp_fp_fn"
+def _binary_pair(y_true, y_pred, threshold):
+    """(truth, prediction) boolean arrays of one image or volume, no trailing channel of 1."""
+    truth, pred = np.asarray(y_true), np.asarray(y_pred)
+    if truth.shape != pred.shape:
+        raise ValueError(f"shape mismatch: y_true {truth.shape} vs y_pred {pred.shape}")
+    if not np.isin(truth, (0, 1)).all():
+        raise ValueError("y_true must be a binary mask of 0s and 1s")
+    if truth.ndim in (3, 4) and truth.shape[-1] == 1:
+        truth, pred = truth[..., 0], pred[..., 0]
+    if truth.ndim not in (2, 3):
+        raise ValueError(
+            f"expected one image (H, W) or volume (D, H, W), optionally with a trailing channel "
+            f"axis of 1, got shape {np.shape(y_true)}"
         )
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        truth = ops.cast(y_true > 0.5, "float32")
-        pred = ops.cast(y_pred >= self.threshold, "float32")
-        tp = ops.sum(truth * pred)
-        batch = ops.stack([tp, ops.sum(pred) - tp, ops.sum(truth) - tp])
-        self.counts.assign_add(ops.cast(batch, "float64"))
-
-    def reset_state(self):
-        self.counts.assign(ops.zeros((3,), dtype="float64"))
-
-    def _ratio(self, numerator, denominator):
-        safe = ops.where(denominator > 0, denominator, 1.0)
-        return ops.cast(ops.where(denominator > 0, numerator / safe, 1.0), self.dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "threshold": self.threshold}
+    return truth.astype(bool), pred >= threshold
 
 
-@keras.saving.register_keras_serializable(package="tp4")
-class DiceMetric(_OverlapMetric):
-    """Dice over every pixel seen since the last reset (1.0 when both masks are empty)."""
-
-    def __init__(self, threshold=0.5, name="dice", dtype=None):
-        super().__init__(threshold, name=name, dtype=dtype)
-
-    def result(self):
-        tp, fp, fn = self.counts[0], self.counts[1], self.counts[2]
-        return self._ratio(2 * tp, 2 * tp + fp + fn)
+def _sampling(spacing, ndim):
+    sampling = np.asarray(1.0 if spacing is None else spacing, float).ravel()
+    sampling = np.repeat(sampling, ndim) if sampling.size == 1 else sampling
+    if sampling.size != ndim or not (np.isfinite(sampling).all() and (sampling > 0).all()):
+        raise ValueError(f"spacing must be positive, one number or {ndim}, got {spacing}")
+    return sampling
 
 
-@keras.saving.register_keras_serializable(package="tp4")
-class IoUMetric(_OverlapMetric):
-    """IoU over every pixel seen since the last reset (1.0 when both masks are empty)."""
+def surface(mask: ArrayLike) -> np.ndarray:
+    """The surface voxels of a mask: the mask minus its erosion by the cross (connectivity 1).
 
-    def __init__(self, threshold=0.5, name="iou", dtype=None):
-        super().__init__(threshold, name=name, dtype=dtype)
+    Args:
+        mask: boolean or 0/1 array, 2D or 3D. Voxels outside the array count as background.
 
-    def result(self):
-        tp, fp, fn = self.counts[0], self.counts[1], self.counts[2]
-        return self._ratio(tp, tp + fp + fn)
-
-
-# ------------------------------------------------------------------------------------------------
-# Losses. Soft counts use probabilities instead of 0/1 so they have gradients. All are computed over
-# the whole batch (the "batch Dice" of nnU-Net): an image without lesion then does not produce a 0/0
-# of its own.
+    Returns:
+        Boolean array of the mask's shape.
+    """
+    mask = np.asarray(mask, bool)
+    cross = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, cross, border_value=0)
 
 
-def _soft_counts(y_true, y_pred, axis=None):
-    y_true, y_pred = ops.cast(y_true, y_pred.dtype), ops.convert_to_tensor(y_pred)
-    tp = ops.sum(y_true * y_pred, axis=axis)
-    return tp, ops.sum(y_pred, axis=axis) - tp, ops.sum(y_true, axis=axis) - tp
+def surface_distances(
+    y_true: ArrayLike, y_pred: ArrayLike, spacing: Spacing = None, threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from each surface voxel of one mask to the nearest surface voxel of the other.
+
+    MONAI's definitions (get_mask_edges and get_surface_distance, under compute_hausdorff_distance
+    and compute_surface_dice with use_subvoxels=False):
+    - the surface of a mask is the mask minus its binary erosion by the cross-shaped structuring
+      element (connectivity 1: `surface`). Outside the array counts as background (SciPy's
+      border_value=0; MONAI pads its crop with one voxel of background), so a mask touching the
+      border of the image has a surface there;
+    - the distance of a surface voxel is the Euclidean distance to the nearest surface voxel of the
+      other mask, scaled by the spacing (SciPy's distance_transform_edt(sampling=spacing));
+    - `hd95` interpolates percentiles linearly (NumPy's default, torch.quantile's in MONAI).
+    Empty masks follow the project's rule for Dice: both empty is a perfect answer (HD95 0, NSD 1,
+    where MONAI gives NaN), exactly one empty the worst (HD95 inf, NSD 0, as in MONAI).
+
+    Args:
+        y_true: binary mask of one image (H, W) or volume (D, H, W), a trailing (…, 1) allowed.
+        y_pred: probabilities or a 0/1 mask of the same shape.
+        spacing: voxel size per axis (or one number), in the unit the distances come out in;
+            None: 1 (voxels).
+        threshold: predictions >= threshold count as foreground.
+
+    Returns:
+        (prediction -> truth, truth -> prediction): 1D float arrays, one distance per surface voxel
+        of the first mask (inf where the other mask is empty; empty where the first is).
+
+    Raises:
+        ValueError: shapes differ, y_true is not binary, not 2D/3D, or a bad spacing.
+    """
+    truth, pred = _binary_pair(y_true, y_pred, threshold)
+    sampling = _sampling(spacing, truth.ndim)
+    edges = {"truth": surface(truth), "pred": surface(pred)}
+
+    def directed(source, target):
+        if not edges[target].any():
+            return np.full(int(edges[source].sum()), np.inf)
+        return ndimage.distance_transform_edt(~edges[target], sampling=sampling)[edges[source]]
+
+    return directed("pred", "truth"), directed("truth", "pred")
 
 
-class _SegmentationLoss(keras.losses.Loss):
-    def __init__(self, name, epsilon=EPSILON, **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.epsilon = epsilon
+def hd95(
+    y_true: ArrayLike, y_pred: ArrayLike, spacing: Spacing = None, threshold: float = 0.5
+) -> float:
+    """95th-percentile Hausdorff distance: the larger of the two directed 95th percentiles.
 
-    def get_config(self):
-        return {**super().get_config(), "epsilon": self.epsilon}
+    Args: as `surface_distances`.
 
-
-@keras.saving.register_keras_serializable(package="tp4")
-class SoftDiceLoss(_SegmentationLoss):
-    """1 - soft Dice: 1 - (2·Σyp + ε) / (Σy + Σp + ε)."""
-
-    def __init__(self, name="dice_loss", **kwargs):
-        super().__init__(name=name, **kwargs)
-
-    def call(self, y_true, y_pred):
-        tp, fp, fn = _soft_counts(y_true, y_pred)
-        return 1.0 - (2 * tp + self.epsilon) / (2 * tp + fp + fn + self.epsilon)
+    Returns:
+        In the unit of `spacing`; 0.0 if both masks are empty, inf if exactly one is.
+    """
+    to_truth, to_pred = surface_distances(y_true, y_pred, spacing, threshold)
+    if to_truth.size == 0 or to_pred.size == 0:  # an empty mask has no surface
+        return 0.0 if to_truth.size == to_pred.size else float("inf")
+    return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
 
 
-@keras.saving.register_keras_serializable(package="tp4")
-class BCEDiceLoss(SoftDiceLoss):
-    """Binary cross-entropy (per pixel, smooth gradients) + soft Dice (overlap, imbalance-proof)."""
+def surface_dice(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    tolerance: float,
+    spacing: Spacing = None,
+    threshold: float = 0.5,
+) -> float:
+    """Normalized surface Dice (NSD, Nikolov et al. 2021): the fraction of the surface voxels of
+    both masks that lie within `tolerance` of the other mask's surface.
 
-    def __init__(self, bce_weight=1.0, dice_weight=1.0, name="bce_dice_loss", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.bce_weight, self.dice_weight = bce_weight, dice_weight
+    Args:
+        tolerance: accepted boundary error, in the unit of `spacing` (>= 0).
+        y_true, y_pred, spacing, threshold: as `surface_distances`.
 
-    def call(self, y_true, y_pred):
-        bce = ops.mean(keras.losses.binary_crossentropy(ops.cast(y_true, y_pred.dtype), y_pred))
-        return self.bce_weight * bce + self.dice_weight * super().call(y_true, y_pred)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "bce_weight": self.bce_weight,
-            "dice_weight": self.dice_weight,
-        }
-
-
-@keras.saving.register_keras_serializable(package="tp4")
-class TverskyLoss(_SegmentationLoss):
-    """1 - TP / (TP + α·FP + β·FN) (Salehi et al. 2017). β > α costs a missed lesion pixel more than
-    a false alarm, which pushes recall up on small lesions; α = β = 0.5 is the soft Dice loss."""
-
-    def __init__(self, alpha=0.3, beta=0.7, name="tversky_loss", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.alpha, self.beta = alpha, beta
-
-    def tversky_index(self, y_true, y_pred):
-        tp, fp, fn = _soft_counts(y_true, y_pred)
-        return (tp + self.epsilon) / (tp + self.alpha * fp + self.beta * fn + self.epsilon)
-
-    def call(self, y_true, y_pred):
-        return 1.0 - self.tversky_index(y_true, y_pred)
-
-    def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta}
+    Returns:
+        In [0, 1]; 1.0 if both masks are empty, 0.0 if exactly one is.
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    to_truth, to_pred = surface_distances(y_true, y_pred, spacing, threshold)
+    total = to_truth.size + to_pred.size
+    if total == 0:
+        return 1.0
+    return float((np.sum(to_truth <= tolerance) + np.sum(to_pred <= tolerance)) / total)
 
 
-@keras.saving.register_keras_serializable(package="tp4")
-class FocalTverskyLoss(TverskyLoss):
-    """(1 - Tversky index) ** (1/γ) (Abraham & Khan 2019, γ = 4/3): flattens the loss near a perfect
-    overlap, so training keeps its focus on the images that are still badly segmented."""
+def assd(
+    y_true: ArrayLike, y_pred: ArrayLike, spacing: Spacing = None, threshold: float = 0.5
+) -> float:
+    """Average symmetric surface distance: the mean of the distances of both surfaces.
 
-    def __init__(self, alpha=0.3, beta=0.7, gamma=4 / 3, name="focal_tversky_loss", **kwargs):
-        super().__init__(alpha, beta, name=name, **kwargs)
-        self.gamma = gamma
+    Args: as `surface_distances`.
 
-    def call(self, y_true, y_pred):
-        # The clip keeps the gradient of x ** (1/γ) finite at a perfect overlap (x = 0).
-        return ops.power(ops.maximum(super().call(y_true, y_pred), self.epsilon), 1.0 / self.gamma)
-
-    def get_config(self):
-        return {**super().get_config(), "gamma": self.gamma}
-
-
-@keras.saving.register_keras_serializable(package="tp4")
-class GeneralizedDiceLoss(_SegmentationLoss):
-    """Generalized Dice (Sudre et al. 2017): each class weighted by 1 / (its volume)², so a small
-    lesion weighs as much as the large background. A single sigmoid channel is treated as two
-    classes (lesion, background)."""
-
-    def __init__(self, name="generalized_dice_loss", **kwargs):
-        super().__init__(name=name, **kwargs)
-
-    def call(self, y_true, y_pred):
-        y_true = ops.cast(y_true, y_pred.dtype)
-        if y_pred.shape[-1] == 1:
-            y_true, y_pred = (
-                ops.concatenate([y_true, 1 - y_true], -1),
-                ops.concatenate([y_pred, 1 - y_pred], -1),
-            )
-        class_axes = tuple(range(len(y_pred.shape) - 1))
-        tp, fp, fn = _soft_counts(y_true, y_pred, axis=class_axes)
-        volume = tp + fn
-        # A class absent from the batch would get an infinite weight: give it the largest finite one
-        # (as MONAI).
-        weight = ops.where(volume > 0, 1.0 / ops.maximum(volume, 1.0) ** 2, 0.0)
-        weight = ops.stop_gradient(ops.where(volume > 0, weight, ops.max(weight)))
-        overlap = ops.sum(weight * 2 * tp)
-        total = ops.sum(weight * (2 * tp + fp + fn))
-        return 1.0 - (overlap + self.epsilon) / (total + self.epsilon)
-
-
-class LossChoice(NamedTuple):
-    """A loss on the command line: its display name (MLflow param, run names) and its class."""
-
-    label: str
-    make: Callable[[], keras.losses.Loss]
-
-
-LOSSES = {
-    "bce": LossChoice("BCELoss", keras.losses.BinaryCrossentropy),
-    "dice": LossChoice("DiceLoss", SoftDiceLoss),
-    "bce_dice": LossChoice("CombinedLoss", BCEDiceLoss),
-    "tversky": LossChoice("TverskyLoss", TverskyLoss),
-    "focal_tversky": LossChoice("FocalTverskyLoss", FocalTverskyLoss),
-    "generalized_dice": LossChoice("GeneralizedDiceLoss", GeneralizedDiceLoss),
-}
-
-
-def get_loss(name):
-    """A fresh loss object from its command-line name (see LOSSES)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    return LOSSES[name].make()
+    Returns:
+        In the unit of `spacing`; 0.0 if both masks are empty, inf if exactly one is.
+    """
+    to_truth, to_pred = surface_distances(y_true, y_pred, spacing, threshold)
+    distances = np.concatenate([to_truth, to_pred])
+    return float(distances.mean()) if distances.size else 0.0
 
 
 def main():
@@ -273,21 +265,35 @@ def main():
     square[16:48, 16:48] = 1
     half = np.zeros_like(square)
     half[16:48, 16:32] = 1
+    small = np.zeros_like(square)
+    small[30:34, 30:34] = 1
+    far_alarm = square.copy()
+    far_alarm[2:8, 2:8] = 1
     empty = np.zeros_like(square)
     cases = {
         "perfect prediction": (square, square),
+        "shifted by 1 pixel": (square, np.roll(square, 1, axis=1)),
+        "small lesion, 1 pixel off": (small, np.roll(small, 1, axis=1)),
         "shifted by 4 pixels": (square, np.roll(square, 4, axis=1)),
         "shifted by 16 pixels": (square, np.roll(square, 16, axis=1)),
         "half the lesion found": (square, half),
         "twice too large": (half, square),
+        "far false alarm (6x6)": (square, far_alarm),
         "missed completely": (square, empty),
         "false alarm on empty": (empty, square),
         "both empty": (empty, empty),
     }
-    print(f"{'case':<24}{'Dice':>8}{'IoU':>8}{'2·IoU/(1+IoU)':>16}")
+    print(
+        f"{'case':<26}{'Dice':>8}{'IoU':>8}{'2·IoU/(1+IoU)':>15}{'HD95':>8}{'NSD@1':>8}{'ASSD':>8}"
+    )
     for label, (truth, pred) in cases.items():
         dice, iou = dice_coefficient(truth, pred), iou_score(truth, pred)
-        print(f"{label:<24}{dice:>8.4f}{iou:>8.4f}{2 * iou / (1 + iou):>16.4f}")
+        print(
+            f"{label:<26}{dice:>8.4f}{iou:>8.4f}{2 * iou / (1 + iou):>15.4f}"
+            f"{hd95(truth, pred):>8.2f}{surface_dice(truth, pred, 1.0):>8.4f}"
+            f"{assd(truth, pred):>8.2f}"
+        )
+    print("(HD95 and ASSD in pixels; NSD@1: surface Dice at a tolerance of 1 pixel)")
 
     rng = np.random.default_rng(0)
     truth = (rng.random((200, 32, 32)) < rng.uniform(0.02, 0.5, (200, 1, 1))).astype(np.uint8)

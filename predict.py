@@ -10,18 +10,21 @@ What this script teaches:
 - a 2D model segments a volume slice by slice along its last axis; a 3D model (input of rank 5) goes
   through geometry.sliding_window_predict, a volume smaller than the patch being padded first and
   cropped back after;
+- test-time mirroring (`--tta`, nnU-Net's): the probabilities are averaged over the flips of every
+  combination of spatial axes (4 in 2D, 8 in 3D, each sliding window mirrored), each flip undone;
 - a batch job leaves no half-written file: each output is written under a temporary name and renamed
   when complete. A bad input is one line on stderr (exit status 2 at the end); the other inputs are
   still done.
 
-Outputs in --output: `<name>_mask.<ext>` (PNG/TIFF: 0/255 uint8 of the input's size, a JPEG input
-gives a PNG mask since JPEG compression would blur a binary mask; NIfTI: 0/1 uint8 with the input's
-affine and header) and `<name>_overlay.png` (the image, or the volume's slice with the most
-foreground, with the predicted contour in red).
+Outputs in --output: `<name>_mask.<ext>` (PNG/TIFF: uint8 of the input's size, 0/255 for a binary
+model, the labels 0..C-1 themselves for a model of C classes; a JPEG input gives a PNG mask since
+JPEG compression would blur it; NIfTI: uint8 labels 0/1 or 0..C-1 with the input's affine and
+header) and `<name>_overlay.png` (the image, or the volume's slice with the most foreground, with
+the predicted contour of each class in its colour: class 1 red).
 
     python predict.py model.keras scan.png --output predictions/
     python predict.py runs:/<run_id>/model images/ --output predictions/ --threshold 0.4
-    python predict.py models:/tp4-unet/1 case_001_0000.nii.gz --output predictions/
+    python predict.py models:/tp4-unet/1 case_001_0000.nii.gz --output predictions/ --tta
 """
 
 import os
@@ -43,7 +46,8 @@ import data
 import figures
 import geometry
 import imagefiles
-import metrics  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
+import losses  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
+import metrics
 from imagefiles import DataError
 
 
@@ -74,9 +78,15 @@ def parse_args(argv=None):
         "--threshold",
         type=float,
         default=0.5,
-        help="foreground where the probability is >= threshold",
+        help="binary models: foreground where the probability is >= threshold (a model of "
+        "several classes gives each pixel its most probable class)",
     )
     add("--overlap", type=float, default=0.5, help="3D models: overlap of the sliding windows")
+    add(
+        "--tta",
+        action="store_true",
+        help="test-time mirroring: average over the flips of every combination of spatial axes",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
         parser.error("--threshold must be between 0 and 1")
@@ -98,22 +108,16 @@ def load_model(location):
             model = mlflow.keras.load_model(location)
         else:
             model = keras.models.load_model(location)
-    except (
-        Exception
-    ) as error:  # MLflow and Keras raise many types (missing run, bad zip...): one line for all
+    # MLflow and Keras raise many types (missing run, bad zip...): one line for all
+    except Exception as error:
         reason = (
             str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         )
         raise ValueError(f"cannot load the model {location}: {reason}") from None
-    if (
-        len(model.input_shape) not in (4, 5)
-        or None in model.input_shape[1:]
-        or model.output_shape[-1] != 1
-    ):
+    if len(model.input_shape) not in (4, 5) or None in model.input_shape[1:]:
         raise ValueError(
-            f"{location}: expected a binary segmentation model with a fixed input (N, H, W, C) or "
-            f"(N, D, H, W, C) and one output channel, "
-            f"got {model.input_shape} -> {model.output_shape}"
+            f"{location}: expected a segmentation model with a fixed input (N, H, W, C) or "
+            f"(N, D, H, W, C), got {model.input_shape} -> {model.output_shape}"
         )
     return model
 
@@ -158,31 +162,34 @@ def output_paths(output, path):
     return os.path.join(output, f"{name}_mask{ext}"), os.path.join(output, f"{name}_overlay.png")
 
 
-def predict_images(model, images, batch_size=8):
-    """Probabilities at each image's own size: each normalized (H, W, C) image is fitted to the
-    network, predicted, and the fit undone on the probabilities (linear interpolation, thresholded
-    later)."""
+def predict_images(model, images, batch_size=8, tta=False):
+    """Probabilities (H, W, classes) at each image's own size: each normalized (H, W, C) image is
+    fitted to the network, predicted (mirrored with tta), and the fit undone on the probabilities
+    (linear interpolation, thresholded later)."""
     fitted = [geometry.fit(image, model.input_shape[1:3]) for image in images]
     batch = np.stack([array for array, _ in fitted])
-    probabilities = model.predict(batch, batch_size=batch_size, verbose=0)[..., 0]
+
+    def predict(inputs):
+        return model.predict(inputs, batch_size=batch_size, verbose=0)
+
+    probabilities = geometry.predict_mirrored(predict, batch) if tta else predict(batch)
     return [geometry.unfit(p, transform) for p, (_, transform) in zip(probabilities, fitted)]
 
 
-def predict_volume(model, volume, overlap=0.5):
-    """Probabilities of a normalized (X, Y, Z) volume: slice by slice along Z for a 2D model, or by
-    sliding windows over (D, H, W) = (Z, X, Y) for a 3D model, the volume padded to at least one
-    patch."""
+def predict_volume(model, volume, overlap=0.5, tta=False):
+    """Probabilities (X, Y, Z, classes) of a normalized (X, Y, Z) volume: slice by slice along Z for
+    a 2D model, or by sliding windows over (D, H, W) = (Z, X, Y) for a 3D model, the volume padded
+    to at least one patch; tta: test-time mirroring of each slice or window."""
     if len(model.input_shape) == 4:
-        return np.stack(
-            predict_images(model, [volume[..., z, None] for z in range(volume.shape[-1])]), axis=-1
-        )
+        slices = [volume[..., z, None] for z in range(volume.shape[-1])]
+        return np.stack(predict_images(model, slices, tta=tta), axis=2)
     padded, transform = geometry.fit(
         np.moveaxis(volume, -1, 0)[..., None], model.input_shape[1:4], shrink=False
     )
     probabilities = geometry.unfit(
-        geometry.sliding_window_predict(model, padded, overlap), transform
+        geometry.sliding_window_predict(model, padded, overlap, tta=tta), transform
     )
-    return np.moveaxis(probabilities[..., 0], 0, -1)
+    return np.moveaxis(probabilities, 0, 2)
 
 
 def finite(probabilities, path):
@@ -197,8 +204,9 @@ def finite(probabilities, path):
     return probabilities
 
 
-def segment(model, path, threshold=0.5, overlap=0.5):
-    """(mask, overlay RGB, nibabel image or None) of one file; the mask has the input's geometry."""
+def segment(model, path, threshold=0.5, overlap=0.5, tta=False):
+    """(labels, overlay RGB, nibabel image or None) of one file: uint8 labels (0/1 for a binary
+    model, 0..C-1) in the input's geometry."""
     channels = model.input_shape[-1]
     if not imagefiles.suffix(path) and os.path.isfile(path):
         raise DataError(f"{path}: unsupported file type (PNG, JPEG, TIFF or NIfTI)")
@@ -206,19 +214,23 @@ def segment(model, path, threshold=0.5, overlap=0.5):
         if len(model.input_shape) == 5:
             raise DataError(f"{path} is a 2D image: a 3D model segments NIfTI volumes")
         image = data.normalize_intensity(imagefiles.read_image(path, channels))
-        mask = finite(predict_images(model, [image])[0], path) >= threshold
-        return mask, figures.overlay(image, mask), None
+        probabilities = finite(predict_images(model, [image], tta=tta)[0], path)
+        labels = metrics.label_map(probabilities, threshold)
+        return labels, figures.overlay(image, labels), None
     volume, nifti = imagefiles.read_volume(path)
     if channels != 1:
         raise DataError(f"{path} is a single-channel volume, the model takes {channels} channels")
     volume = data.normalize_intensity(
         volume.astype(np.float32)
     )  # per volume, as in training (datasets.py)
-    mask = finite(predict_volume(model, volume, overlap), path) >= threshold
-    z = int(np.argmax(mask.sum(axis=(0, 1)))) if mask.any() else volume.shape[-1] // 2
+    probabilities = finite(predict_volume(model, volume, overlap, tta), path)
+    labels = metrics.label_map(probabilities, threshold)
+    found = labels > 0
+    z = int(np.argmax(found.sum(axis=(0, 1)))) if found.any() else volume.shape[-1] // 2
     # rot90: array rows are X; in RAS storage this shows anterior up and the patient's right on the
     # right
-    return mask, figures.overlay(np.rot90(volume[..., z])[..., None], np.rot90(mask[..., z])), nifti
+    picture = figures.overlay(np.rot90(volume[..., z])[..., None], np.rot90(labels[..., z]))
+    return labels, picture, nifti
 
 
 def write_outputs(writers):
@@ -239,33 +251,38 @@ def write_outputs(writers):
 
 
 def save_mask(path, mask, nifti):
+    """Write uint8 mask values: an image file (PNG, TIFF), or a NIfTI over the input's voxels."""
     if nifti is None:
-        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+        Image.fromarray(mask.astype(np.uint8)).save(path)
         return
     # The input's class (NIfTI-1 or -2), affine and header: the mask lands on the same voxels in
     # millimetres. A new data array resets the header's intensity scaling, and uint8 keeps the
     # labels exact.
     out = type(nifti)(mask.astype(np.uint8).reshape(nifti.shape), nifti.affine, nifti.header)
     out.set_data_dtype(np.uint8)
-    out.header["cal_min"], out.header["cal_max"] = 0, 1
+    out.header["cal_min"], out.header["cal_max"] = 0, max(1, int(mask.max()))
     out.to_filename(path)
 
 
-def segment_file(model, path, output, threshold=0.5, overlap=0.5):
+def segment_file(model, path, output, threshold=0.5, overlap=0.5, tta=False):
     """Segment one file and write its mask and overlay; returns the mask's foreground fraction."""
     mask_path, overlay_path = output_paths(output, path)
-    mask, picture, nifti = segment(model, path, threshold, overlap)
+    labels, picture, nifti = segment(model, path, threshold, overlap, tta)
+    # A binary mask image is 0/255, visible in any viewer; labels of several classes stay 0..C-1.
+    binary_image = nifti is None and model.output_shape[-1] == 1
+    mask = labels * 255 if binary_image else labels
     write_outputs(
         {
             mask_path: lambda p: save_mask(p, mask, nifti),
             overlay_path: lambda p: Image.fromarray(picture).save(p, format="PNG"),
         }
     )
+    foreground = float(np.mean(labels > 0))
     print(
-        f"{path}: {imagefiles.shape_text(mask.shape)} -> {mask_path}, foreground {mask.mean():.2%}",
+        f"{path}: {imagefiles.shape_text(mask.shape)} -> {mask_path}, foreground {foreground:.2%}",
         flush=True,
     )
-    return float(mask.mean())
+    return foreground
 
 
 def main(argv=None):
@@ -292,13 +309,11 @@ def main(argv=None):
     failed = 0
     for path in files:
         try:
-            segment_file(model, path, args.output, args.threshold, args.overlap)
+            segment_file(model, path, args.output, args.threshold, args.overlap, args.tta)
         except ModelError as error:  # a broken model gives nothing useful on the other files either
             parser.exit(2, f"{parser.prog}: error: {error}\n")
-        except (
-            ValueError,
-            OSError,
-        ) as error:  # one bad file (or a full disk) does not stop the others
+        # one bad file (or a full disk) does not stop the others
+        except (ValueError, OSError) as error:
             failed += 1
             print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
     if failed:

@@ -5,7 +5,8 @@ What this module teaches:
   rotations, the output bias at the lesion prior, early stopping on validation Dice with the best
   weights restored;
 - honest evaluation: the final numbers come from a held-out test set never used for early
-  stopping, computed with metrics.py's exact reference functions;
+  stopping, computed case by case with metrics.py's exact reference functions (evaluation.py:
+  Dice, IoU, HD95, NSD, per class), optionally with test-time mirroring (`--tta`);
 - one logging path for 2D and 3D (tracking.py): params, one value per epoch and metric, test
   metrics, figures and the model.
 
@@ -21,8 +22,10 @@ import keras
 import numpy as np
 
 import data
+import evaluation
 import figures
-import metrics
+import geometry
+import losses
 import tracking
 
 
@@ -47,10 +50,17 @@ SCHEDULES = ("cosine", "plateau", "constant")
 EVAL_BATCH_FACTOR = 4  # validation and test batches, in training batches (fit_and_log)
 
 
+def _non_negative(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, run_names):
     """The recipe's and the run's flags, shared by train.py and conv3d.py (defaults differ)."""
     add = parser.add_argument
-    add("--loss", choices=metrics.LOSSES, default="bce_dice", help="training loss")
+    add("--loss", choices=losses.LOSSES, default="bce_dice", help="training loss")
     add("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer")
     add(
         "--lr",
@@ -94,6 +104,19 @@ def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, r
     add(
         "--seed", type=int, default=42, help="seed for data, split, initialization and augmentation"
     )
+    add(
+        "--tta",
+        action="store_true",
+        help="test-time mirroring: average the test predictions over every flip of the spatial "
+        "axes (4 in 2D, 8 in 3D)",
+    )
+    add(
+        "--nsd-tolerance",
+        type=_non_negative,
+        default=1.0,
+        help="normalized surface Dice tolerance, in the unit of the voxel spacing (mm for NIfTI, "
+        "pixels otherwise)",
+    )
     add("--experiment", default=experiment, help="MLflow experiment name")
     add("--run-name", help=f"MLflow run name [default: {run_names}]")
     add(
@@ -134,7 +157,11 @@ def learning_rate(args, steps_per_epoch):
 
 
 def prior_bias(args, foreground):
-    """Initial output bias: the logit of the training set's foreground fraction, or 0."""
+    """Initial output bias: the logit of the training set's foreground fraction (a sigmoid output),
+    the log of each class's fraction (a list, background first: a softmax output), or 0."""
+    if np.ndim(foreground) == 1:  # softmax(log f) = f
+        prior = args.output_bias == "prior"
+        return [float(np.log(max(f, 1e-6))) if prior else 0.0 for f in foreground]
     if args.output_bias == "prior" and 0 < foreground < 1:
         return float(np.log(foreground / (1 - foreground)))
     return 0.0
@@ -142,12 +169,13 @@ def prior_bias(args, foreground):
 
 def compile_model(model, args, n_train):
     """Optimizer, schedule (over the steps of n_train examples per epoch), loss and Dice/IoU epoch
-    metrics."""
+    metrics (mean over the foreground classes of a softmax output)."""
     optimizer = OPTIMIZERS[args.optimizer].make(learning_rate(args, epoch_size(n_train, args)[0]))
+    classes = max(2, model.output_shape[-1])
     model.compile(
         optimizer,
-        metrics.get_loss(args.loss),
-        metrics=[metrics.DiceMetric(), metrics.IoUMetric()],
+        losses.get_loss(args.loss),
+        metrics=[losses.DiceMetric(num_classes=classes), losses.IoUMetric(num_classes=classes)],
         jit_compile=args.xla,
     )
     return model
@@ -159,36 +187,51 @@ def params(args):
         "optimizer": OPTIMIZERS[args.optimizer].label,
         "learning_rate": peak_learning_rate(args),
         "lr_schedule": args.lr_schedule,
-        "loss": metrics.LOSSES[args.loss].label,
+        "loss": losses.LOSSES[args.loss].label,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
         "patience": args.patience,
         "augment": not args.no_augment,
         "seed": args.seed,
         "xla": args.xla,
+        "tta": args.tta,
+        "nsd_tolerance": args.nsd_tolerance,
     }
 
 
-def evaluate(model, images, masks, batch_size):
-    """Test metrics (metrics.py's reference functions) and the training loss over the whole test
-    set, all from one set of predictions: one forward pass. Returns (metrics, probabilities)."""
-    probabilities = model.predict(images, batch_size=batch_size, verbose=0)
-    return {
-        "test_dice": metrics.dice_coefficient(masks, probabilities),
-        "test_iou": metrics.iou_score(masks, probabilities),
-        "test_dice_per_image": metrics.dice_coefficient(masks, probabilities, per_image=True),
-        "test_loss": float(model.loss(masks, probabilities)),
-    }, probabilities
+def evaluate(model, images, masks, batch_size, tta=False, cases=None, tolerance=1.0):
+    """Test metrics (evaluation.test_metrics: overlap and surface, per case and class) and the
+    training loss over the whole test set, all from one set of predictions: one forward pass, or one
+    per flip with test-time mirroring (tta). `cases`: names and voxel sizes of the test examples
+    (None: synthetic). Returns (metrics, probabilities, per-case table)."""
+
+    def predict(batch):
+        return model.predict(batch, batch_size=batch_size, verbose=0)
+
+    probabilities = geometry.predict_mirrored(predict, images) if tta else predict(images)
+    results, table = evaluation.test_metrics(masks, probabilities, cases, tolerance)
+    results["test_loss"] = float(model.loss(masks, probabilities))
+    return results, probabilities, table
 
 
 def fit_and_log(
-    model, args, splits, run_name, run_params, prediction_figure, unit="img", tables=None
+    model,
+    args,
+    splits,
+    run_name,
+    run_params,
+    prediction_figure,
+    unit="img",
+    tables=None,
+    test_cases=None,
 ):
     """Fit with early stopping on validation Dice, evaluate on the test set, log it all in one
     MLflow run.
 
-    `prediction_figure(images, masks, probabilities)` draws the test predictions (figures.py).
-    Returns the final metrics, and `tracking_seconds`: the time spent in MLflow.
+    `prediction_figure(images, masks, probabilities)` draws the test predictions (figures.py);
+    `test_cases` names the test examples and gives their voxel sizes (data.Cases; None: synthetic),
+    for the per-case table (`test_cases.json`). Returns the final metrics, and `tracking_seconds`:
+    the time spent in MLflow.
     """
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
         splits["train"],
@@ -231,7 +274,9 @@ def fit_and_log(
         ).history
         fit_seconds = time.perf_counter() - start
 
-        results, probabilities = evaluate(model, x_test, y_test, eval_batch)
+        results, probabilities, table = evaluate(
+            model, x_test, y_test, eval_batch, args.tta, test_cases, args.nsd_tolerance
+        )
         results["best_epoch"] = int(np.argmax(history["val_dice"])) + 1
         results["epochs_run"] = len(history["loss"])
         results["fit_seconds"] = fit_seconds
@@ -240,22 +285,36 @@ def fit_and_log(
             "test_predictions.png": prediction_figure(x_test, y_test, probabilities),
         }
         example = (x_test[:1], probabilities[:1])
+        tables = {**(tables or {}), "test_cases.json": table}
         run.log_results(model, results, example, pictures, vars(args), args.register, tables)
-    print_results(run_name, results, len(x_test))
+    print_results(run_name, results, len(x_test), args.nsd_tolerance)
     return {**results, "tracking_seconds": run.seconds}
 
 
-def print_results(run_name, results, n_test):
-    """The final table: test metrics from metrics.py's reference functions."""
+def print_results(run_name, results, n_test, tolerance=1.0):
+    """The final table: test metrics from metrics.py's reference functions; one column per class
+    when there are several."""
     print(
         f"\n{run_name}: best epoch {results['best_epoch']} of {results['epochs_run']}, "
         f"fit {results['fit_seconds']:.0f} s"
     )
-    print(f"{f'test set ({n_test} examples)':<28}{'value':>8}")
+    classes = sorted({int(key.rpartition("_class")[2]) for key in results if "_class" in key})
+    suffixes = ["", *(f"_class{c}" for c in classes)]
+    print(
+        f"{f'test set ({n_test} examples)':<30}"
+        + "".join(f"{s[1:] or 'value':>9}" for s in suffixes)
+    )
     for label, key in (
         ("Dice", "test_dice"),
         ("IoU", "test_iou"),
         ("Dice, per-image mean", "test_dice_per_image"),
+        ("HD95, cases with both masks", "test_hd95"),
+        (f"NSD at {tolerance:g}", "test_nsd"),
+        ("cases with one empty mask", "test_one_empty"),
         ("loss", "test_loss"),
     ):
-        print(f"{label:<28}{results[key]:>8.4f}")
+        values = [results[key + s] for s in suffixes if key + s in results]
+        print(
+            f"{label:<30}"
+            + "".join(f"{v:>9}" if isinstance(v, int) else f"{v:>9.4f}" for v in values)
+        )

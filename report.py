@@ -9,6 +9,7 @@ final test metrics. Without arguments: the experiments in the store and how many
     python report.py tp4-unet                       # the finished runs of train.py's experiment
     python report.py tp4-grid --params loss,optimizer   # the loss x optimizer comparison
     python report.py tp4-unet --all                 # every run, whatever its status
+    python report.py --cases RUN_ID                 # one run's per-case test table
     python report.py --update README.md REPORT.md   # regenerate the tables marked in those files
 
 A marked table in a Markdown file is a comment line with the arguments of this script, the table,
@@ -111,6 +112,23 @@ def update_file(path):
     return count
 
 
+def cases_table(run_id):
+    """Markdown table of a run's per-case test results (its test_cases.json artifact: one row per
+    case and class; an empty HD95 cell is infinite: exactly one of the two masks is empty)."""
+    try:
+        table = mlflow.artifacts.load_dict(f"runs:/{run_id}/test_cases.json")
+    except Exception as error:  # MLflow raises several types for a missing run or artifact
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"run {run_id} has no per-case table: {reason}") from None
+    lines = ["| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
+    for row in table["data"]:
+        cells = [
+            f"{v:.3f}" if isinstance(v, float) else "inf" if v is None else str(v) for v in row
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _items(text):
     return [item for item in text.split(",") if item]
 
@@ -118,7 +136,11 @@ def _items(text):
 def _format(name, value):
     if value is None:
         return ""
-    if name in ("best_epoch", "epochs_run") or name.endswith("seconds"):
+    if (
+        name in ("best_epoch", "epochs_run")
+        or name.startswith("test_one_empty")
+        or name.endswith("seconds")
+    ):
         return f"{value:.0f}"
     return f"{value:.3f}"
 
@@ -144,6 +166,7 @@ def _parser():
     parser.add_argument(
         "--sort", default="test_dice", help="metric to sort by, best (highest) first"
     )
+    parser.add_argument("--cases", metavar="RUN_ID", help="print a run's per-case test table")
     parser.add_argument(
         "--update",
         nargs="+",
@@ -158,7 +181,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cli.setup()
     try:
-        if args.update:
+        if args.cases:
+            print(cases_table(args.cases))
+        elif args.update:
             for path in args.update:
                 print(f"{path}: {update_file(path)} tables regenerated")
         elif args.experiment:
@@ -171,9 +196,7 @@ def main(argv=None):
             print(experiments_table())
     except (ValueError, OSError) as error:
         parser.exit(2, f"report.py: error: {error}\n")
-    except (
-        Exception
-    ) as error:  # an unreachable server or unreadable store: one line, not a traceback
+    except Exception as error:  # an unreachable server or unreadable store: one line
         parser.exit(
             2, f"report.py: error: cannot read the MLflow tracking store: {str(error)[:200]}\n"
         )

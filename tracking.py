@@ -86,9 +86,8 @@ def tracked_run(experiment, run_name, params):
     start = time.perf_counter()
     try:
         experiment_id = mlflow.set_experiment(experiment).experiment_id
-    except (
-        Exception
-    ) as error:  # MLflow raises many types here (HTTP, SQL, permissions): all mean the same
+    # MLflow raises many types here (HTTP, SQL, permissions): all mean the same
+    except Exception as error:
         raise TrackingError(
             f"cannot use the MLflow tracking store {uri}: {_first_line(error)}"
         ) from None

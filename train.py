@@ -26,12 +26,13 @@ import itertools
 import sys
 
 import keras
+import numpy as np
 
 import cli
 import data
 import datasets
 import figures
-import metrics
+import losses
 import recipe
 import unet
 
@@ -75,6 +76,13 @@ def parse_args(argv=None):
     )
     add("--contrast", type=float, default=data.CONTRAST, help="lesion brightness above the tissue")
     add("--noise", type=float, default=data.NOISE, help="Rician noise level")
+    add(
+        "--num-classes",
+        type=int,
+        default=2,
+        help="classes, background included: 2 is a binary mask (one sigmoid output), C >= 3 a "
+        "softmax over C classes (synthetic: C-1 kinds of lesion; real masks: labels 0..C-1)",
+    )
     add("--base-filters", type=int, default=32, help="U-Net filters at the first level")
     add("--depth", type=int, default=4, help="U-Net levels, bottleneck included")
     add(
@@ -107,6 +115,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.patience < 0 or (args.lr is not None and args.lr <= 0):
         parser.error("--patience must be >= 0 and --lr > 0")
+    if args.num_classes < 2:
+        parser.error("--num-classes must be at least 2 (background included)")
     return args, parser
 
 
@@ -125,15 +135,15 @@ def grid_cells(shard=(0, 1)):
     """The (loss, optimizer) cells of the grid in a fixed order, every N-th from the I-th for
     shard (I, N): N shards cover each cell once."""
     index, count = shard
-    return list(itertools.product(metrics.LOSSES, recipe.OPTIMIZERS))[index::count]
+    return list(itertools.product(losses.LOSSES, recipe.OPTIMIZERS))[index::count]
 
 
 def load_data(args):
-    """(splits, description): synthetic scans, or real data (--data-dir, --dataset), checked before
-    any run."""
+    """(splits, description, test cases): synthetic scans (test cases None: named by position,
+    pixels of 1), or real data (--data-dir, --dataset), checked before any run."""
     if datasets.source(args):
-        splits, description = datasets.load_split(
-            datasets.source(args), (args.image_size, args.image_size), args.seed
+        splits, description, cases = datasets.load_split(
+            datasets.source(args), (args.image_size, args.image_size), args.seed, args.num_classes
         )
     else:
         images, masks = data.make_synthetic_2d(
@@ -143,18 +153,20 @@ def load_data(args):
             foreground=args.foreground,
             contrast=args.contrast,
             noise=args.noise,
+            num_classes=args.num_classes,
         )
         splits = data.split(images, masks, seed=args.seed)
-        description = data.describe(images, masks, "synthetic-2d", splits)
+        description, cases = data.describe(images, masks, "synthetic-2d", splits), None
         description.update(data_contrast=args.contrast, data_noise=args.noise)
     data.require_foreground(splits, description["data_source"])
-    return splits, description
+    return splits, description, cases
 
 
 def params(args, model, description):
     """Everything needed to know what a run did, as flat MLflow params."""
     return {
         **unet.describe(model),
+        "num_classes": args.num_classes,
         "output_bias": args.output_bias,
         **recipe.params(args),
         **description,
@@ -164,19 +176,25 @@ def params(args, model, description):
 def train(args):
     """One tracked U-Net training run on 2D images; returns the final metrics and the model."""
     keras.utils.set_random_seed(args.seed)
-    splits, description = load_data(args)
-    bias = recipe.prior_bias(args, float(splits["train"][1].mean()))
+    splits, description, test_cases = load_data(args)
+    labels, binary = splits["train"][1], args.num_classes == 2
+    # The prior: the foreground fraction (sigmoid), or the fraction of each class (softmax).
+    prior = (
+        float(labels.mean()) if binary else [np.mean(labels == c) for c in range(args.num_classes)]
+    )
+    bias = recipe.prior_bias(args, prior)
     model = unet.build_unet(
         (args.image_size, args.image_size, 1),
         args.base_filters,
         args.depth,
+        num_classes=1 if binary else args.num_classes,
         skip_connections=not args.no_skip,
         output_bias=bias,
         name="UNetNoSkip" if args.no_skip else "UNet",
     )
     recipe.compile_model(model, args, len(splits["train"][0]))
     run_name = args.run_name or (
-        f"{model.name}_{metrics.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
+        f"{model.name}_{losses.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
     )
     print(
         f"{run_name}: {description['data_split']} train/val/test images "
@@ -185,7 +203,7 @@ def train(args):
     )
     run_params = params(args, model, description)
     results = recipe.fit_and_log(
-        model, args, splits, run_name, run_params, figures.prediction_figure
+        model, args, splits, run_name, run_params, figures.prediction_figure, test_cases=test_cases
     )
     return results, model
 
@@ -198,9 +216,7 @@ def run_grid(args):
         cell = argparse.Namespace(
             **{**vars(args), "loss": loss, "optimizer": optimizer, "run_name": None}
         )
-        rows.append(
-            (metrics.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)[0])
-        )
+        rows.append((losses.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)[0]))
     if args.shard != (0, 1):
         print(
             f"\nshard {args.shard[0]}/{args.shard[1]}: {len(rows)} of the {len(grid_cells())} cells"

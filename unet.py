@@ -131,7 +131,7 @@ def build_unet(
     upsampling: Upsampling = "transpose",
     skip_connections: bool = True,
     kernel_size: int = 3,
-    output_bias: float = 0.0,
+    output_bias: float | list[float] = 0.0,
     name: str = "UNet",
 ) -> keras.Model:
     """U-Net with `depth` levels: base, 2*base, ... filters down, 2**(depth-1)*base at the
@@ -150,7 +150,8 @@ def build_unet(
         kernel_size: k, for k x k (x k) convolutions.
         output_bias: initial output logit: log(f / (1 - f)) makes the untrained network predict
             the foreground fraction f everywhere instead of 0.5, which spares the first epochs
-            on imbalanced data.
+            on imbalanced data. A softmax output takes one value per class (log f_c: the
+            network starts at the class fractions).
         name: the model's name (logged as its architecture).
 
     Returns:
@@ -274,20 +275,29 @@ def main() -> None:
     add("--channels", type=int, default=1, help="input channels (1 for a grey-level scan)")
     add("--base-filters", type=int, default=32, help="filters of the first level")
     add("--depth", type=int, default=4, help="levels, bottleneck included (pools depth-1 times)")
-    add("--num-classes", type=int, default=1, help="1: sigmoid binary mask; >1: softmax classes")
+    add(
+        "--num-classes",
+        type=int,
+        default=2,
+        help="classes, background included, as train.py: 2 gives one sigmoid channel (binary "
+        "mask), C >= 3 a softmax over C channels",
+    )
     add("--upsampling", choices=UPSAMPLING, default="transpose", help="decoder up-sampling")
     add("--dropout", type=float, default=0.0, help="dropout rate at the bottleneck")
     add("--no-batch-norm", action="store_true", help="no batch normalization")
     add("--no-skip", action="store_true", help="no skip connections (ablation)")
     add("--quiet", action="store_true", help="no layer-by-layer summary")
     args = parser.parse_args()
+    if args.num_classes < 2:
+        parser.error("--num-classes must be at least 2 (background included)")
+    binary = args.num_classes == 2
 
     try:
         model = build_unet(
             (args.input_size, args.input_size, args.channels),
             args.base_filters,
             args.depth,
-            args.num_classes,
+            1 if binary else args.num_classes,
             not args.no_batch_norm,
             args.dropout,
             args.upsampling,
@@ -302,9 +312,7 @@ def main() -> None:
         f"parameters: {total:,} total, {trainable:,} trainable, {total - trainable:,} non-trainable"
     )
     print(f"input  shape: {model.input_shape}  (batch, height, width, channels)")
-    kind = (
-        "sigmoid, one foreground probability" if args.num_classes == 1 else "softmax over classes"
-    )
+    kind = "sigmoid, one foreground probability" if binary else "softmax over classes"
     print(f"output shape: {model.output_shape}  ({kind} per pixel)")
 
 

@@ -129,3 +129,33 @@ def test_volumes_are_augmented_slice_by_slice():
     ):
         assert x.shape[1:] == (3, 8, 8, 1)
         np.testing.assert_array_equal(x, y)
+
+
+def test_several_classes_give_kinds_of_lesion_with_their_own_brightness_and_shape():
+    images, labels = data.make_synthetic_2d(40, size=64, seed=3, num_classes=3)
+    assert set(np.unique(labels)) == {0.0, 1.0, 2.0} and labels.dtype == np.float32
+    # Kind 1 is brighter than the tissue, kind 2 darker (CONTRAST_RATIO < 0) and ELONGATION times
+    # longer along the first axis.
+    tissue = images[(images > 0.2) & (labels == 0)].mean()
+    assert images[labels == 1].mean() > tissue + 0.1 and images[labels == 2].mean() < tissue - 0.05
+    extents = {1: [], 2: []}
+    for image_labels in labels[..., 0]:
+        for kind in (1, 2):
+            rows, cols = np.nonzero(image_labels == kind)
+            if len(rows) > 10:
+                extents[kind].append(np.ptp(rows) / max(np.ptp(cols), 1))
+    assert np.median(extents[2]) > 1.3 * np.median(extents[1])
+    # Two classes: the binary scans, draw for draw.
+    binary = data.make_synthetic_2d(4, size=32, seed=5)
+    assert data.content_hash(*binary) == data.content_hash(
+        *data.make_synthetic_2d(4, size=32, seed=5, num_classes=2)
+    )
+    with pytest.raises(ValueError, match="num_classes"):
+        data.make_synthetic_2d(2, size=32, num_classes=1)
+
+
+def test_spacing_text_names_the_voxel_sizes():
+    assert data.spacing_text(np.ones((5, 2)), "px") == "1x1 px"
+    assert data.spacing_text(np.array([[0.8, 0.8, 2.5]] * 3), "mm") == "0.8x0.8x2.5 mm"
+    several = np.array([[s, s] for s in (1.0, 0.5, 2.0, 1.5)])
+    assert data.spacing_text(several, "mm") == "4 spacings, 0.5x0.5 to 2x2 mm"

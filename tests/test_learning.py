@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import data
+import losses
 import metrics
 import unet
 
@@ -18,8 +19,8 @@ def trained():
     model = unet.build_unet((32, 32, 1), base_filters=8, depth=3)
     model.compile(
         keras.optimizers.Adam(1e-2),
-        metrics.BCEDiceLoss(),
-        metrics=[metrics.DiceMetric(), metrics.IoUMetric()],
+        losses.BCEDiceLoss(),
+        metrics=[losses.DiceMetric(), losses.IoUMetric()],
     )
     history = model.fit(
         data.make_dataset(images, masks, 16, training=True), epochs=4, shuffle=False, verbose=0
@@ -44,7 +45,7 @@ def test_saved_model_reloads_without_custom_objects(trained, tmp_path):
     np.testing.assert_allclose(
         reloaded.predict(images[:4], verbose=0), model.predict(images[:4], verbose=0), atol=1e-6
     )
-    assert isinstance(reloaded.loss, metrics.BCEDiceLoss)
+    assert isinstance(reloaded.loss, losses.BCEDiceLoss)
     before = model.evaluate(images, masks, verbose=0, return_dict=True)
     after = reloaded.evaluate(images, masks, verbose=0, return_dict=True)
     assert set(after) == {"loss", "dice", "iou"}

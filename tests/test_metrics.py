@@ -1,9 +1,8 @@
-"""metrics.py against hand-computed cases and scikit-learn."""
+"""metrics.py against hand-computed cases, scikit-learn, and brute-force surface distances."""
 
-import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from scipy.spatial.distance import cdist
 from sklearn.metrics import f1_score, jaccard_score
 
 import metrics
@@ -79,89 +78,98 @@ def test_bad_inputs_are_refused():
         metrics.iou_score(np.full((4, 4), 0.5), np.zeros((4, 4)))
 
 
-def test_keras_metrics_give_the_dataset_value_not_a_mean_of_batches():
-    rng = np.random.default_rng(3)
-    truth = (rng.random((10, 8, 8, 1)) < rng.uniform(0.05, 0.5, (10, 1, 1, 1))).astype("float32")
-    pred = rng.random((10, 8, 8, 1)).astype("float32")
-    dice, iou = metrics.DiceMetric(), metrics.IoUMetric()
-    batch_dice = []
-    for start in range(0, 10, 3):  # uneven batches: 3, 3, 3, 1
-        for metric in (dice, iou):
-            metric.update_state(truth[start : start + 3], pred[start : start + 3])
-        batch_dice.append(
-            metrics.dice_coefficient(truth[start : start + 3], pred[start : start + 3])
-        )
-    assert float(dice.result()) == pytest.approx(metrics.dice_coefficient(truth, pred), abs=1e-6)
-    assert float(iou.result()) == pytest.approx(metrics.iou_score(truth, pred), abs=1e-6)
-    assert (
-        abs(float(dice.result()) - np.mean(batch_dice)) > 1e-4
-    )  # the batch mean would have been wrong
-    dice.reset_state()
-    dice.update_state(np.zeros((2, 4, 4, 1)), np.zeros((2, 4, 4, 1)))
-    assert float(dice.result()) == 1.0  # both empty
-
-
-# ---- losses
+# ---- surface metrics
 # ------------------------------------------------------------------------------------------------
 
-Y = np.array([1, 1, 0, 0], "float32").reshape(1, 2, 2, 1)
+
+def _square(shift=0):
+    """A 32x32 square in a 64x64 image, moved `shift` pixels along axis 1."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16 + shift : 48 + shift] = 1
+    return mask
 
 
-def _loss(loss, probabilities):
-    return float(loss(Y, np.array(probabilities, "float32").reshape(Y.shape)))
+def test_surface_is_the_ring_of_4_connected_border_pixels_and_the_image_border_counts():
+    ring = _square().astype(bool)
+    ring[17:47, 17:47] = False  # the 124 pixels with a 4-neighbour outside the square
+    np.testing.assert_array_equal(metrics.surface(_square()), ring)
+    # A diagonal neighbour outside does not make a surface pixel (cross, not 3x3 square).
+    plus = np.zeros((5, 5), bool)
+    plus[1:4, 1:4] = True
+    plus[1, 1] = False
+    assert metrics.surface(plus)[2, 2] == False  # noqa: E712 (a NumPy bool)
+    # Outside the image is background: a full image has its outer ring as surface (MONAI's padding).
+    assert metrics.surface(np.ones((4, 4))).sum() == 12
 
 
-def test_soft_dice_loss_value():
-    # TP=1.5, Σp=2, Σy=2 -> Dice 3/4.
-    assert _loss(metrics.SoftDiceLoss(), [1, 0.5, 0.5, 0]) == pytest.approx(0.25, abs=1e-6)
+def test_a_square_shifted_by_4_pixels_by_hand():
+    """Distances of the shifted square's 124 surface pixels to the other square's surface: top and
+    bottom rows 28 x 0 and 1, 2, 3, 4; the column inside the other square 1, 2, 3, 24 x 4, 3, 2, 1
+    (rows 17-46); the column outside 30 x 4. The same in the other direction, by symmetry."""
+    truth, pred = _square(), _square(shift=4)
+    assert metrics.hd95(truth, pred) == 4.0  # 56 of 124 distances are 4: the 95th percentile is 4
+    assert metrics.assd(truth, pred) == pytest.approx(248 / 124)
+    assert metrics.surface_dice(truth, pred, tolerance=4) == 1.0
+    assert metrics.surface_dice(truth, pred, tolerance=3) == pytest.approx(68 / 124)  # 2x31 + 6
+    assert metrics.surface_dice(truth, pred, tolerance=0) == pytest.approx(56 / 124)  # 2 x 28
+    # Probabilities are thresholded, and a trailing channel axis is allowed.
+    assert metrics.hd95(truth[..., None], 0.3 + 0.4 * pred[..., None]) == 4.0
+    assert metrics.hd95(truth, 0.3 + 0.4 * pred, threshold=0.8) == float("inf")
 
 
-def test_bce_dice_loss_value():
-    p = np.array([0.9, 0.6, 0.2, 0.1])
-    bce = -np.mean(np.log([0.9, 0.6, 0.8, 0.9]))
-    dice = 2 * 1.5 / (2 + p.sum())
-    assert _loss(metrics.BCEDiceLoss(), p) == pytest.approx(bce + 1 - dice, abs=1e-5)
+def test_anisotropic_spacing_scales_each_axis():
+    truth, pred = _square(), _square(shift=4)
+    # 0.5 along the shift: the 4-pixel shift is 2 units; distances <= 1: 2 x 30 in the rows, rows
+    # 17 and 46 of the inner column.
+    assert metrics.hd95(truth, pred, spacing=(1.0, 0.5)) == 2.0
+    assert metrics.surface_dice(truth, pred, 1.0, spacing=(1.0, 0.5)) == pytest.approx(62 / 124)
+    # 2 across the shift: the shift stays 4, the inner column's distances to the rows double.
+    assert metrics.hd95(truth, pred, spacing=(2.0, 1.0)) == 4.0
+    assert metrics.surface_dice(truth, pred, 3.0, spacing=(2.0, 1.0)) == pytest.approx(64 / 124)
+    # One pixel each, moved by 3 along one axis: the distance is 3 x that axis' spacing.
+    dot, moved = np.zeros((8, 8)), np.zeros((8, 8))
+    dot[2, 2], moved[5, 2] = 1, 1
+    assert metrics.hd95(dot, moved, spacing=(0.7, 2.0)) == pytest.approx(2.1)
+    assert metrics.surface_dice(dot, moved, 2.0, spacing=(0.7, 2.0)) == 0.0
+    assert metrics.surface_dice(dot, moved, 2.1, spacing=(0.7, 2.0)) == 1.0
 
 
-def test_tversky_losses_values():
-    # p = [1, 0, 0, 0]: TP=1, FP=0, FN=1 -> Tversky index 1 / (1 + 0.7).
-    assert _loss(metrics.TverskyLoss(), [1, 0, 0, 0]) == pytest.approx(0.7 / 1.7, abs=1e-6)
-    assert _loss(metrics.FocalTverskyLoss(), [1, 0, 0, 0]) == pytest.approx(
-        (0.7 / 1.7) ** 0.75, abs=1e-6
-    )
-    # alpha = beta = 0.5 is the soft Dice loss.
-    p = [0.7, 0.2, 0.4, 0.1]
-    assert _loss(metrics.TverskyLoss(0.5, 0.5), p) == pytest.approx(
-        _loss(metrics.SoftDiceLoss(), p), abs=1e-6
-    )
+@pytest.mark.parametrize("seed", range(3))
+def test_surface_distances_match_brute_force_pairwise_distances_in_3d(seed):
+    rng = np.random.default_rng(seed)
+    spacing = (2.5, 0.8, 1.1)
+    truth = rng.random((10, 12, 14)) < 0.3
+    pred = rng.random((10, 12, 14)) < 0.3
+    ring_t, ring_p = metrics.surface(truth), metrics.surface(pred)
+    points_t, points_p = np.argwhere(ring_t) * spacing, np.argwhere(ring_p) * spacing
+    pairwise = cdist(points_p, points_t)  # independent of the distance transform
+    to_truth, to_pred = pairwise.min(axis=1), pairwise.min(axis=0)
+    expected = max(np.percentile(to_truth, 95), np.percentile(to_pred, 95))
+    assert metrics.hd95(truth, pred, spacing) == pytest.approx(expected)
+    within = (np.sum(to_truth <= 2.0) + np.sum(to_pred <= 2.0)) / (len(to_truth) + len(to_pred))
+    assert metrics.surface_dice(truth, pred, 2.0, spacing) == pytest.approx(within)
+    both = np.concatenate([to_truth, to_pred])
+    assert metrics.assd(truth, pred, spacing) == pytest.approx(both.mean())
 
 
-def test_generalized_dice_loss_value():
-    y = np.array([1, 0, 0, 0], "float32").reshape(1, 2, 2, 1)
-    p = np.array([0.5, 0.5, 0, 0], "float32").reshape(1, 2, 2, 1)
-    # lesion: w=1, TP=0.5, Σy+Σp=2; background: w=1/9, TP=2.5, Σy+Σp=6.
-    expected = 1 - 2 * (0.5 + 2.5 / 9) / (2 + 6 / 9)
-    assert float(metrics.GeneralizedDiceLoss()(y, p)) == pytest.approx(expected, abs=1e-6)
+def test_empty_masks_for_surface_metrics():
+    empty, square = np.zeros((64, 64)), _square()
+    assert metrics.hd95(empty, empty) == 0.0 and metrics.surface_dice(empty, empty, 1.0) == 1.0
+    assert metrics.assd(empty, empty) == 0.0
+    for truth, pred in ((square, empty), (empty, square)):
+        assert metrics.hd95(truth, pred) == float("inf")
+        assert metrics.assd(truth, pred) == float("inf")
+        assert metrics.surface_dice(truth, pred, 100.0) == 0.0
 
 
-@pytest.mark.parametrize("name", sorted(metrics.LOSSES))
-def test_every_loss_pushes_predictions_towards_the_mask(name):
-    p = tf.Variable(np.array([0.6, 0.4, 0.5, 0.3], "float32").reshape(Y.shape))
-    with tf.GradientTape() as tape:
-        value = metrics.get_loss(name)(Y, p)
-    gradient = tape.gradient(value, p).numpy().ravel()
-    assert (gradient[:2] < 0).all(), "raising p on a lesion pixel must lower the loss"
-    assert (gradient[2:] > 0).all(), "raising p on a background pixel must raise the loss"
-    assert float(metrics.get_loss(name)(Y, Y)) < float(value)
-
-
-def test_unknown_loss_is_refused():
-    with pytest.raises(ValueError, match="unknown loss"):
-        metrics.get_loss("hinge")
-
-
-def test_losses_round_trip_through_their_config():
-    loss = metrics.FocalTverskyLoss(alpha=0.2, beta=0.8, gamma=2.0)
-    clone = keras.losses.deserialize(keras.losses.serialize(loss))
-    assert (clone.alpha, clone.beta, clone.gamma) == (0.2, 0.8, 2.0)
-    assert _loss(clone, [0.9, 0.1, 0.3, 0.2]) == pytest.approx(_loss(loss, [0.9, 0.1, 0.3, 0.2]))
+def test_surface_metrics_refuse_bad_inputs():
+    with pytest.raises(ValueError, match="one image"):
+        metrics.hd95(np.zeros((2, 3, 8, 8)), np.zeros((2, 3, 8, 8)))
+    with pytest.raises(ValueError, match="spacing"):
+        metrics.hd95(_square(), _square(), spacing=(1.0, 0.0))
+    with pytest.raises(ValueError, match="spacing"):
+        metrics.hd95(_square(), _square(), spacing=(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="tolerance"):
+        metrics.surface_dice(_square(), _square(), tolerance=-1)
+    with pytest.raises(ValueError, match="binary"):
+        metrics.hd95(np.full((4, 4), 0.5), np.zeros((4, 4)))

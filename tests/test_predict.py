@@ -11,7 +11,7 @@ from PIL import Image
 
 import data
 import geometry
-import metrics
+import losses
 import predict
 import unet
 
@@ -24,7 +24,7 @@ def _save(model, path):
     # Compiled with the project's loss and metrics: reloading needs them registered (predict imports
     # metrics). One training step on an empty batch builds the optimizer, as in a trained model,
     # with tiny weight changes.
-    model.compile("adam", metrics.BCEDiceLoss(), metrics=[metrics.DiceMetric()])
+    model.compile("adam", losses.BCEDiceLoss(), metrics=[losses.DiceMetric()])
     blank = np.zeros((1, *model.input_shape[1:]), np.float32)
     model.train_on_batch(blank, blank)
     model.save(path)
@@ -329,3 +329,74 @@ def test_two_inputs_that_would_write_the_same_mask_are_refused_before_anything(
         and "would both write" in err[0]
         and not (tmp_path / "out").exists()
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Test-time mirroring and label maps of several classes.
+
+
+def _by_hand_mirrored(model, image):
+    """The mean of the model's outputs over the 4 flips of one (H, W, C) image, each undone."""
+    outputs = []
+    for axes in ((), (0,), (1,), (0, 1)):
+        flipped = np.flip(image, axes)[None].copy()
+        outputs.append(np.flip(model.predict(flipped, verbose=0)[0], axes))
+    return np.mean(outputs, axis=0)
+
+
+def test_tta_mask_is_the_thresholded_mean_of_the_four_flips(model_2d, tmp_path, capsys):
+    model, path = model_2d
+    image = _grey((20, 24), seed=6)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    code, _, err = _run(
+        [path, str(tmp_path / "x.png"), "--output", str(tmp_path / "out"), "--tta"], capsys
+    )
+    assert code == 0 and err == []
+    mask = _binary(tmp_path / "out" / "x_mask.png", (0, 255))
+    fitted, transform = geometry.fit(
+        data.normalize_intensity(image.astype(np.float32))[..., None], (32, 32)
+    )
+    probabilities = geometry.unfit(_by_hand_mirrored(model, fitted)[..., 0], transform)
+    clear = np.abs(probabilities - 0.5) > 1e-4
+    np.testing.assert_array_equal(mask[clear], np.where(probabilities >= 0.5, 255, 0)[clear])
+
+
+@pytest.fixture(scope="module")
+def model_3_classes(tmp_path_factory):
+    keras.utils.set_random_seed(1)
+    model = unet.build_unet((32, 32, 1), 4, 2, num_classes=3)  # uncompiled: saved and read faster
+    path = tmp_path_factory.mktemp("models") / "unet3.keras"
+    model.save(path)
+    return model, str(path)
+
+
+def test_a_model_of_three_classes_writes_label_maps(model_3_classes, tmp_path, capsys):
+    model, path = model_3_classes
+    image = _grey((20, 24), seed=7)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    _volume(tmp_path / "scan.nii.gz", (32, 32, 3))
+    code, _, err = _run(
+        [
+            path,
+            str(tmp_path / "x.png"),
+            str(tmp_path / "scan.nii.gz"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
+    assert code == 0 and err == []
+    labels = np.asarray(Image.open(tmp_path / "o" / "x_mask.png"))  # the labels themselves
+    fitted, transform = geometry.fit(
+        data.normalize_intensity(image.astype(np.float32))[..., None], (32, 32)
+    )
+    probabilities = geometry.unfit(model.predict(fitted[None], verbose=0)[0], transform)
+    top2 = np.sort(probabilities, axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 1e-4  # leave out near-ties
+    np.testing.assert_array_equal(labels[clear], probabilities.argmax(-1)[clear])
+    assert labels.shape == (20, 24) and set(np.unique(labels)) <= {0, 1, 2}
+    volume = nib.load(tmp_path / "o" / "scan_mask.nii.gz")
+    assert volume.shape == (32, 32, 3) and volume.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(volume.dataobj))) <= {0, 1, 2}
+    np.testing.assert_allclose(volume.affine, AFFINE)
+    assert Image.open(tmp_path / "o" / "x_overlay.png").size == (24, 20)

@@ -169,7 +169,7 @@ def test_the_split_never_separates_a_group():
 
 def test_description_says_where_the_data_came_from(tmp_path):
     write_msd_folder(tmp_path, n=4)
-    splits, description = datasets.load_split(str(tmp_path), (32, 32), seed=0)
+    splits, description, cases = datasets.load_split(str(tmp_path), (32, 32), seed=0)
     examples = datasets.load(str(tmp_path), (32, 32))
     assert description["data_source"] == str(tmp_path) and description["data_layout"] == "msd"
     assert description["data_files"] == 4 and description["data_count"] == 32
@@ -180,6 +180,48 @@ def test_description_says_where_the_data_came_from(tmp_path):
     assert description["data_hash"] == data.content_hash(examples.images, examples.masks)
     assert description["data_foreground_fraction"] == round(float(examples.masks.mean()), 4)
     assert description["data_test_groups"].startswith("case_00")
+    # The voxel size from the header (the affine's column norms), in-plane for slices.
+    assert description["data_spacing"] == "0.9x0.8 mm"
+    test_case = description["data_test_groups"].split("; ")[0]
+    assert cases.ids[:2] == [f"{test_case} slice 0", f"{test_case} slice 1"]
+    np.testing.assert_allclose(cases.spacing, np.tile([0.9, 0.8], (8, 1)))
+
+
+def test_shrunk_images_have_larger_pixels_and_patches_keep_the_voxel_size(tmp_path):
+    write_png_folder(tmp_path / "png", shapes=((64, 64), (20, 48), (32, 32)))
+    examples = datasets.load(str(tmp_path / "png"), (32, 32))
+    # 64x64 -> 32x32: pixels of 2; 20x48 -> 13x32 (scale 2/3, rounded): 20/13 by 48/32.
+    np.testing.assert_allclose(examples.spacing, [[2, 2], [20 / 13, 1.5], [1, 1]])
+    assert examples.case_ids == ["case0", "case1", "case2"]
+    assert datasets.describe(examples)["data_spacing"] == "1x1, 1.54x1.5, 2x2 px"
+    write_msd_folder(tmp_path / "msd", shape=(32, 24, 8))
+    patches = datasets.load(str(tmp_path / "msd"), (8, 16, 16))
+    # (D, H, W) = (Z, X, Y): 2.5, 0.9, 0.8 mm; no resize for patches.
+    np.testing.assert_allclose(patches.spacing, np.tile([2.5, 0.9, 0.8], (12, 1)))
+    assert patches.case_ids[:2] == ["case_000 patch 0,0,0", "case_000 patch 0,0,16"]
+
+
+def test_label_maps_of_several_classes(tmp_path):
+    write_msd_folder(tmp_path)
+    _bad_label(tmp_path)  # case_001 holds 0, 1 and 2
+    examples = datasets.load(str(tmp_path), (32, 32), num_classes=3)
+    assert set(np.unique(examples.masks)) == {0.0, 1.0, 2.0}
+    assert examples.masks[examples.groups == 1].max() == 2  # labels kept, not binarized
+    label = np.zeros((32, 32, 8), np.uint8)
+    label[:2, :2], label[4:6, 4:6], label[8:9, 8:9] = 1, 2, 3
+    nib.save(nib.Nifti1Image(label, AFFINE), tmp_path / "labelsTr" / "case_002.nii")
+    with pytest.raises(datasets.DataError) as error:
+        datasets.load(str(tmp_path), (32, 32), num_classes=3)
+    assert str(error.value).endswith(
+        "case_002.nii has 4 distinct values (0, 1, 2, 3): at most 3 with --num-classes 3"
+    )
+    label[8:9, 8:9] = 0
+    label[4:6, 4:6] = 7
+    nib.save(nib.Nifti1Image(label, AFFINE), tmp_path / "labelsTr" / "case_002.nii")
+    with pytest.raises(datasets.DataError, match=r"values 0, 1, 7: labels of 3 classes are 0..2"):
+        datasets.load(str(tmp_path), (32, 32), num_classes=3)
+    with pytest.raises(datasets.DataError, match="mni-wm has two classes"):
+        datasets.load("mni-wm", (32, 32), num_classes=3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,11 +404,13 @@ def test_mni_wm_loads_offline_as_slices_in_blocks(offline):
     assert (np.diff(examples.groups) >= 0).all() and np.bincount(
         examples.groups
     ).max() == datasets.SLICE_BLOCK
-    splits, description = datasets.load_split("mni-wm", (32, 32), seed=0)
+    splits, description, cases = datasets.load_split("mni-wm", (32, 32), seed=0)
     assert description["data_source"] == "mni-wm" and description["data_test_groups"].startswith(
         "slices "
     )
     assert sum(len(splits[k][0]) for k in ("train", "val", "test")) == n
+    # 1 mm voxels, slices of 197x233 shrunk to 27x32 to fit: 197/27 by 233/32 mm.
+    assert description["data_spacing"] == "7.3x7.28 mm" and cases.ids[0].startswith("mni-wm slice ")
 
 
 def test_mni_wm_loads_offline_as_3d_patches(offline):

@@ -75,3 +75,26 @@ def test_without_arguments_the_experiments_are_listed_with_their_run_counts(demo
         "| demo | 3 | 2 | 1 | 0 | 0 |",
         "| empty | 0 | 0 | 0 | 0 | 0 |",
     ]
+
+
+def test_cases_prints_a_runs_per_case_table(store, capsys):
+    table = {
+        "columns": ["case", "class", "dice", "hd95"],
+        "data": [["a", 1, 0.5, 2.25], ["b", 1, 0.0, None]],
+    }
+    mlflow.set_experiment("demo")
+    with mlflow.start_run() as run:
+        mlflow.log_dict(table, "test_cases.json")
+    report.main(["--cases", run.info.run_id])
+    assert capsys.readouterr().out.splitlines() == [
+        "| case | class | dice | hd95 |",
+        "|---|---|---|---|",
+        "| a | 1 | 0.500 | 2.250 |",
+        "| b | 1 | 0.000 | inf |",
+    ]
+    with mlflow.start_run() as bare:
+        pass
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--cases", bare.info.run_id])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"report.py: error: run {bare.info.run_id} has no")

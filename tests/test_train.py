@@ -6,6 +6,7 @@ import pytest
 
 import data
 import figures
+import losses
 import metrics
 import recipe
 import tracking
@@ -58,6 +59,14 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
         assert [m.step for m in history] == list(range(1, epochs + 1)), key
     for key in ("test_dice", "test_iou", "test_loss", "test_dice_per_image", "best_epoch"):
         assert run.data.metrics[key] == pytest.approx(results[key])
+    for key in ("test_hd95", "test_nsd", "test_one_empty"):
+        assert run.data.metrics[key] == pytest.approx(results[key], nan_ok=True)
+    assert (p["num_classes"], p["tta"], p["nsd_tolerance"], p["data_spacing"]) == (
+        "2",
+        "False",
+        "1.0",
+        "1x1 px",
+    )
 
     artifacts = {a.path for a in store.list_artifacts(run.info.run_id)}
     assert {
@@ -65,7 +74,11 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
         "model_config.json",
         "training_curves.png",
         "test_predictions.png",
+        "test_cases.json",
     } <= artifacts
+    table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/test_cases.json")
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert len(rows) == 6 and [r["case"] for r in rows] == [str(i) for i in range(6)]
 
     # The logged model (MLflow 3: outside the run's artifacts, at models:/<id>) predicts as the
     # trained one.
@@ -82,8 +95,39 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
     # test_loss: the soft Dice loss over the whole test set, by hand.
     p = model.predict(x_test, verbose=0).astype(np.float64)
     overlap = (y_test * p).sum()
-    expected = 1 - (2 * overlap + metrics.EPSILON) / (y_test.sum() + p.sum() + metrics.EPSILON)
+    expected = 1 - (2 * overlap + losses.EPSILON) / (y_test.sum() + p.sum() + losses.EPSILON)
     assert results["test_loss"] == pytest.approx(expected, rel=1e-4)
+    for row, truth, probabilities in zip(rows, y_test, p):  # the per-case table, case by case
+        assert row["dice"] == pytest.approx(metrics.dice_coefficient(truth, probabilities))
+        assert row["true_voxels"] == truth.sum()
+
+
+@pytest.mark.slow
+def test_a_three_class_run_logs_per_class_metrics_and_learns(store):
+    extra = [
+        "--num-classes",
+        "3",
+        "--tta",
+        "--nsd-tolerance",
+        "2",
+        "--epochs",
+        "12",
+        "--patience",
+        "12",
+    ]
+    args = train.parse_args(TINY + extra)[0]
+    results, model = train.train(args)
+    run = _only_run(store)
+    assert model.output_shape == (None, 32, 32, 3) and run.data.params["num_classes"] == "3"
+    logged = run.data.metrics
+    for name in ("dice", "iou", "hd95", "nsd"):  # HD95: over the classes that have a value
+        per_class = [v for v in (logged[f"test_{name}_class{c}"] for c in (1, 2)) if v == v]
+        expected = np.mean(per_class) if per_class else float("nan")
+        assert logged[f"test_{name}"] == pytest.approx(expected, nan_ok=True)
+    val_dice = [m.value for m in store.get_metric_history(run.info.run_id, "val_dice")]
+    assert val_dice[-1] > val_dice[0] + 0.1  # it learned (the mean Dice of the two lesion kinds)
+    table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/test_cases.json")
+    assert [row[1] for row in table["data"][:4]] == [1, 2, 1, 2]  # a row per case and class
 
 
 @pytest.mark.slow
@@ -190,7 +234,7 @@ def test_shard_1_of_3_runs_every_third_cell_from_the_second_and_3_shards_cover_t
     ]
     shards = [train.grid_cells((i, 3)) for i in range(3)]
     assert sorted(sum(shards, [])) == sorted(train.grid_cells())
-    assert len(train.grid_cells()) == len(metrics.LOSSES) * len(recipe.OPTIMIZERS) == 24
+    assert len(train.grid_cells()) == len(losses.LOSSES) * len(recipe.OPTIMIZERS) == 24
 
 
 @pytest.mark.parametrize(
