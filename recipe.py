@@ -13,16 +13,18 @@ The data path reads one way: data.py -> unet.py / metrics.py -> recipe.py -> tra
 """
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import keras
 import numpy as np
 
+import checkpoint
 import data
+import divergence
 import figures
 import metrics
+import resume
 import tracking
 
 
@@ -101,6 +103,7 @@ def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, r
         metavar="NAME",
         help="also register the model in the MLflow model registry as NAME",
     )
+    resume.add_arguments(parser)
 
 
 def peak_learning_rate(args):
@@ -210,38 +213,46 @@ def fit_and_log(
     # 8, 8 and 6).
     eval_batch = EVAL_BATCH_FACTOR * args.batch_size
     val_set = data.make_dataset(x_val, y_val, eval_batch)
-    with tracking.tracked_run(args.experiment, run_name, run_params) as run:
-        callbacks = [
-            tracking.EpochLogger(run, epoch_size(len(x_train), args)[1], args.epochs, unit),
+    artifacts = {"config.json": vars(args), **(tables or {})}  # config.json: what --resume reads
+    with tracking.tracked_run(
+        args.experiment, run_name, run_params, artifacts, args.checkpoint_dir, args.resume
+    ) as run:
+        stateful = [
             keras.callbacks.EarlyStopping(
                 "val_dice", mode="max", patience=args.patience, restore_best_weights=True, verbose=0
-            ),
+            )
         ]
         if args.lr_schedule == "plateau":
-            callbacks.append(
+            stateful.append(
                 keras.callbacks.ReduceLROnPlateau("val_dice", mode="max", factor=0.5, patience=3)
             )
-        start = time.perf_counter()
-        history = model.fit(
+        saved = checkpoint.Checkpoint(run.folder, stateful)
+        run.log_missing_epochs(saved.history)
+        saved.restore(model, train_set, args.epochs)
+        logger = tracking.EpochLogger(
+            run, saved, epoch_size(len(x_train), args)[1], args.epochs, unit
+        )
+        model.fit(
             train_set,
             validation_data=val_set,
-            epochs=args.epochs,
-            callbacks=callbacks,
+            initial_epoch=saved.epoch,
+            epochs=saved.epoch if saved.finished(args.epochs) else args.epochs,
+            callbacks=[divergence.DivergenceGuard(), *stateful, saved, logger],
             shuffle=False,
             verbose=0,
-        ).history
-        fit_seconds = time.perf_counter() - start
-
+        )
+        history = {key: [epoch[key] for epoch in saved.history] for key in saved.history[0]}
         results, probabilities = evaluate(model, x_test, y_test, eval_batch)
         results["best_epoch"] = int(np.argmax(history["val_dice"])) + 1
         results["epochs_run"] = len(history["loss"])
-        results["fit_seconds"] = fit_seconds
+        results["fit_seconds"] = saved.state["fit_seconds"]
         pictures = {
             "training_curves.png": figures.training_curves(history, results["best_epoch"]),
             "test_predictions.png": prediction_figure(x_test, y_test, probabilities),
         }
         example = (x_test[:1], probabilities[:1])
-        run.log_results(model, results, example, pictures, vars(args), args.register, tables)
+        run.log_results(model, results, example, pictures, args.register)
+    saved.remove()  # the run is FINISHED: all of it is in MLflow
     print_results(run_name, results, len(x_test))
     return {**results, "tracking_seconds": run.seconds}
 

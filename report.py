@@ -25,6 +25,7 @@ import mlflow
 from mlflow import MlflowClient
 
 import cli
+import store
 
 METRICS = (
     "test_dice",
@@ -128,6 +129,7 @@ def main(argv=None):
     if not args.update and not args.experiment:
         parser.error("give an experiment name, or --update FILE...")
     try:
+        store.open_store()  # also marks KILLED the runs whose process died
         if args.update:
             for path in args.update:
                 print(f"{path}: {update_file(path)} tables regenerated")

@@ -33,6 +33,8 @@ import datasets
 import figures
 import metrics
 import recipe
+import resume
+import store
 import unet
 
 
@@ -162,7 +164,13 @@ def run_grid(args):
     for loss in metrics.LOSSES:
         for optimizer in recipe.OPTIMIZERS:
             cell = argparse.Namespace(
-                **{**vars(args), "loss": loss, "optimizer": optimizer, "run_name": None}
+                **{
+                    **vars(args),
+                    "loss": loss,
+                    "optimizer": optimizer,
+                    "run_name": None,
+                    "grid": False,
+                }
             )
             rows.append(
                 (metrics.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)[0])
@@ -182,6 +190,9 @@ def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
     with cli.command_line_errors(parser):
+        store.open_store()
+        if args.resume:
+            args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
         run_grid(args) if args.grid else train(args)
 
 
