@@ -29,7 +29,7 @@ def process_tags() -> dict[str, str]:
 
 
 def _now():
-    return f"{time.time():.0f}"
+    return str(int(time.time()))
 
 
 class Heartbeat:

@@ -33,6 +33,7 @@ import numpy as np
 import requests
 import tensorflow as tf
 from mlflow import MlflowClient
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 
@@ -41,8 +42,10 @@ import outbox
 import store
 
 EPOCH_METRICS = ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou")
-SEND_SECONDS = 60  # at the end of a run, how long the unsent epochs may wait for the store
-INTERRUPTED_SEND_SECONDS = 10  # the same, after Ctrl-C or SIGTERM: the process must end soon
+# At a run's end, the unsent epochs may wait for the store six times as long as one request may
+# take (60 s with cli.setup's 10 s: a server restarts in about 25 s); after Ctrl-C or SIGTERM,
+# once as long: the process must end soon.
+SEND_REQUESTS, INTERRUPTED_SEND_REQUESTS = 6, 1
 STORE_ERRORS = (MlflowException, requests.RequestException, OSError)
 
 
@@ -76,6 +79,8 @@ class TrackedRun:
     def log_missing_epochs(self, history):
         """Log the epochs of `history` (metrics of epochs 1, 2, ...) that the store lacks: those a
         kill, or an unreachable store, kept from it."""
+        if not history:
+            return
         logged = {m.step for m in MlflowClient().get_metric_history(self.info.run_id, "loss")}
         for step, values in enumerate(history, 1):
             if step not in logged:
@@ -95,7 +100,7 @@ class TrackedRun:
         example.
         """
         try:
-            unsent = self.close(SEND_SECONDS)
+            unsent = self.close(SEND_REQUESTS * MLFLOW_HTTP_REQUEST_TIMEOUT.get())
             if unsent:
                 raise store.TrackingError(
                     f"{unsent} epochs unsent: {store.first_line(self.outbox.last_error)}"
@@ -175,7 +180,7 @@ def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-        tracked.close(INTERRUPTED_SEND_SECONDS)
+        tracked.close(INTERRUPTED_SEND_REQUESTS * MLFLOW_HTTP_REQUEST_TIMEOUT.get())
         try:
             if status == "FINISHED":
                 mlflow.log_metric("tracking_seconds", tracked.seconds)
