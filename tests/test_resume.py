@@ -9,8 +9,10 @@ import mlflow
 import pytest
 from conftest import REPO
 
+import conv3d
 import liveness
 import resume
+import tracking
 import train
 
 # Learns in a few epochs (test Dice about 0.87 after 6): the comparison below is about a real model.
@@ -165,3 +167,30 @@ def test_a_finished_or_diverged_run_is_not_resumed(store, capsys, status, tags, 
     with pytest.raises(SystemExit):
         train.main(["--resume", "--experiment", "e"])
     assert "experiment 'e' has no interrupted run to resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_conv3d_resumes_its_3d_run_and_its_2d_slices_run(store, monkeypatch):
+    argv = "--n-volumes 12 --shape 8 32 32 --depth 2 --epochs 3 --seed 3 --no-peak-memory".split()
+    log_epoch = tracking.EpochLogger.on_epoch_end
+
+    def interrupt_after_one_epoch(self, epoch, logs=None):
+        log_epoch(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking.EpochLogger, "on_epoch_end", interrupt_after_one_epoch)
+        for train_one in (conv3d.train3d, conv3d.train_on_slices):
+            with pytest.raises(KeyboardInterrupt):
+                train_one(conv3d.parse_args(argv)[0])
+    runs = store.search_runs([store.get_experiment_by_name("tp4-conv3d").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
+    for run in runs:
+        conv3d.main(["--resume", run.info.run_id])
+        resumed = store.get_run(run.info.run_id)
+        assert resumed.info.status == "FINISHED"
+        assert [m.step for m in store.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert {store.get_run(r.info.run_id).data.params["architecture"] for r in runs} == {
+        "UNet3D",
+        "UNet2D on slices",
+    }

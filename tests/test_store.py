@@ -48,11 +48,10 @@ def test_an_interrupt_while_the_store_is_created_leaves_no_store(monkeypatch):
             half_made.write("some of MLflow's tables")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store, "MlflowClient", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(store, "MlflowClient", interrupted)
         store.prepare_sqlite("mlflow.db")
     assert os.listdir() == ["mlflow.db.lock"]  # neither the store nor its temporary file
-    monkeypatch.undo()
     store.prepare_sqlite("mlflow.db")  # the next command creates it
     assert MlflowClient("sqlite:///mlflow.db").get_experiment("0").name == "Default"
 
