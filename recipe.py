@@ -189,10 +189,11 @@ def fit_and_log(
     model, args, splits, run_name, run_params, prediction_figure, unit="img", tables=None
 ):
     """Fit with early stopping on validation Dice, evaluate on the test set, log it all in one
-    MLflow run.
+    MLflow run. A checkpoint is saved every epoch (checkpoint.py); with args.resume (a run id),
+    the run continues from it.
 
     `prediction_figure(images, masks, probabilities)` draws the test predictions (figures.py).
-    Returns the final metrics, and `tracking_seconds`: the time spent in MLflow.
+    Returns the final metrics, and `tracking_seconds`: the time the training waited on MLflow.
     """
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
         splits["train"],
@@ -232,15 +233,19 @@ def fit_and_log(
         logger = tracking.EpochLogger(
             run, saved, epoch_size(len(x_train), args)[1], args.epochs, unit
         )
-        model.fit(
-            train_set,
-            validation_data=val_set,
-            initial_epoch=saved.epoch,
-            epochs=saved.epoch if saved.finished(args.epochs) else args.epochs,
-            callbacks=[divergence.DivergenceGuard(), *stateful, saved, logger],
-            shuffle=False,
-            verbose=0,
-        )
+        try:
+            model.fit(
+                train_set,
+                validation_data=val_set,
+                initial_epoch=saved.epoch,
+                epochs=saved.epoch if saved.finished(args.epochs) else args.epochs,
+                callbacks=[divergence.DivergenceGuard(), *stateful, saved, logger],
+                shuffle=False,
+                verbose=0,
+            )
+        except divergence.Diverged:
+            saved.remove()  # it cannot be resumed: it would diverge again
+            raise
         history = {key: [epoch[key] for epoch in saved.history] for key in saved.history[0]}
         results, probabilities = evaluate(model, x_test, y_test, eval_batch)
         results["best_epoch"] = int(np.argmax(history["val_dice"])) + 1

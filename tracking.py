@@ -100,12 +100,12 @@ class TrackedRun:
         example.
         """
         try:
-            unsent = self.close(SEND_REQUESTS * MLFLOW_HTTP_REQUEST_TIMEOUT.get())
-            if unsent:
-                raise store.TrackingError(
-                    f"{unsent} epochs unsent: {store.first_line(self.outbox.last_error)}"
-                )
             with self.timed():
+                unsent = self.close(SEND_REQUESTS * MLFLOW_HTTP_REQUEST_TIMEOUT.get())
+                if unsent:
+                    raise store.TrackingError(
+                        f"{unsent} epochs unsent: {store.first_line(self.outbox.last_error)}"
+                    )
                 logged = MlflowClient().get_run(self.info.run_id).data.metrics
                 mlflow.log_metrics({k: v for k, v in results.items() if k not in logged})
                 mlflow.log_text(model.to_json(indent=2), "model_config.json")
