@@ -36,6 +36,8 @@ import datasets
 import figures
 import memory
 import recipe
+import resume
+import store
 import unet
 
 DEFAULT_SHAPE = (32, 64, 64)  # (D, H, W) of the synthetic volumes and of the training patch
@@ -263,7 +265,7 @@ def train_on_slices(args, loaded=None):
     description = {**description, "data_slices": "2D slices of the volumes"}
     # The 2D network gets its own batch (--slice-batch-size) and XLA setting (--slice-xla).
     slice_args = argparse.Namespace(
-        **{**vars(args), "batch_size": args.slice_batch_size, "xla": args.slice_xla}
+        **{**vars(args), "batch_size": args.slice_batch_size, "xla": args.slice_xla, "slices": True}
     )
     bias = recipe.prior_bias(args, float(splits["train"][1].mean()))
     model = unet.build_unet(
@@ -354,6 +356,13 @@ def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
     with cli.command_line_errors(parser):
+        if args.resume:  # only the interrupted run (its config.json says which of the two)
+            store.open_store()
+            args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
+            train_on_slices(args) if getattr(args, "slices", False) else train3d(args)
+            return
+        if not args.skip_training:
+            store.open_store()
         loaded = (
             None if args.skip_training else load_volumes(args)
         )  # bad data is refused now, not after the tables

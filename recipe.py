@@ -14,18 +14,20 @@ The data path reads one way: data.py -> unet.py / metrics.py -> recipe.py -> tra
 """
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import keras
 import numpy as np
 
+import checkpoint
 import data
+import divergence
 import evaluation
 import figures
 import geometry
 import losses
+import resume
 import tracking
 
 
@@ -124,6 +126,7 @@ def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, r
         metavar="NAME",
         help="also register the model in the MLflow model registry as NAME",
     )
+    resume.add_arguments(parser)
 
 
 def peak_learning_rate(args):
@@ -226,12 +229,13 @@ def fit_and_log(
     test_cases=None,
 ):
     """Fit with early stopping on validation Dice, evaluate on the test set, log it all in one
-    MLflow run.
+    MLflow run. A checkpoint is saved every epoch (checkpoint.py); with args.resume (a run id),
+    the run continues from it.
 
     `prediction_figure(images, masks, probabilities)` draws the test predictions (figures.py);
     `test_cases` names the test examples and gives their voxel sizes (data.Cases; None: synthetic),
     for the per-case table (`test_cases.json`). Returns the final metrics, and `tracking_seconds`:
-    the time spent in MLflow.
+    the time the training waited on MLflow.
     """
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
         splits["train"],
@@ -252,41 +256,53 @@ def fit_and_log(
     # 8, 8 and 6).
     eval_batch = EVAL_BATCH_FACTOR * args.batch_size
     val_set = data.make_dataset(x_val, y_val, eval_batch)
-    with tracking.tracked_run(args.experiment, run_name, run_params) as run:
-        callbacks = [
-            tracking.EpochLogger(run, epoch_size(len(x_train), args)[1], args.epochs, unit),
+    artifacts = {"config.json": vars(args), **(tables or {})}  # config.json: what --resume reads
+    with tracking.tracked_run(
+        args.experiment, run_name, run_params, artifacts, args.checkpoint_dir, args.resume
+    ) as run:
+        stateful = [
             keras.callbacks.EarlyStopping(
                 "val_dice", mode="max", patience=args.patience, restore_best_weights=True, verbose=0
-            ),
+            )
         ]
         if args.lr_schedule == "plateau":
-            callbacks.append(
+            stateful.append(
                 keras.callbacks.ReduceLROnPlateau("val_dice", mode="max", factor=0.5, patience=3)
             )
-        start = time.perf_counter()
-        history = model.fit(
-            train_set,
-            validation_data=val_set,
-            epochs=args.epochs,
-            callbacks=callbacks,
-            shuffle=False,
-            verbose=0,
-        ).history
-        fit_seconds = time.perf_counter() - start
-
+        saved = checkpoint.Checkpoint(run.folder, stateful)
+        run.log_missing_epochs(saved.history)
+        saved.restore(model, train_set, args.epochs)
+        logger = tracking.EpochLogger(
+            run, saved, epoch_size(len(x_train), args)[1], args.epochs, unit
+        )
+        try:
+            model.fit(
+                train_set,
+                validation_data=val_set,
+                initial_epoch=saved.epoch,
+                epochs=saved.epoch if saved.finished(args.epochs) else args.epochs,
+                callbacks=[divergence.DivergenceGuard(), *stateful, saved, logger],
+                shuffle=False,
+                verbose=0,
+            )
+        except divergence.Diverged:
+            saved.remove()  # it cannot be resumed: it would diverge again
+            raise
+        history = {key: [epoch[key] for epoch in saved.history] for key in saved.history[0]}
         results, probabilities, table = evaluate(
             model, x_test, y_test, eval_batch, args.tta, test_cases, args.nsd_tolerance
         )
         results["best_epoch"] = int(np.argmax(history["val_dice"])) + 1
         results["epochs_run"] = len(history["loss"])
-        results["fit_seconds"] = fit_seconds
+        results["fit_seconds"] = saved.state["fit_seconds"]
         pictures = {
             "training_curves.png": figures.training_curves(history, results["best_epoch"]),
             "test_predictions.png": prediction_figure(x_test, y_test, probabilities),
         }
         example = (x_test[:1], probabilities[:1])
-        tables = {**(tables or {}), "test_cases.json": table}
-        run.log_results(model, results, example, pictures, vars(args), args.register, tables)
+        tables = {"test_cases.json": table}
+        run.log_results(model, results, example, pictures, tables, args.register)
+    saved.remove()  # the run is FINISHED: all of it is in MLflow
     print_results(run_name, results, len(x_test), args.nsd_tolerance)
     return {**results, "tracking_seconds": run.seconds}
 

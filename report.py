@@ -29,6 +29,7 @@ import mlflow
 from mlflow import MlflowClient
 
 import cli
+import store
 
 METRICS = (
     "test_dice",
@@ -181,6 +182,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cli.setup()
     try:
+        store.open_store()  # also marks KILLED the runs whose process died
         if args.cases:
             print(cases_table(args.cases))
         elif args.update:

@@ -34,6 +34,8 @@ import datasets
 import figures
 import losses
 import recipe
+import resume
+import store
 import unet
 
 
@@ -213,10 +215,14 @@ def run_grid(args):
     Markdown table of their results."""
     rows = []
     for loss, optimizer in grid_cells(args.shard):
-        cell = argparse.Namespace(
-            **{**vars(args), "loss": loss, "optimizer": optimizer, "run_name": None}
+        cell = {"loss": loss, "optimizer": optimizer, "run_name": None, "grid": False}
+        rows.append(
+            (
+                losses.LOSSES[loss].label,
+                recipe.OPTIMIZERS[optimizer].label,
+                train(argparse.Namespace(**{**vars(args), **cell}))[0],
+            )
         )
-        rows.append((losses.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)[0]))
     if args.shard != (0, 1):
         print(
             f"\nshard {args.shard[0]}/{args.shard[1]}: {len(rows)} of the {len(grid_cells())} cells"
@@ -236,6 +242,9 @@ def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
     with cli.command_line_errors(parser):
+        store.open_store()
+        if args.resume:
+            args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
         run_grid(args) if args.grid else train(args)
 
 

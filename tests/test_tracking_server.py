@@ -222,7 +222,7 @@ def test_a_restart_on_the_same_dir_keeps_every_run_and_stops_every_process(serve
 
 
 def test_a_run_goes_to_its_experiment_when_another_process_creates_it_at_the_same_time(
-    store, monkeypatch
+    store, monkeypatch, tmp_path
 ):
     """Four trainings starting at once race to create their experiment: MLflow's set_experiment
     then returns it without making it active. Here the race is lost on purpose: the experiment
@@ -236,7 +236,7 @@ def test_a_run_goes_to_its_experiment_when_another_process_creates_it_at_the_sam
         return None if len(lookups) == 1 else lookup(self, name)
 
     monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", not_yet_created)
-    with tracking.tracked_run("raced", "late", {}) as run:
+    with tracking.tracked_run("raced", "late", {}, {}, str(tmp_path / "checkpoints")) as run:
         pass
     assert lookups == ["raced", "raced"]  # the race happened
     assert run.info.experiment_id == winner

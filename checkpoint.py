@@ -1,0 +1,148 @@
+"""Checkpoints: after every epoch, all a run needs to continue, in one file replaced atomically.
+
+What this module teaches:
+- a checkpoint is more than weights: the optimizer's moments and step count (the step count is
+  also the learning-rate schedule's position), early stopping's patience count, best score and best
+  weights, the plateau schedule's state and the epochs' metrics, so that a resumed run continues the
+  same curves and stops where an uninterrupted one would;
+- it is written to a temporary file in the same folder, then renamed over the previous one
+  (os.replace, atomic): a kill at any moment leaves the previous epoch's checkpoint or the new one,
+  never half of one;
+- the data order: the training set is reshuffled and re-augmented from the seed at every epoch
+  (data.make_dataset), each new iterator drawing the next order; a resumed run opens as many
+  iterators as the done epochs did, without reading them (`restore`), and its next epoch sees the
+  batches an uninterrupted run would have seen.
+
+Keras's BackupAndRestore callback keeps weights, optimizer and epoch, but not early stopping's
+state, and it writes two files one after the other.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import keras
+import numpy as np
+
+FILE = "checkpoint.npz"
+# Keras's fit opens two iterators of the training set per epoch: one when the epoch starts, and one
+# when it ends, which the next epoch's start replaces unused (keras/src/trainers/epoch_iterator.py).
+# tests/test_resume.py checks that a resumed run trains on the batches of an uninterrupted one.
+ITERATORS_PER_EPOCH = 2
+# What each stateful callback needs to go on: their on_train_begin resets it.
+CALLBACK_STATE = {
+    "EarlyStopping": ("wait", "best", "best_epoch", "stopped_epoch"),
+    "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
+}
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """A run's training state in `folder`/checkpoint.npz: `save` after each epoch, `restore` before
+    fit. As a callback placed after `callbacks` (EarlyStopping, ReduceLROnPlateau), it gives them
+    their saved state back when fit starts.
+
+    Args:
+        folder: the run's own folder (created at the first save).
+        callbacks: the training's callbacks; those named in CALLBACK_STATE are saved and restored.
+    """
+
+    def __init__(self, folder: str, callbacks: list[keras.callbacks.Callback]):
+        super().__init__()
+        self.folder, self.path = folder, os.path.join(folder, FILE)
+        self.stateful = {
+            type(c).__name__: c for c in callbacks if type(c).__name__ in CALLBACK_STATE
+        }
+        self.state = {"epoch": 0, "stopped": False, "history": [], "fit_seconds": 0.0}
+        self.arrays = {}
+        if os.path.exists(self.path):
+            with np.load(self.path) as saved:
+                self.arrays = {name: saved[name] for name in saved.files}
+            self.state = json.loads(str(self.arrays.pop("state")))
+        self.previous_fit_seconds = self.state["fit_seconds"]
+
+    @property
+    def epoch(self) -> int:
+        """Epochs done."""
+        return self.state["epoch"]
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """Each done epoch's metrics, as EpochLogger logged them."""
+        return self.state["history"]
+
+    def finished(self, epochs: int) -> bool:
+        """Whether training is over: early stopping said so, or `epochs` are done."""
+        return self.state["stopped"] or self.epoch >= epochs
+
+    def restore(self, model: keras.Model, train_set, epochs: int) -> None:
+        """Put the saved weights and optimizer state back into `model` and, unless training is
+        over, draw the done epochs' data orders from `train_set`."""
+        if not self.epoch:
+            return
+        model.set_weights(self._arrays("weights"))
+        if not model.optimizer.built:  # its moments must exist before they are filled
+            model.optimizer.build(model.trainable_variables)
+        for variable, value in zip(
+            model.optimizer.variables, self._arrays("optimizer"), strict=True
+        ):
+            variable.assign(value)
+        if not self.finished(epochs):
+            for _ in range(ITERATORS_PER_EPOCH * self.epoch):
+                iter(train_set)  # each new iterator draws the next shuffle and augmentation seeds
+
+    def on_train_begin(self, logs=None):
+        self.started = time.perf_counter()
+        for name, callback in self.stateful.items():
+            for attribute, value in self.state.get(name, {}).items():
+                setattr(callback, attribute, value)
+        if "best_0" in self.arrays:
+            self.stateful["EarlyStopping"].best_weights = self._arrays("best")
+
+    def save(self, epoch: int, values: dict[str, float]) -> None:
+        """Write the state after `epoch` (from 1), whose metrics are `values`, atomically."""
+        state = {
+            "epoch": epoch,
+            "stopped": bool(self.model.stop_training),
+            "history": self.history[: epoch - 1] + [values],
+            "fit_seconds": self.previous_fit_seconds + time.perf_counter() - self.started,
+        }
+        arrays = {**_numbered("weights", self.model.get_weights())}
+        optimizer = [keras.ops.convert_to_numpy(v) for v in self.model.optimizer.variables]
+        arrays.update(_numbered("optimizer", optimizer))
+        for name, callback in self.stateful.items():
+            state[name] = {a: _plain(getattr(callback, a)) for a in CALLBACK_STATE[name]}
+        best = getattr(self.stateful.get("EarlyStopping"), "best_weights", None)
+        arrays.update(_numbered("best", best or []))
+        os.makedirs(self.folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as file:
+            try:
+                np.savez(file, state=np.array(json.dumps(state)), **arrays)
+                file.flush()
+                os.fsync(file.fileno())  # on disk before it replaces the previous one
+            except BaseException:
+                os.remove(file.name)
+                raise
+        os.replace(file.name, self.path)
+        self.state, self.arrays = state, arrays
+
+    def remove(self) -> None:
+        """Delete the run's folder (once the run is FINISHED, all of it is in MLflow)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # and --checkpoint-dir too, once empty
+            os.rmdir(os.path.dirname(self.folder))
+
+    def _arrays(self, prefix):
+        count = sum(name.startswith(f"{prefix}_") for name in self.arrays)
+        return [self.arrays[f"{prefix}_{i}"] for i in range(count)]
+
+
+def _numbered(prefix, arrays):
+    return {f"{prefix}_{i}": np.asarray(array) for i, array in enumerate(arrays)}
+
+
+def _plain(value):
+    """A callback attribute as JSON: NumPy and tensor scalars as Python numbers."""
+    return None if value is None else np.asarray(value).item()

@@ -1,0 +1,105 @@
+"""No run RUNNING forever: a run whose process died without a word is recognized and marked KILLED.
+
+A process can end without running any clean-up: `kill -9`, the out-of-memory killer, a power
+loss. Its MLflow run would stay RUNNING forever. So a run carries three tags while it runs: `host`,
+`pid`, and `heartbeat` (Unix time, refreshed every HEARTBEAT_SECONDS by a daemon thread and at each
+epoch); the next command that uses the store (store.open_store) looks at every RUNNING run:
+- same host: dead when no process has that pid any more, or when the process with that pid
+  started after the last heartbeat (the pid was reused): certain;
+- another host: dead only when its heartbeat is older than STALE_SECONDS: clearly stale, not just
+  late.
+"""
+
+import contextlib
+import os
+import socket
+import threading
+import time
+
+import psutil
+from mlflow import MlflowClient
+
+HEARTBEAT_SECONDS = 30
+STALE_SECONDS = 600  # 20 missed heartbeats
+
+
+def process_tags() -> dict[str, str]:
+    """The tags that tie a run to this process: host, pid, heartbeat."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "heartbeat": _now()}
+
+
+def _now():
+    return str(int(time.time()))
+
+
+class Heartbeat:
+    """A daemon thread that refreshes a run's `heartbeat` tag every `seconds`, and at once on
+    `beat()`. A store that does not answer is not its concern: it tries again at the next beat."""
+
+    def __init__(self, client: MlflowClient, run_id: str, seconds: float = HEARTBEAT_SECONDS):
+        self.client, self.run_id, self.seconds = client, run_id, seconds
+        self._wake, self._stopped = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlflow-heartbeat", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+
+    def _run(self):
+        while True:
+            self._wake.wait(self.seconds)
+            self._wake.clear()
+            if self._stopped.is_set():
+                return
+            with contextlib.suppress(Exception):  # unreachable, busy: the next beat tries again
+                self.client.set_tag(self.run_id, "heartbeat", _now())
+
+
+def death(run, now: float | None = None) -> str | None:
+    """Why `run` (RUNNING) is known to be dead, or None while it may be alive (or has no tags)."""
+    tags = run.data.tags
+    if not {"host", "pid", "heartbeat"} <= tags.keys():
+        return None
+    heartbeat = float(tags["heartbeat"])
+    if tags["host"] == socket.gethostname():
+        try:
+            process = psutil.Process(int(tags["pid"]))
+            if process.create_time() <= heartbeat and process.status() != psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.NoSuchProcess:
+            pass
+        return f"process {tags['pid']} is gone"
+    silent = (now or time.time()) - heartbeat
+    if silent > STALE_SECONDS:
+        return f"no heartbeat from {tags['host']} for {silent / 60:.0f} min"
+    return None
+
+
+def mark_dead_runs(client: MlflowClient) -> list[str]:
+    """Mark KILLED every RUNNING run of the store whose process is dead (`death`).
+
+    Returns:
+        One line per run marked: which run, why, and how to continue it.
+    """
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    running = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000)
+    lines = []
+    for run in running:
+        reason = death(run)
+        if reason is None:
+            continue
+        run_id = run.info.run_id
+        client.set_tag(run_id, "failure", f"ended without a word: {reason}")
+        client.set_terminated(
+            run_id, "KILLED", end_time=int(float(run.data.tags["heartbeat"]) * 1e3)
+        )
+        script = os.path.basename(run.data.tags.get("mlflow.source.name", "train.py"))
+        lines.append(
+            f"run {run_id} ({run.info.run_name}) ended without a word ({reason}): marked KILLED; "
+            f"continue it with: python {script} --resume {run_id}"
+        )
+    return lines
