@@ -173,7 +173,8 @@ def sliding_window_predict(model, volume, overlap=0.5, weighting="gaussian", bat
             tuple(slice(c, c + p) for c, p in zip(corner, patch))
             for corner in corners[first : first + batch_size]
         ]
-        predictions = np.asarray(model(np.stack([volume[w] for w in windows]), training=False))
+        # predict_on_batch: the model's compiled predict step (XLA if its jit_compile says so).
+        predictions = model.predict_on_batch(np.stack([volume[w] for w in windows]))
         for window, prediction in zip(windows, predictions):
             total[window] += weights * prediction
             norm[window] += weights

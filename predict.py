@@ -10,6 +10,9 @@ What this script teaches:
 - a 2D model segments a volume slice by slice along its last axis; a 3D model (input of rank 5) goes
   through geometry.sliding_window_predict, a volume smaller than the patch being padded first and
   cropped back after;
+- the precision and XLA setting of inference are chosen for this machine (speed.py: `auto`, measured
+  once and cached), whatever the precision the model was trained at: its layers are rebuilt at the
+  chosen one with the same weights;
 - a batch job leaves no half-written file: each output is written under a temporary name and renamed
   when complete. A bad input is one line on stderr (exit status 2 at the end); the other inputs are
   still done.
@@ -37,13 +40,19 @@ import mlflow.keras
 import numpy as np
 from PIL import Image
 
+import batchnorm  # noqa: F401 (registers the fused batch-norm layer, so saved models deserialize)
 import cli
 import data
 import figures
 import geometry
 import imagefiles
 import metrics  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
+import speed
 from imagefiles import DataError
+
+# Images per predict call (2D), patches per call (3D sliding windows): the batch the speed probe
+# measures.
+BATCH_2D, BATCH_3D = 8, 4
 
 
 def parse_args(argv=None):
@@ -72,6 +81,7 @@ def parse_args(argv=None):
         help="foreground where the probability is >= threshold",
     )
     add("--overlap", type=float, default=0.5, help="3D models: overlap of the sliding windows")
+    speed.add_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
         parser.error("--threshold must be between 0 and 1")
@@ -135,7 +145,18 @@ def output_paths(output, path):
     return os.path.join(output, f"{name}_mask{ext}"), os.path.join(output, f"{name}_overlay.png")
 
 
-def predict_images(model, images, batch_size=8):
+def at_speed(model, precision="auto", xla="auto"):
+    """`model` rebuilt at the precision and XLA setting chosen for this machine (speed.choose, on
+    inference at predict's batch), with the same weights."""
+    batch = BATCH_2D if len(model.input_shape) == 4 else BATCH_3D
+    choice = speed.choose(precision, xla, lambda: speed.recast(model), batch, mode="infer")
+    with speed.policy_scope(choice.precision):
+        fast = speed.recast(model)
+    fast.jit_compile = choice.xla
+    return fast
+
+
+def predict_images(model, images, batch_size=BATCH_2D):
     """Probabilities at each image's own size: each normalized (H, W, C) image is fitted to the
     network,
     predicted, and the fit undone on the probabilities (linear interpolation, thresholded later)."""
@@ -157,7 +178,7 @@ def predict_volume(model, volume, overlap=0.5):
         np.moveaxis(volume, -1, 0)[..., None], model.input_shape[1:4], shrink=False
     )
     probabilities = geometry.unfit(
-        geometry.sliding_window_predict(model, padded, overlap), transform
+        geometry.sliding_window_predict(model, padded, overlap, batch_size=BATCH_3D), transform
     )
     return np.moveaxis(probabilities[..., 0], 0, -1)
 
@@ -249,7 +270,7 @@ def main(argv=None):
                     "different --output folders"
                 )
             outputs[mask_path] = path
-        model = load_model(args.model)
+        model = at_speed(load_model(args.model), args.precision, args.xla)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     os.makedirs(args.output, exist_ok=True)

@@ -23,6 +23,7 @@ import numpy as np
 import data
 import figures
 import metrics
+import speed
 import tracking
 
 
@@ -47,7 +48,7 @@ SCHEDULES = ("cosine", "plateau", "constant")
 EVAL_BATCH_FACTOR = 4  # validation and test batches, in training batches (fit_and_log)
 
 
-def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, run_names):
+def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_names):
     """The recipe's and the run's flags, shared by train.py and conv3d.py (defaults differ)."""
     add = parser.add_argument
     add("--loss", choices=metrics.LOSSES, default="bce_dice", help="training loss")
@@ -66,12 +67,7 @@ def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, r
         help="learning-rate schedule over --epochs",
     )
     add("--batch-size", type=int, default=batch_size, help=f"{unit} per step")
-    add(
-        "--xla",
-        action=argparse.BooleanOptionalAction,
-        default=xla,
-        help="compile the steps with XLA (faster or slower depending on the CPU: PERFORMANCE.md)",
-    )
+    speed.add_arguments(parser)
     add("--epochs", type=int, default=epochs, help="maximum number of epochs")
     add(
         "--patience",
@@ -106,6 +102,13 @@ def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, r
 def peak_learning_rate(args):
     """--lr, or the optimizer's usual learning rate."""
     return args.lr or OPTIMIZERS[args.optimizer].learning_rate
+
+
+def choose_speed(args, build):
+    """`args` with --precision and --xla resolved for this machine (speed.choose: `auto` measured on
+    the model `build()` makes, at --batch-size, and cached). Call it before seeding."""
+    choice = speed.choose(args.precision, args.xla, build, args.batch_size)
+    return argparse.Namespace(**{**vars(args), "precision": choice.precision, "xla": choice.xla})
 
 
 def epoch_size(n_train, args):
@@ -165,6 +168,7 @@ def params(args):
         "patience": args.patience,
         "augment": not args.no_augment,
         "seed": args.seed,
+        "precision": args.precision,
         "xla": args.xla,
     }
 

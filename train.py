@@ -33,6 +33,7 @@ import datasets
 import figures
 import metrics
 import recipe
+import speed
 import unet
 
 
@@ -48,7 +49,6 @@ def parse_args(argv=None):
         batch_size=8,
         epochs=30,
         patience=8,
-        xla=True,
         unit="images",
         experiment="tp4-unet",
         run_names="UNet_{Loss}_{Optimizer}",
@@ -126,19 +126,26 @@ def params(args, model, description):
     }
 
 
-def train(args):
-    """One tracked U-Net training run on 2D images; returns the final metrics and the model."""
-    keras.utils.set_random_seed(args.seed)
-    splits, description = load_data(args)
-    bias = recipe.prior_bias(args, float(splits["train"][1].mean()))
-    model = unet.build_unet(
+def build_model(args, output_bias=0.0):
+    """The U-Net of the command line, at the global dtype policy."""
+    return unet.build_unet(
         (args.image_size, args.image_size, 1),
         args.base_filters,
         args.depth,
         skip_connections=not args.no_skip,
-        output_bias=bias,
+        output_bias=output_bias,
         name="UNetNoSkip" if args.no_skip else "UNet",
     )
+
+
+def train(args):
+    """One tracked U-Net training run on 2D images; returns the final metrics and the model."""
+    splits, description = load_data(args)  # bad data is refused before the speed probe
+    args = recipe.choose_speed(args, lambda: build_model(args))
+    keras.utils.set_random_seed(args.seed)
+    bias = recipe.prior_bias(args, float(splits["train"][1].mean()))
+    with speed.policy_scope(args.precision):
+        model = build_model(args, bias)
     recipe.compile_model(model, args, len(splits["train"][0]))
     run_name = args.run_name or (
         f"{model.name}_{metrics.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
@@ -146,7 +153,8 @@ def train(args):
     print(
         f"{run_name}: {description['data_split']} train/val/test images "
         f"of {description['data_shape']}, foreground {description['data_foreground_fraction']:.1%} "
-        f"of pixels, {model.count_params():,} parameters"
+        f"of pixels, {model.count_params():,} parameters, {args.precision}, "
+        f"XLA {'on' if args.xla else 'off'}"
     )
     run_params = params(args, model, description)
     results = recipe.fit_and_log(

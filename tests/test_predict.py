@@ -56,7 +56,10 @@ def _volume(path, shape, seed=0):
 
 
 def _run(args, capsys):
-    """predict.main -> (exit code, stdout lines, stderr lines)."""
+    """predict.main -> (exit code, stdout lines, stderr lines); float32 without XLA unless `args`
+    say otherwise (no speed probe)."""
+    if "--precision" not in args:
+        args = [*args, "--precision", "float32", "--xla", "off"]
     try:
         predict.main(args)
         code = 0

@@ -13,7 +13,7 @@ import train
 
 TINY = (
     "--n-images 40 --image-size 32 --base-filters 8 --depth 3 --epochs 3 --batch-size 8 "
-    "--patience 5 --foreground 0.1 --seed 1 --experiment tiny"
+    "--patience 5 --foreground 0.1 --seed 1 --experiment tiny --precision float32 --xla off"
 ).split()
 
 
@@ -125,8 +125,10 @@ def test_a_size_the_network_cannot_take_is_refused_before_any_run(store, capsys)
 
 def test_an_epoch_under_xla_takes_full_batches_only():
     xla, eager = (
-        train.parse_args(["--batch-size", "8", flag])[0] for flag in ("--xla", "--no-xla")
+        recipe.choose_speed(train.parse_args(["--precision", "float32", "--xla", xla])[0], None)
+        for xla in ("on", "off")
     )
+    assert (xla.xla, eager.xla) == (True, False)
     assert recipe.epoch_size(140, xla) == (
         17,
         136,
@@ -139,7 +141,7 @@ def test_an_epoch_under_xla_takes_full_batches_only():
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_any_run(store, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + ["--batch-size", "32"])  # 28 training images
+        train.main(TINY + ["--batch-size", "32", "--xla", "on"])  # 28 training images
     assert exit_info.value.code == 2
     assert (
         capsys.readouterr().err.strip()
