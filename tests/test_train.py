@@ -8,6 +8,7 @@ import data
 import figures
 import metrics
 import recipe
+import speed
 import tracking
 import train
 
@@ -84,6 +85,38 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
     overlap = (y_test * p).sum()
     expected = 1 - (2 * overlap + metrics.EPSILON) / (y_test.sum() + p.sum() + metrics.EPSILON)
     assert results["test_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_auto_precision_and_xla_are_measured_once_printed_and_logged(
+    store, monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bfloat16_cpu = {
+        "kind": "cpu",
+        "device": "a CPU",
+        "flags": ["amx_bf16"],
+        "tensorflow": "2",
+        "keras": "3",
+    }
+    monkeypatch.setattr(speed, "machine", lambda: bfloat16_cpu)
+    asked = []
+
+    def fake_probe(candidates, build, batch, mode):
+        asked.append((build().input_shape, batch, mode))
+        return {c: 40.0 if c == speed.Choice("bfloat16", False) else 10.0 for c in candidates}
+
+    monkeypatch.setattr(speed, "measure_candidates", fake_probe)
+    train.main(TINY[: TINY.index("--precision")] + ["--epochs", "1"])
+    assert asked == [((None, 32, 32, 1), 8, "train")]
+    out = capsys.readouterr().out
+    assert "choosing precision and XLA for this machine: " in out
+    assert out.count(": 10.00 examples/s") == 3 and "bfloat16, XLA off: 40.00 examples/s" in out
+    assert "precision and XLA for this machine: bfloat16, XLA off (measured now" in out
+    assert " parameters, bfloat16, XLA off\n" in out  # the run's header line
+    run = _only_run(store)
+    assert (run.data.params["precision"], run.data.params["xla"]) == ("bfloat16", "False")
+    assert run.info.status == "FINISHED"
 
 
 @pytest.mark.slow
