@@ -117,16 +117,20 @@ def cache_path() -> str:
 
 
 def probe_key(found: dict[str, object], model: keras.Model, batch: int, mode: Mode) -> str:
-    """The cache key of a probe: machine, versions, model (name, input shape, parameters), batch,
-    mode. CPU flags enter as a digest (they are long)."""
-    flags = " ".join(found.get("flags", []))
-    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    """The cache key of a probe: machine, versions, model (name, input shape, parameters, kinds of
+    layers), batch, mode. CPU flags and layer kinds enter as digests (they are long)."""
+    flags = _digest(" ".join(found.get("flags", [])))
+    kinds = _digest(" ".join(sorted(type(layer).__name__ for layer in model.layers)))
     shape = "x".join(map(str, model.input_shape[1:]))
     return (
-        f"{found['device']} (flags {digest}); TensorFlow {found['tensorflow']}, Keras "
-        f"{found['keras']}; {model.name} {shape}, {model.count_params()} parameters; "
-        f"batch {batch}; {mode}"
+        f"{found['device']} (flags {flags}); TensorFlow {found['tensorflow']}, Keras "
+        f"{found['keras']}; {model.name} {shape}, {model.count_params()} parameters (layers "
+        f"{kinds}); batch {batch}; {mode}"
     )
+
+
+def _digest(text):
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager
