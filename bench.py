@@ -279,14 +279,15 @@ def main(argv=None):
     cli.setup()
     if args.paste:
         return print(f"pasted into {args.paste}: {', '.join(bench_runs.paste(args.paste))}")
-    if args.levers:
-        report = {"levers": bench_runs.levers(args.quick)}
-    else:
-        c = dict(QUICK if args.quick else FULL)
-        c["batch"] = args.batch_size or c["batch"]
-        with contextlib.redirect_stdout(_Tee(sys.stdout)) as printed:
+    c = dict(QUICK if args.quick else FULL)
+    c["batch"] = args.batch_size or c["batch"]
+    with contextlib.redirect_stdout(_Tee(sys.stdout)) as printed:
+        if args.levers:
+            print(machine_line(speed.machine()))
+            report = {"levers": bench_runs.levers(args.quick)}
+        else:
             report = measure(args, c)
-        report["printed"] = printed.getvalue()
+    report["printed"] = printed.getvalue()
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {args.output}")

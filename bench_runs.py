@@ -135,7 +135,8 @@ def levers(quick: bool) -> dict[str, dict]:
                 **measured,
             }
             print(
-                f"{label:<50}{measured['train_examples_per_s']:>9.2f} img/s train"
+                f"{label:<50}{cell[1]:>9} {cell[3]:>3} XLA"
+                f"{measured['train_examples_per_s']:>9.2f} img/s train"
                 f"{measured['infer_examples_per_s']:>9.2f} img/s inference",
                 flush=True,
             )

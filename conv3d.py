@@ -59,6 +59,7 @@ def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory
         "kernel 2x2x2": dict(kernel=2),
         "half the filters": dict(filters=max(1, filters // 2)),
         "half the slices (D/2)": dict(shape=[shape[0] // 2, *shape[1:]]),
+        "Keras' batch norm (unfused)": dict(batch_norm="keras"),
         f"mixed precision ({fast_policy})": dict(policy=fast_policy),
     }
     rows = []
@@ -67,7 +68,11 @@ def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory
         keras.mixed_precision.set_global_policy(spec["policy"])
         try:
             model = unet.build_unet3d(
-                (*spec["shape"], 1), spec["filters"], spec["depth"], spec["kernel"]
+                (*spec["shape"], 1),
+                spec["filters"],
+                spec["depth"],
+                spec["kernel"],
+                batch_norm=spec.get("batch_norm", "fused"),
             )
         except ValueError:
             continue  # a lever the configuration cannot take: D/2 no longer divisible, say
