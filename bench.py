@@ -209,8 +209,18 @@ def parse_args(argv=None):
     add("--quick", action="store_true", help="CI-size shapes (seconds, not minutes)")
     add("--output", default="bench.json", help="where to write the measurements")
     add("--only", choices=("unet2d", "conv3d"), help="benchmark one model only")
-    add("--precision", choices=("all", "auto", *speed.PRECISIONS), default="all", help="cells")
-    add("--xla", choices=("all", *speed.XLA_SETTINGS), default="all", help="cells")
+    add(
+        "--precision",
+        choices=("all", "auto", *speed.PRECISIONS),
+        default="all",
+        help="the matrix's precisions: all those supported here, auto's for training, or one",
+    )
+    add(
+        "--xla",
+        choices=("all", *speed.XLA_SETTINGS),
+        default="all",
+        help="the matrix's XLA settings: both, auto's for training, or one",
+    )
     add("--skip-end-to-end", action="store_true", help="skip the train.py run")
     add("--e2e-epochs", type=int, help="epochs of the train.py run [default: 3, quick 1]")
     add("--no-peak-memory", action="store_true", help="skip the peak memory per precision")
