@@ -7,7 +7,9 @@ What this script teaches:
   computed with metrics.py's exact reference functions;
 - experiment tracking: params, one value per epoch for each metric, final test metrics, figures and
   the model itself, in MLflow's local store (`mlflow.db` here; `MLFLOW_TRACKING_URI` to use
-  another). See them with `mlflow ui` run from this directory.
+  another). See them with `mlflow ui` run from this directory;
+- speed chosen for the machine: `--precision auto --xla auto` (the defaults) measure once which
+  precision and XLA setting train fastest here, and keep it (speed.py, PERFORMANCE.md).
 
     python train.py                                    # the main job: the TP's setting, about 12
     min on 2 cores python train.py --loss dice --optimizer sgd        # one cell of the loss x
