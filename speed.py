@@ -39,8 +39,8 @@ Mode = Literal["train", "infer"]
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 # CPU flags of bfloat16 arithmetic as py-cpuinfo names them: Intel AMX and AVX512-BF16, Arm's BF16.
 CPU_BFLOAT16_FLAGS = {"amx_bf16", "avx512_bf16", "bf16"}
-# The probe: epochs of PROBE_STEPS training steps, the first a warm-up (it compiles), then the
-# median of PROBE_REPEATS; inference, the median of PROBE_REPEATS batches after one.
+# The probe: per candidate, a warm-up (it compiles), then PROBE_REPEATS timed rounds of
+# PROBE_STEPS training steps (an epoch) or PROBE_STEPS inference batches; the median round counts.
 PROBE_STEPS, PROBE_REPEATS = 3, 2
 
 
