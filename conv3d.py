@@ -5,7 +5,8 @@ What this script teaches:
   (27 vs 9 for k=3), so it sees the structure across slices that a 2D network, slice by slice,
   cannot;
 - the price is memory: every activation has a depth axis too. The levers the TP names (kernel 3x3x3
-  vs 2x2x2, fewer filters, fewer slices, mixed precision) are measured here, not asserted;
+  vs 2x2x2, fewer filters, fewer slices, mixed precision) are measured here, not asserted: bfloat16
+  halves the activations everywhere, and is also faster where the CPU has bfloat16 arithmetic;
 - a volume larger than the training patch is segmented by overlapping patches whose outputs are
   blended (geometry.sliding_window_predict, which predict.py uses), as in MONAI and nnU-Net;
 - training follows the same recipe as train.py (recipe.py) and is tracked in MLflow the same way:
@@ -13,10 +14,10 @@ What this script teaches:
 
 The 3D U-Net is unet.build_unet3d: unet.py's blocks with Conv3D layers.
 
-    python conv3d.py                    # summary, Conv2D vs Conv3D, memory levers, training
-    python conv3d.py --mixed-precision  # the same training in mixed bfloat16 (CPU) / float16 (GPU)
-    python conv3d.py --skip-training    # only the architecture and the memory tables
-    python conv3d.py --dataset mni-wm   # white matter in 3D patches of a real T1 MRI (MNI152)
+    python conv3d.py                       # summary, Conv2D vs Conv3D, memory levers, training
+    python conv3d.py --precision bfloat16  # the same training in mixed bfloat16 (auto: fastest)
+    python conv3d.py --skip-training       # only the architecture and the memory tables
+    python conv3d.py --dataset mni-wm      # white matter in 3D patches of a real T1 MRI (MNI152)
 """
 
 import os
@@ -37,6 +38,7 @@ import figures
 import memory
 import recipe
 import resume
+import speed
 import store
 import unet
 
@@ -59,6 +61,7 @@ def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory
         "kernel 2x2x2": dict(kernel=2),
         "half the filters": dict(filters=max(1, filters // 2)),
         "half the slices (D/2)": dict(shape=[shape[0] // 2, *shape[1:]]),
+        "Keras' batch norm (unfused)": dict(batch_norm="keras"),
         f"mixed precision ({fast_policy})": dict(policy=fast_policy),
     }
     rows = []
@@ -67,7 +70,11 @@ def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory
         keras.mixed_precision.set_global_policy(spec["policy"])
         try:
             model = unet.build_unet3d(
-                (*spec["shape"], 1), spec["filters"], spec["depth"], spec["kernel"]
+                (*spec["shape"], 1),
+                spec["filters"],
+                spec["depth"],
+                spec["kernel"],
+                batch_norm=spec.get("batch_norm", "fused"),
             )
         except ValueError:
             continue  # a lever the configuration cannot take: D/2 no longer divisible, say
@@ -135,13 +142,9 @@ def parse_args(argv=None):
         batch_size=2,
         epochs=8,
         patience=4,
-        xla=False,
         unit="volumes",
         experiment="tp4-conv3d",
         run_names="Conv3D_Baseline or Conv3D_MixedPrecision",
-    )
-    add(
-        "--mixed-precision", action="store_true", help="mixed_bfloat16 on CPU, mixed_float16 on GPU"
     )
     add(
         "--skip-training", action="store_true", help="only print the architecture and memory tables"
@@ -159,9 +162,9 @@ def parse_args(argv=None):
     )
     add(
         "--slice-xla",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="--compare-2d: XLA for the 2D U-Net",
+        choices=speed.XLA_SETTINGS,
+        default="auto",
+        help="--compare-2d: XLA for the 2D U-Net (its precision is --precision's)",
     )
     add(
         "--no-peak-memory",
@@ -199,57 +202,51 @@ def load_volumes(args):
 def train3d(args, memory_rows=None, loaded=None):
     """A tracked 3D training run (same MLflow conventions as train.py); `loaded`: load_volumes(args)
     if done."""
-    keras.utils.set_random_seed(args.seed)
     splits, description, test_cases = loaded or load_volumes(args)
-    policy = (
-        ("mixed_float16" if memory.has_gpu() else "mixed_bfloat16")
-        if args.mixed_precision
-        else "float32"
+
+    def build(output_bias=0.0):
+        return unet.build_unet3d(
+            (*args.shape, 1), args.base_filters, args.depth, args.kernel_size, output_bias
+        )
+
+    args = recipe.choose_speed(args, build)
+    keras.utils.set_random_seed(args.seed)
+    with speed.policy_scope(args.precision):
+        model = build(recipe.prior_bias(args, float(splits["train"][1].mean())))
+    recipe.compile_model(model, args, len(splits["train"][0]))
+    run_name = args.run_name or (
+        "Conv3D_Baseline" if args.precision == "float32" else "Conv3D_MixedPrecision"
     )
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        bias = recipe.prior_bias(args, float(splits["train"][1].mean()))
-        model = unet.build_unet3d(
-            (*args.shape, 1), args.base_filters, args.depth, args.kernel_size, bias
-        )
-        recipe.compile_model(model, args, len(splits["train"][0]))
-        run_name = args.run_name or (
-            "Conv3D_MixedPrecision" if args.mixed_precision else "Conv3D_Baseline"
-        )
-        run_params = {
-            **unet.describe(model),
-            "precision": policy,
-            "output_bias": args.output_bias,
-            **recipe.params(args),
-            **description,
-        }
-        print(
-            f"\n{run_name}: {description['data_split']} train/val/test volumes "
-            f"of {description['data_shape']}, "
-            f"foreground {description['data_foreground_fraction']:.1%} of voxels, "
-            f"{model.count_params():,} parameters"
-        )
-        tables = {"memory_levers.json": {"rows": memory_rows}} if memory_rows else None
-        return recipe.fit_and_log(
-            model,
-            args,
-            splits,
-            run_name,
-            run_params,
-            figures.orthogonal_slices_figure,
-            "vol",
-            tables,
-            test_cases,
-        )
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    run_params = {
+        **unet.describe(model),
+        "output_bias": args.output_bias,
+        **recipe.params(args),
+        **description,
+    }
+    print(
+        f"\n{run_name}: {description['data_split']} train/val/test volumes "
+        f"of {description['data_shape']}, "
+        f"foreground {description['data_foreground_fraction']:.1%} of voxels, "
+        f"{model.count_params():,} parameters, {args.precision}, XLA {'on' if args.xla else 'off'}"
+    )
+    tables = {"memory_levers.json": {"rows": memory_rows}} if memory_rows else None
+    return recipe.fit_and_log(
+        model,
+        args,
+        splits,
+        run_name,
+        run_params,
+        figures.orthogonal_slices_figure,
+        "vol",
+        tables,
+        test_cases,
+    )
 
 
 def train_on_slices(args, loaded=None):
     """The 2D side of Conv2D vs Conv3D: a 2D U-Net (same filters and depth) trained on the slices of
     the same volumes, same split. Its global test Dice pools all test voxels, so it compares with
     the 3D run's directly."""
-    keras.utils.set_random_seed(args.seed)
     volumes, description, volume_cases = loaded or load_volumes(args)
     splits = {
         name: (x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:]))
@@ -267,15 +264,21 @@ def train_on_slices(args, loaded=None):
     slice_args = argparse.Namespace(
         **{**vars(args), "batch_size": args.slice_batch_size, "xla": args.slice_xla, "slices": True}
     )
-    bias = recipe.prior_bias(args, float(splits["train"][1].mean()))
-    model = unet.build_unet(
-        (*args.shape[1:], 1),
-        args.base_filters,
-        args.depth,
-        kernel_size=args.kernel_size,
-        output_bias=bias,
-        name="UNet2D",
-    )
+
+    def build(output_bias=0.0):
+        return unet.build_unet(
+            (*args.shape[1:], 1),
+            args.base_filters,
+            args.depth,
+            kernel_size=args.kernel_size,
+            output_bias=output_bias,
+            name="UNet2D",
+        )
+
+    slice_args = recipe.choose_speed(slice_args, build)
+    keras.utils.set_random_seed(args.seed)
+    with speed.policy_scope(slice_args.precision):
+        model = build(recipe.prior_bias(args, float(splits["train"][1].mean())))
     recipe.compile_model(model, slice_args, len(splits["train"][0]))
     run_params = {
         **unet.describe(model),
@@ -286,7 +289,8 @@ def train_on_slices(args, loaded=None):
     }
     print(
         f"\nUNet2D_Slices: the same volumes as {len(splits['train'][0])} training slices, "
-        f"batch {slice_args.batch_size}, XLA {'on' if slice_args.xla else 'off'}"
+        f"batch {slice_args.batch_size}, {slice_args.precision}, "
+        f"XLA {'on' if slice_args.xla else 'off'}"
     )
     return recipe.fit_and_log(
         model,
@@ -345,11 +349,13 @@ def print_levers(rows, batch):
         )
         print(f"{row['lever']:<48}{row['params']:>10,}{row['activation_mb']:>16.1f}{measured}")
     base, mixed = rows[0].get("step_seconds"), rows[-1].get("step_seconds")
-    if base and mixed and mixed > base:
-        print(
-            f"note: {rows[-1]['lever']} is {mixed / base:.1f}x slower than fp32 on this machine: "
-            "here it only saves memory"
+    if base and mixed:
+        verdict = (
+            f"{mixed / base:.1f}x slower than fp32 on this machine: here it only saves memory"
+            if mixed > base
+            else f"{base / mixed:.1f}x faster than fp32 on this machine: it saves memory and time"
         )
+        print(f"note: {rows[-1]['lever']} is {verdict}")
 
 
 def main(argv=None):

@@ -201,7 +201,8 @@ def sliding_window_predict(
     weights = patch_weights(patch, weighting)[..., None]
 
     def run(batch):
-        return np.asarray(model(batch, training=False))
+        # predict_on_batch: the model's compiled predict step (XLA if its jit_compile says so).
+        return np.asarray(model.predict_on_batch(batch))
 
     total = np.zeros((*volume.shape[:3], model.output_shape[-1]), np.float32)
     norm = np.zeros((*volume.shape[:3], 1), np.float32)

@@ -41,7 +41,11 @@ def step_memory(spec):
     if spec["policy"] != "float32":
         keras.mixed_precision.set_global_policy(spec["policy"])
     model = unet.build_unet(
-        (*spec["shape"], 1), spec["filters"], spec["depth"], kernel_size=spec["kernel"]
+        (*spec["shape"], 1),
+        spec["filters"],
+        spec["depth"],
+        kernel_size=spec["kernel"],
+        batch_norm=spec.get("batch_norm", "fused"),
     )
     model.compile("adam", losses.SoftDiceLoss())
     x = np.random.default_rng(0).random((spec["batch"], *spec["shape"], 1), dtype=np.float32)
@@ -60,8 +64,8 @@ def step_memory(spec):
 
 def measure_in_subprocess(spec):
     """Peak RSS, its growth during the first training step, and the second step's time, for a model
-    `spec` (shape: 2 or 3 spatial sizes, filters, depth, kernel, batch, policy), in a fresh Python
-    process."""
+    `spec` (shape: 2 or 3 spatial sizes, filters, depth, kernel, batch, policy, and optionally
+    batch_norm: unet.BatchNorm), in a fresh Python process."""
     command = [sys.executable, os.path.abspath(__file__), json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:

@@ -12,6 +12,9 @@ What this script teaches:
   cropped back after;
 - test-time mirroring (`--tta`, nnU-Net's): the probabilities are averaged over the flips of every
   combination of spatial axes (4 in 2D, 8 in 3D, each sliding window mirrored), each flip undone;
+- the precision and XLA setting of inference are chosen for this machine (speed.py: `auto`, measured
+  once and cached), whatever the precision the model was trained at: its layers are rebuilt at the
+  chosen one with the same weights;
 - a batch job leaves no half-written file: each output is written under a temporary name and renamed
   when complete. A bad input is one line on stderr (exit status 2 at the end); the other inputs are
   still done.
@@ -41,6 +44,7 @@ import mlflow.keras
 import numpy as np
 from PIL import Image
 
+import batchnorm  # noqa: F401 (registers the fused batch-norm layer, so saved models deserialize)
 import cli
 import data
 import figures
@@ -48,7 +52,12 @@ import geometry
 import imagefiles
 import losses  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
 import metrics
+import speed
 from imagefiles import DataError
+
+# Images per predict call (2D), patches per call (3D sliding windows): the batch the speed probe
+# measures.
+BATCH_2D, BATCH_3D = 8, 4
 
 
 class ModelError(ValueError):
@@ -87,6 +96,7 @@ def parse_args(argv=None):
         action="store_true",
         help="test-time mirroring: average over the flips of every combination of spatial axes",
     )
+    speed.add_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
         parser.error("--threshold must be between 0 and 1")
@@ -162,7 +172,18 @@ def output_paths(output, path):
     return os.path.join(output, f"{name}_mask{ext}"), os.path.join(output, f"{name}_overlay.png")
 
 
-def predict_images(model, images, batch_size=8, tta=False):
+def at_speed(model, precision="auto", xla="auto"):
+    """`model` rebuilt at the precision and XLA setting chosen for this machine (speed.choose, on
+    inference at predict's batch), with the same weights."""
+    batch = BATCH_2D if len(model.input_shape) == 4 else BATCH_3D
+    choice = speed.choose(precision, xla, lambda: speed.recast(model), batch, mode="infer")
+    with speed.policy_scope(choice.precision):
+        fast = speed.recast(model)
+    fast.jit_compile = choice.xla
+    return fast
+
+
+def predict_images(model, images, batch_size=BATCH_2D, tta=False):
     """Probabilities (H, W, classes) at each image's own size: each normalized (H, W, C) image is
     fitted to the network, predicted (mirrored with tta), and the fit undone on the probabilities
     (linear interpolation, thresholded later)."""
@@ -187,7 +208,8 @@ def predict_volume(model, volume, overlap=0.5, tta=False):
         np.moveaxis(volume, -1, 0)[..., None], model.input_shape[1:4], shrink=False
     )
     probabilities = geometry.unfit(
-        geometry.sliding_window_predict(model, padded, overlap, tta=tta), transform
+        geometry.sliding_window_predict(model, padded, overlap, batch_size=BATCH_3D, tta=tta),
+        transform,
     )
     return np.moveaxis(probabilities, 0, 2)
 
@@ -302,7 +324,7 @@ def main(argv=None):
                 )
             outputs[mask_path] = path
         check_output(args.output)  # before the model: loading it can take a while
-        model = load_model(args.model)
+        model = at_speed(load_model(args.model), args.precision, args.xla)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     os.makedirs(args.output, exist_ok=True)

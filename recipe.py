@@ -28,6 +28,7 @@ import figures
 import geometry
 import losses
 import resume
+import speed
 import tracking
 
 
@@ -59,7 +60,7 @@ def _non_negative(text):
     return value
 
 
-def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, run_names):
+def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_names):
     """The recipe's and the run's flags, shared by train.py and conv3d.py (defaults differ)."""
     add = parser.add_argument
     add("--loss", choices=losses.LOSSES, default="bce_dice", help="training loss")
@@ -78,12 +79,7 @@ def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, r
         help="learning-rate schedule over --epochs",
     )
     add("--batch-size", type=int, default=batch_size, help=f"{unit} per step")
-    add(
-        "--xla",
-        action=argparse.BooleanOptionalAction,
-        default=xla,
-        help="compile the steps with XLA (faster or slower depending on the CPU: PERFORMANCE.md)",
-    )
+    speed.add_arguments(parser)
     add("--epochs", type=int, default=epochs, help="maximum number of epochs")
     add(
         "--patience",
@@ -132,6 +128,13 @@ def add_arguments(parser, batch_size, epochs, patience, xla, unit, experiment, r
 def peak_learning_rate(args):
     """--lr, or the optimizer's usual learning rate."""
     return args.lr or OPTIMIZERS[args.optimizer].learning_rate
+
+
+def choose_speed(args, build):
+    """`args` with --precision and --xla resolved for this machine (speed.choose: `auto` measured on
+    the model `build()` makes, at --batch-size, and cached). Call it before seeding."""
+    choice = speed.choose(args.precision, args.xla, build, args.batch_size)
+    return argparse.Namespace(**{**vars(args), "precision": choice.precision, "xla": choice.xla})
 
 
 def epoch_size(n_train, args):
@@ -196,6 +199,7 @@ def params(args):
         "patience": args.patience,
         "augment": not args.no_augment,
         "seed": args.seed,
+        "precision": args.precision,
         "xla": args.xla,
         "tta": args.tta,
         "nsd_tolerance": args.nsd_tolerance,

@@ -7,7 +7,9 @@ What this script teaches:
   computed with metrics.py's exact reference functions;
 - experiment tracking: params, one value per epoch for each metric, final test metrics, figures and
   the model itself, in MLflow's local store (`mlflow.db` here; `MLFLOW_TRACKING_URI` to use
-  another). See them with `mlflow ui` run from this directory.
+  another). See them with `mlflow ui` run from this directory;
+- speed chosen for the machine: `--precision auto --xla auto` (the defaults) measure once which
+  precision and XLA setting train fastest here, and keep it (speed.py, PERFORMANCE.md).
 
     python train.py                               # the main job: the TP's setting
     python train.py --loss dice --optimizer sgd   # one cell of the loss x optimizer comparison
@@ -35,6 +37,7 @@ import figures
 import losses
 import recipe
 import resume
+import speed
 import store
 import unet
 
@@ -51,7 +54,6 @@ def parse_args(argv=None):
         batch_size=8,
         epochs=30,
         patience=8,
-        xla=True,
         unit="images",
         experiment="tp4-unet",
         run_names="UNet_{Loss}_{Optimizer}",
@@ -175,25 +177,32 @@ def params(args, model, description):
     }
 
 
-def train(args):
-    """One tracked U-Net training run on 2D images; returns the final metrics and the model."""
-    keras.utils.set_random_seed(args.seed)
-    splits, description, test_cases = load_data(args)
-    labels, binary = splits["train"][1], args.num_classes == 2
-    # The prior: the foreground fraction (sigmoid), or the fraction of each class (softmax).
-    prior = (
-        float(labels.mean()) if binary else [np.mean(labels == c) for c in range(args.num_classes)]
-    )
-    bias = recipe.prior_bias(args, prior)
-    model = unet.build_unet(
+def build_model(args, output_bias=0.0):
+    """The U-Net of the command line, at the global dtype policy."""
+    return unet.build_unet(
         (args.image_size, args.image_size, 1),
         args.base_filters,
         args.depth,
-        num_classes=1 if binary else args.num_classes,
+        num_classes=1 if args.num_classes == 2 else args.num_classes,
         skip_connections=not args.no_skip,
-        output_bias=bias,
+        output_bias=output_bias,
         name="UNetNoSkip" if args.no_skip else "UNet",
     )
+
+
+def train(args):
+    """One tracked U-Net training run on 2D images; returns the final metrics and the model."""
+    splits, description, test_cases = load_data(args)  # bad data is refused before the speed probe
+    args = recipe.choose_speed(args, lambda: build_model(args))
+    keras.utils.set_random_seed(args.seed)
+    labels = splits["train"][1]
+    # The prior: the foreground fraction (sigmoid), or the fraction of each class (softmax).
+    if args.num_classes == 2:
+        prior = float(labels.mean())
+    else:
+        prior = [np.mean(labels == c) for c in range(args.num_classes)]
+    with speed.policy_scope(args.precision):
+        model = build_model(args, recipe.prior_bias(args, prior))
     recipe.compile_model(model, args, len(splits["train"][0]))
     run_name = args.run_name or (
         f"{model.name}_{losses.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
@@ -201,7 +210,8 @@ def train(args):
     print(
         f"{run_name}: {description['data_split']} train/val/test images "
         f"of {description['data_shape']}, foreground {description['data_foreground_fraction']:.1%} "
-        f"of pixels, {model.count_params():,} parameters"
+        f"of pixels, {model.count_params():,} parameters, {args.precision}, "
+        f"XLA {'on' if args.xla else 'off'}"
     )
     run_params = params(args, model, description)
     results = recipe.fit_and_log(

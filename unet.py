@@ -14,7 +14,7 @@ blocks).
 
     python unet.py                                  # the TP's network: 32-64-128-(256)-128-64-32
     python unet.py --input-size 64 --base-filters 8 --depth 3
-    python unet.py --upsampling bilinear --no-batch-norm --dropout 0.3
+    python unet.py --upsampling bilinear --batch-norm none --dropout 0.3
 """
 
 import argparse
@@ -23,19 +23,29 @@ from typing import Literal, get_args
 import keras
 from keras import layers
 
+import batchnorm
+
 Upsampling = Literal["transpose", "bilinear", "nearest"]
 UPSAMPLING = get_args(Upsampling)
+# Batch normalization by TensorFlow's fused kernel (batchnorm.py: same semantics, faster, above all
+# in 16 bits), by Keras' layer, or none.
+BatchNorm = Literal["fused", "keras", "none"]
+BATCH_NORMS = get_args(BatchNorm)
 _CONV = {2: layers.Conv2D, 3: layers.Conv3D}
 _CONV_TRANSPOSE = {2: layers.Conv2DTranspose, 3: layers.Conv3DTranspose}
 _POOL = {2: layers.MaxPooling2D, 3: layers.MaxPooling3D}
 _UPSAMPLE = {2: layers.UpSampling2D, 3: layers.UpSampling3D}
+_BATCH_NORM_LAYERS = {
+    "fused": batchnorm.FusedBatchNormalization,
+    "keras": layers.BatchNormalization,
+}
 
 
 def conv_block(
     x: keras.KerasTensor,
     filters: int,
     kernel_size: int = 3,
-    batch_norm: bool = True,
+    batch_norm: BatchNorm = "fused",
     name: str = "block",
 ) -> keras.KerasTensor:
     """(Conv -> BatchNorm -> ReLU) twice, 2D or 3D from the rank of `x`.
@@ -44,7 +54,7 @@ def conv_block(
         x: features (N, H, W, C) or (N, D, H, W, C).
         filters: output channels of both convolutions.
         kernel_size: k, for k x k (x k) kernels.
-        batch_norm: batch normalization after each convolution.
+        batch_norm: batch normalization after each convolution, and by which layer (BatchNorm).
         name: prefix of the layer names (`{name}_conv1`, `{name}_bn1`, ...).
 
     Returns:
@@ -57,15 +67,15 @@ def conv_block(
             filters,
             kernel_size,
             padding="same",
-            use_bias=not batch_norm,
+            use_bias=batch_norm == "none",
             kernel_initializer="he_normal",
             name=f"{name}_conv{i}",
         )(x)
-        if batch_norm:
+        if batch_norm != "none":
             # Momentum 0.9, not Keras' 0.99: with ~20 steps per epoch on a small dataset, the
             # running statistics used at validation would otherwise lag the weights for many
             # epochs (validation Dice near 0).
-            x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
+            x = _BATCH_NORM_LAYERS[batch_norm](momentum=0.9, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
 
@@ -86,6 +96,7 @@ def check_config(
     num_classes: int = 1,
     upsampling: Upsampling = "transpose",
     kernel_size: int = 3,
+    batch_norm: BatchNorm = "fused",
 ) -> None:
     """Raise ValueError with a readable message for a configuration the network cannot take.
 
@@ -108,6 +119,8 @@ def check_config(
             raise ValueError(f"{name} must be a positive integer, got {value}")
     if upsampling not in UPSAMPLING:
         raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
+    if batch_norm not in BATCH_NORMS:
+        raise ValueError(f"batch_norm must be one of {BATCH_NORMS}, got {batch_norm!r}")
     if upsampling == "bilinear" and len(input_shape) == 4:
         raise ValueError(
             "bilinear up-sampling is 2D only; use 'transpose' or 'nearest' for volumes"
@@ -126,7 +139,7 @@ def build_unet(
     base_filters: int = 32,
     depth: int = 4,
     num_classes: int = 1,
-    batch_norm: bool = True,
+    batch_norm: BatchNorm = "fused",
     dropout: float = 0.0,
     upsampling: Upsampling = "transpose",
     skip_connections: bool = True,
@@ -143,7 +156,8 @@ def build_unet(
         base_filters: filters of the first level, doubled at each level down.
         depth: levels, bottleneck included (the network pools depth-1 times).
         num_classes: 1 gives a sigmoid (binary) output, more a softmax over classes.
-        batch_norm: batch normalization after every convolution.
+        batch_norm: batch normalization after every convolution: "fused" (TensorFlow's fused
+            kernel, batchnorm.py), "keras" (keras.layers.BatchNormalization), or "none".
         dropout: dropout rate at the bottleneck (0: none).
         upsampling: decoder up-sampling: transposed convolution, or bilinear/nearest resizing.
         skip_connections: False removes the concatenations (the ablation in REPORT.md).
@@ -162,7 +176,7 @@ def build_unet(
         ValueError: for a configuration the network cannot take (check_config).
     """
     input_shape = tuple(input_shape)
-    check_config(input_shape, base_filters, depth, num_classes, upsampling, kernel_size)
+    check_config(input_shape, base_filters, depth, num_classes, upsampling, kernel_size, batch_norm)
     spatial_dims = len(input_shape) - 1
     inputs = keras.Input(shape=input_shape, name="image")
 
@@ -205,12 +219,13 @@ def build_unet3d(
     kernel_size: int = 3,
     output_bias: float = 0.0,
     name: str = "UNet3D",
+    batch_norm: BatchNorm = "fused",
 ) -> keras.Model:
     """Small 3D U-Net: `build_unet` with Conv3D blocks, 2x2x2 pooling and transposed Conv3D.
 
     Args:
         input_shape: (D, H, W, C).
-        base_filters, depth, kernel_size, output_bias, name: as `build_unet`.
+        base_filters, depth, kernel_size, output_bias, name, batch_norm: as `build_unet`.
 
     Returns:
         A keras.Model with a (N, D, H, W, 1) sigmoid output.
@@ -224,6 +239,7 @@ def build_unet3d(
         tuple(input_shape),
         base_filters,
         depth,
+        batch_norm=batch_norm,
         kernel_size=kernel_size,
         output_bias=output_bias,
         name=name,
@@ -238,7 +254,7 @@ def describe(model: keras.Model) -> dict[str, object]:
 
     Returns:
         architecture (the model's name), depth, base_filters, kernel_size, upsampling,
-        batch_norm, skip_connections and n_params.
+        batch_norm (fused, keras or none), skip_connections and n_params.
     """
     first = next(layer for layer in model.layers if isinstance(layer, tuple(_CONV.values())))
     kinds = {type(layer) for layer in model.layers}
@@ -253,7 +269,9 @@ def describe(model: keras.Model) -> dict[str, object]:
         "base_filters": first.filters,
         "kernel_size": first.kernel_size[0],
         "upsampling": upsampling,
-        "batch_norm": layers.BatchNormalization in kinds,
+        "batch_norm": next(
+            (kind for kind, layer in _BATCH_NORM_LAYERS.items() if layer in kinds), "none"
+        ),
         "skip_connections": layers.Concatenate in kinds,
         "n_params": model.count_params(),
     }
@@ -284,7 +302,7 @@ def main() -> None:
     )
     add("--upsampling", choices=UPSAMPLING, default="transpose", help="decoder up-sampling")
     add("--dropout", type=float, default=0.0, help="dropout rate at the bottleneck")
-    add("--no-batch-norm", action="store_true", help="no batch normalization")
+    add("--batch-norm", choices=BATCH_NORMS, default="fused", help="batch normalization layer")
     add("--no-skip", action="store_true", help="no skip connections (ablation)")
     add("--quiet", action="store_true", help="no layer-by-layer summary")
     args = parser.parse_args()
@@ -298,7 +316,7 @@ def main() -> None:
             args.base_filters,
             args.depth,
             1 if binary else args.num_classes,
-            not args.no_batch_norm,
+            args.batch_norm,
             args.dropout,
             args.upsampling,
             not args.no_skip,

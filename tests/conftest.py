@@ -10,6 +10,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _speed_cache_for_the_session(tmp_path_factory):
+    """speed.py's measurements (`--precision auto`, `--xla auto`) cached in a folder of this test
+    session: shared by its tests, never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _work_in_a_temporary_folder(tmp_path, monkeypatch):
     """MLflow's SQLite store puts artifacts in ./mlruns: keep them, and anything else, out of the

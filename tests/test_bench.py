@@ -1,11 +1,17 @@
-"""bench.py: FLOPs counted by hand; the quick benchmark runs end to end (timings unchecked)."""
+"""bench.py: FLOPs counted by hand, the cells the flags ask for, the paste into Markdown; the quick
+benchmark runs end to end (timings unchecked)."""
 
+import argparse
 import json
 
 import keras
 import pytest
 
 import bench
+import bench_runs
+import speed
+import throughput
+import unet
 
 
 def test_forward_flops_of_convolutions_by_hand():
@@ -15,38 +21,88 @@ def test_forward_flops_of_convolutions_by_hand():
     x = keras.layers.Conv2DTranspose(4, 2, strides=2)(x)  # 8*8 inputs x 4*8*4 weights
     volume = keras.Input((4, 8, 8, 1))
     y = keras.layers.Conv3D(2, 3, padding="same")(volume)  # 4*8*8 outputs x 27*1*2 weights
-    assert bench.forward_flops(keras.Model(inputs, x)) == 2 * (
+    assert throughput.forward_flops(keras.Model(inputs, x)) == 2 * (
         16 * 16 * 9 * 3 * 8 + 8 * 8 * 4 * 8 * 4
     )
-    assert bench.forward_flops(keras.Model(volume, y)) == 2 * 4 * 8 * 8 * 27 * 2
+    assert throughput.forward_flops(keras.Model(volume, y)) == 2 * 4 * 8 * 8 * 27 * 2
 
 
 def test_split_epochs_by_hand():
     # 4 epochs of 100 images: training took 25, 18, 19, 18 s (the first compiles), the rest of each
     # is validation.
     seconds, rates = [30, 20, 22, 21], [100 / 25, 100 / 18, 100 / 19, 100 / 18]
-    steps, validation, first_extra = bench.split_epochs(seconds, rates, 100)
+    steps, validation, first_extra = bench_runs.split_epochs(seconds, rates, 100)
     assert steps == pytest.approx(
         18 + 18 + 19 + 18
     )  # the first epoch's steps at the median of the others
     assert validation == pytest.approx(5 + 2 + 3 + 3)
     assert first_extra == pytest.approx(30 - 21)
-    assert bench.split_epochs([30], [4], 100) == pytest.approx(
+    assert bench_runs.split_epochs([30], [4], 100) == pytest.approx(
         (25, 5, 0)
     )  # one epoch: nothing to compare with
 
 
+def test_the_matrix_cells_follow_the_flags():
+    auto = speed.Choice("bfloat16", False)
+
+    def cells(precision, xla, supported=("float32", "bfloat16")):
+        flags = argparse.Namespace(precision=precision, xla=xla)
+        return [(c.precision, c.xla) for c in bench.cells_to_measure(flags, supported, auto)]
+
+    assert cells("all", "all") == [
+        ("float32", False),
+        ("float32", True),
+        ("bfloat16", False),
+        ("bfloat16", True),
+    ]
+    assert cells("all", "all", ("float32",)) == [("float32", False), ("float32", True)]
+    assert cells("auto", "auto") == [("bfloat16", False)]
+    assert cells("float32", "on") == [("float32", True)]
+
+
+def test_paste_replaces_the_marked_blocks_with_the_runs_printed_output(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text(json.dumps({"printed": "line 1\nline 2\n"}))
+    (tmp_path / "b.json").write_text(json.dumps({"printed": "other"}))
+    page = tmp_path / "PERFORMANCE.md"
+    page.write_text(
+        "# Title\n<!-- bench.py output: runs/a.json -->\nPASTE HERE\n<!-- end bench.py output -->\n"
+        "text\n<!-- bench.py output: b.json -->\n```\nold\n```\n<!-- end bench.py output -->\n"
+    )
+    assert bench_runs.paste(str(page)) == ["runs/a.json", "b.json"]
+    assert page.read_text() == (
+        "# Title\n<!-- bench.py output: runs/a.json -->\n```\nline 1\nline 2\n```\n"
+        "<!-- end bench.py output -->\ntext\n<!-- bench.py output: b.json -->\n```\nother\n```\n"
+        "<!-- end bench.py output -->\n"
+    )
+
+
 @pytest.mark.slow
-def test_quick_benchmark_writes_its_report(tmp_path):
+def test_quick_benchmark_writes_its_report(tmp_path, capsys, monkeypatch):
+    # A fake probe picks float32 without XLA and caches it (the real probe: tests/test_speed.py):
+    # the train.py run reads the same cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        speed,
+        "measure_candidates",
+        lambda candidates, *_: {c: 2.0 if c == ("float32", False) else 1.0 for c in candidates},
+    )
     out = tmp_path / "bench.json"
     bench.main(["--quick", "--output", str(out)])
     report = json.loads(out.read_text())
-    assert report["roofline_gflops"] == max(report["matmul_gflops"].values()) > 0
+    supported = speed.supported_precisions(speed.machine())
+    assert set(report["peak_gflops"]) == set(supported)
+    assert (
+        report["printed"].startswith("machine: ") and report["printed"] in capsys.readouterr().out
+    )
     for model in ("unet2d", "conv3d"):
-        assert (
-            report[model]["train_examples_per_s"] > 0 and report[model]["infer_examples_per_s"] > 0
-        )
-        assert report[model]["peak_rss_mb"] > 0
+        cells = report[model]["cells"]
+        assert [(c["precision"], c["xla"]) for c in cells] == [
+            (p, x) for p in supported for x in (False, True)
+        ]
+        assert all(c["train_examples_per_s"] > 0 and c["infer_examples_per_s"] > 0 for c in cells)
+        assert set(report[model]["auto"]) == {"train", "infer"}
+        assert all(report[model]["peak_rss_mb"][p] > 0 for p in supported)
     e2e = report["train_py"]
     assert (
         e2e["wall_seconds"] >= e2e["fit_seconds"] > 0
@@ -56,3 +112,20 @@ def test_quick_benchmark_writes_its_report(tmp_path):
         0 < e2e["validation_seconds"] < e2e["fit_seconds"] and e2e["first_epoch_extra_seconds"] == 0
     )  # 1 epoch
     assert 0 < e2e["run_steps_seconds"] < e2e["fit_seconds"]
+    assert report["unet2d"]["auto"]["train"] == {"precision": "float32", "xla": False}
+    assert (e2e["precision"], e2e["xla"]) == ("float32", False)
+
+
+@pytest.mark.slow
+def test_the_pytorch_unet_has_the_keras_unets_parameters_and_runs(tmp_path):
+    torch = pytest.importorskip("torch")  # optional: not in requirements.txt
+    bench_pytorch = pytest.importorskip("bench_pytorch")
+    model = bench_pytorch.UNet(8, 3)
+    count = sum(p.numel() for p in model.parameters())
+    count += sum(b.numel() for name, b in model.named_buffers() if name.endswith(("mean", "var")))
+    assert count == unet.build_unet((32, 32, 1), 8, 3).count_params()
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+    rates = bench_runs.pytorch(
+        dict(size=32, filters=8, depth=3, batch=2, steps=1, repeats=1), ["float32"]
+    )
+    assert rates["rates"]["float32"]["train_examples_per_s"] > 0

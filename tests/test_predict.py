@@ -13,6 +13,7 @@ import data
 import geometry
 import losses
 import predict
+import speed
 import unet
 
 AFFINE = np.array(
@@ -56,7 +57,10 @@ def _volume(path, shape, seed=0):
 
 
 def _run(args, capsys):
-    """predict.main -> (exit code, stdout lines, stderr lines)."""
+    """predict.main -> (exit code, stdout lines, stderr lines); float32 without XLA unless `args`
+    say otherwise (no speed probe)."""
+    if "--precision" not in args:
+        args = [*args, "--precision", "float32", "--xla", "off"]
     try:
         predict.main(args)
         code = 0
@@ -132,6 +136,39 @@ def test_a_png_mask_is_the_models_output_on_the_normalized_image(model_2d, tmp_p
         np.abs(probabilities - 0.5) > 1e-4
     )  # leave out pixels within float noise of the threshold
     np.testing.assert_array_equal(mask[clear], np.where(probabilities >= 0.5, 255, 0)[clear])
+
+
+@pytest.mark.slow
+def test_a_bfloat16_model_with_fused_batch_norm_predicts_at_the_precision_chosen_here(
+    tmp_path, capsys, monkeypatch
+):
+    keras.utils.set_random_seed(1)
+    with speed.policy_scope("bfloat16"):
+        trained = unet.build_unet((32, 32, 1), 8, 3)  # fused batch norm: unet.py's default
+    path = _save(trained, tmp_path / "bf16.keras")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bfloat16_cpu = {"kind": "cpu", "device": "a CPU", "flags": ["amx_bf16"], "tensorflow": "2"}
+    monkeypatch.setattr(speed, "machine", lambda: {**bfloat16_cpu, "keras": "3"})
+    asked = []
+
+    def fake_probe(candidates, build, batch, mode):
+        asked.append((build().get_layer("enc1_conv1").compute_dtype, batch, mode))
+        return {c: 2.0 if c == ("float32", True) else 1.0 for c in candidates}
+
+    monkeypatch.setattr(speed, "measure_candidates", fake_probe)
+    image = _grey((32, 32), seed=5)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    args = [path, str(tmp_path / "x.png"), "--output", str(tmp_path / "out"), "--precision", "auto"]
+    code, out, _ = _run(args, capsys)
+    assert code == 0 and asked == [("float32", 8, "infer")]
+    assert out[-2].startswith("precision and XLA for this machine: float32, XLA on (measured now")
+    # The bfloat16 model's weights, predicting in float32: its mask.
+    normalized = data.normalize_intensity(image.astype(np.float32))[None, ..., None]
+    with speed.policy_scope("float32"):
+        expected = speed.recast(keras.models.load_model(path)).predict(normalized, verbose=0)
+    clear = np.abs(expected[0, ..., 0] - 0.5) > 1e-4
+    mask = _binary(tmp_path / "out" / "x_mask.png", (0, 255))
+    np.testing.assert_array_equal(mask[clear], np.where(expected[0, ..., 0] >= 0.5, 255, 0)[clear])
 
 
 def test_threshold_moves_the_foreground(model_2d, tmp_path, capsys):

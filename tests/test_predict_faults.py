@@ -8,21 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
+from test_predict import _run
 
 import cli
-import predict
 import unet
-
-
-def _run(args, capsys):
-    """predict.main -> (exit code, stdout lines, stderr lines)."""
-    try:
-        predict.main(args)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
 
 
 @pytest.fixture()

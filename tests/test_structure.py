@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-SCRIPTS = {"train", "conv3d", "predict", "bench", "report", "tracking_server"}
+SCRIPTS = {"train", "conv3d", "predict", "bench", "bench_pytorch", "report", "tracking_server"}
 MODULES = {path.stem for path in REPO.glob("*.py")}
 LIBRARIES = MODULES - SCRIPTS
 

@@ -9,12 +9,13 @@ import figures
 import losses
 import metrics
 import recipe
+import speed
 import tracking
 import train
 
 TINY = (
     "--n-images 40 --image-size 32 --base-filters 8 --depth 3 --epochs 3 --batch-size 8 "
-    "--patience 5 --foreground 0.1 --seed 1 --experiment tiny"
+    "--patience 5 --foreground 0.1 --seed 1 --experiment tiny --precision float32 --xla off"
 ).split()
 
 
@@ -131,6 +132,38 @@ def test_a_three_class_run_logs_per_class_metrics_and_learns(store):
 
 
 @pytest.mark.slow
+def test_auto_precision_and_xla_are_measured_once_printed_and_logged(
+    store, monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bfloat16_cpu = {
+        "kind": "cpu",
+        "device": "a CPU",
+        "flags": ["amx_bf16"],
+        "tensorflow": "2",
+        "keras": "3",
+    }
+    monkeypatch.setattr(speed, "machine", lambda: bfloat16_cpu)
+    asked = []
+
+    def fake_probe(candidates, build, batch, mode):
+        asked.append((build().input_shape, batch, mode))
+        return {c: 40.0 if c == speed.Choice("bfloat16", False) else 10.0 for c in candidates}
+
+    monkeypatch.setattr(speed, "measure_candidates", fake_probe)
+    train.main(TINY[: TINY.index("--precision")] + ["--epochs", "1"])
+    assert asked == [((None, 32, 32, 1), 8, "train")]
+    out = capsys.readouterr().out
+    assert "choosing precision and XLA for this machine: " in out
+    assert out.count(": 10.00 examples/s") == 3 and "bfloat16, XLA off: 40.00 examples/s" in out
+    assert "precision and XLA for this machine: bfloat16, XLA off (measured now" in out
+    assert " parameters, bfloat16, XLA off\n" in out  # the run's header line
+    run = _only_run(store)
+    assert (run.data.params["precision"], run.data.params["xla"]) == ("bfloat16", "False")
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed_and_keeps_its_metrics(store, monkeypatch):
     log_epoch = tracking.EpochLogger.on_epoch_end
 
@@ -169,8 +202,10 @@ def test_a_size_the_network_cannot_take_is_refused_before_any_run(store, capsys)
 
 def test_an_epoch_under_xla_takes_full_batches_only():
     xla, eager = (
-        train.parse_args(["--batch-size", "8", flag])[0] for flag in ("--xla", "--no-xla")
+        recipe.choose_speed(train.parse_args(["--precision", "float32", "--xla", xla])[0], None)
+        for xla in ("on", "off")
     )
+    assert (xla.xla, eager.xla) == (True, False)
     assert recipe.epoch_size(140, xla) == (
         17,
         136,
@@ -183,7 +218,7 @@ def test_an_epoch_under_xla_takes_full_batches_only():
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_any_run(store, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + ["--batch-size", "32"])  # 28 training images
+        train.main(TINY + ["--batch-size", "32", "--xla", "on"])  # 28 training images
     assert exit_info.value.code == 2
     assert (
         capsys.readouterr().err.strip()

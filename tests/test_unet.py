@@ -76,7 +76,8 @@ def test_3d_unet_from_a_volume_shape():
     [
         dict(upsampling="bilinear"),
         dict(upsampling="nearest"),
-        dict(batch_norm=False),
+        dict(batch_norm="none"),
+        dict(batch_norm="keras"),
         dict(dropout=0.5),
     ],
 )
