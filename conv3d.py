@@ -144,7 +144,7 @@ def parse_args(argv=None):
         patience=4,
         unit="volumes",
         experiment="tp4-conv3d",
-        run_names="Conv3D_Baseline or Conv3D_MixedPrecision",
+        run_names="Conv3D_Baseline_{D}x{H}x{W}, or Conv3D_MixedPrecision_... below float32",
     )
     add(
         "--skip-training", action="store_true", help="only print the architecture and memory tables"
@@ -214,9 +214,8 @@ def train3d(args, memory_rows=None, loaded=None):
     with speed.policy_scope(args.precision):
         model = build(recipe.prior_bias(args, float(splits["train"][1].mean())))
     recipe.compile_model(model, args, len(splits["train"][0]))
-    run_name = args.run_name or (
-        "Conv3D_Baseline" if args.precision == "float32" else "Conv3D_MixedPrecision"
-    )
+    kind = "Baseline" if args.precision == "float32" else "MixedPrecision"
+    run_name = args.run_name or f"Conv3D_{kind}_{recipe.size_text(model)}"
     run_params = {
         **unet.describe(model),
         "output_bias": args.output_bias,
@@ -287,8 +286,9 @@ def train_on_slices(args, loaded=None):
         **recipe.params(slice_args),
         **description,
     }
+    run_name = f"UNet2D_Slices_{recipe.size_text(model)}"
     print(
-        f"\nUNet2D_Slices: the same volumes as {len(splits['train'][0])} training slices, "
+        f"\n{run_name}: the same volumes as {len(splits['train'][0])} training slices, "
         f"batch {slice_args.batch_size}, {slice_args.precision}, "
         f"XLA {'on' if slice_args.xla else 'off'}"
     )
@@ -296,7 +296,7 @@ def train_on_slices(args, loaded=None):
         model,
         slice_args,
         splits,
-        "UNet2D_Slices",
+        run_name,
         run_params,
         figures.prediction_figure,
         test_cases=slice_cases,

@@ -125,6 +125,12 @@ def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_na
     resume.add_arguments(parser)
 
 
+def size_text(model):
+    """The model's input size, "128x128" or "32x64x64": part of the run names, since runs of one
+    recipe at several sizes would otherwise share a name."""
+    return "x".join(str(size) for size in model.input_shape[1:-1])
+
+
 def peak_learning_rate(args):
     """--lr, or the optimizer's usual learning rate."""
     return args.lr or OPTIMIZERS[args.optimizer].learning_rate
@@ -260,7 +266,9 @@ def fit_and_log(
     # 8, 8 and 6).
     eval_batch = EVAL_BATCH_FACTOR * args.batch_size
     val_set = data.make_dataset(x_val, y_val, eval_batch)
-    artifacts = {"config.json": vars(args), **(tables or {})}  # config.json: what --resume reads
+    # config.json: the configuration as resolved (what --resume reads back).
+    config = {**vars(args), "lr": peak_learning_rate(args), "run_name": run_name}
+    artifacts = {"config.json": config, **(tables or {})}
     with tracking.tracked_run(
         args.experiment, run_name, run_params, artifacts, args.checkpoint_dir, args.resume
     ) as run:

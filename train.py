@@ -56,7 +56,7 @@ def parse_args(argv=None):
         patience=8,
         unit="images",
         experiment="tp4-unet",
-        run_names="UNet_{Loss}_{Optimizer}",
+        run_names="UNet_{Loss}_{Optimizer}_{H}x{W}",
     )
     datasets.add_arguments(parser)
     add(
@@ -204,9 +204,8 @@ def train(args):
     with speed.policy_scope(args.precision):
         model = build_model(args, recipe.prior_bias(args, prior))
     recipe.compile_model(model, args, len(splits["train"][0]))
-    run_name = args.run_name or (
-        f"{model.name}_{losses.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
-    )
+    recipe_name = f"{losses.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
+    run_name = args.run_name or f"{model.name}_{recipe_name}_{recipe.size_text(model)}"
     print(
         f"{run_name}: {description['data_split']} train/val/test images "
         f"of {description['data_shape']}, foreground {description['data_foreground_fraction']:.1%} "

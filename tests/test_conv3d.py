@@ -110,7 +110,7 @@ def test_tracked_3d_training_learns_and_logs_like_train_py(store):
     )
     results = conv3d.train3d(args, memory_rows=[{"lever": "baseline", "params": 1}])
     run = store.search_runs([store.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
-    assert run.info.run_name == "Conv3D_Baseline" and run.info.status == "FINISHED"
+    assert run.info.run_name == "Conv3D_Baseline_8x32x32" and run.info.status == "FINISHED"
     params = run.data.params
     assert params["architecture"] == "UNet3D" and params["data_shape"] == "8x32x32x1"
     dice = [m.value for m in store.get_metric_history(run.info.run_id, "dice")]
@@ -130,7 +130,7 @@ def test_2d_slices_baseline_uses_the_same_volumes_and_split(store):
     )
     results = conv3d.train_on_slices(args)
     run = store.search_runs([store.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
-    assert run.info.run_name == "UNet2D_Slices"
+    assert run.info.run_name == "UNet2D_Slices_32x32"
     assert run.data.params["architecture"] == "UNet2D on slices"
     assert (
         run.data.params["data_split"] == "8/2/2"

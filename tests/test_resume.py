@@ -65,7 +65,7 @@ def test_a_run_killed_with_sigkill_resumes_as_the_same_run_and_ends_as_if_never_
     train.main(["--resume", "--experiment", "killed"])
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"run {killed.info.run_id} (UNet_CombinedLoss_Adam) ended without a word "
+        f"run {killed.info.run_id} (UNet_CombinedLoss_Adam_32x32) ended without a word "
         f"(process {process.pid} is gone): marked KILLED; continue it with: "
         f"python train.py --resume {killed.info.run_id}"
     ]

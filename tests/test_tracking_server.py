@@ -175,7 +175,7 @@ def test_requests_without_the_right_login_or_for_another_host_are_refused(server
 def test_train_py_with_credentials_is_recorded_with_its_artifacts_in_dir(server, client):
     _train(server, "lab", ["--loss", "dice"])
     (run,) = client.search_runs([client.get_experiment_by_name("lab").experiment_id])
-    assert (run.info.run_name, run.info.status) == ("UNet_DiceLoss_Adam", "FINISHED")
+    assert (run.info.run_name, run.info.status) == ("UNet_DiceLoss_Adam_32x32", "FINISHED")
     assert run.data.params["loss"] == "DiceLoss"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [1]
     assert "config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -189,10 +189,10 @@ def test_four_concurrent_trainings_are_all_recorded(server, client):
     _train(server, "concurrent", *(["--grid", "--shard", f"{i}/24"] for i in range(4)))
     runs = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])
     assert sorted(run.info.run_name for run in runs) == [
-        "UNet_BCELoss_Adam",
-        "UNet_BCELoss_AdamW",
-        "UNet_BCELoss_RMSprop",
-        "UNet_BCELoss_SGD",
+        "UNet_BCELoss_Adam_32x32",
+        "UNet_BCELoss_AdamW_32x32",
+        "UNet_BCELoss_RMSprop_32x32",
+        "UNet_BCELoss_SGD_32x32",
     ]
     assert {run.info.status for run in runs} == {"FINISHED"}
     for run in runs:

@@ -31,7 +31,7 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
         train.parse_args(TINY + ["--loss", "dice", "--optimizer", "sgd"])[0]
     )
     run = _only_run(store)
-    assert run.info.run_name == "UNet_DiceLoss_SGD" and run.info.status == "FINISHED"
+    assert run.info.run_name == "UNet_DiceLoss_SGD_32x32" and run.info.status == "FINISHED"
     p = run.data.params
     assert (p["architecture"], p["loss"], p["optimizer"], p["learning_rate"]) == (
         "UNet",
@@ -77,6 +77,10 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
         "test_predictions.png",
         "test_cases.json",
     } <= artifacts
+    config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/config.json")
+    # The configuration as resolved: sgd's usual learning rate, the run's name, no "auto" left.
+    assert (config["lr"], config["run_name"]) == (0.01, "UNet_DiceLoss_SGD_32x32")
+    assert (config["precision"], config["xla"]) == ("float32", False)
     table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/test_cases.json")
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert len(rows) == 6 and [r["case"] for r in rows] == [str(i) for i in range(6)]
@@ -293,7 +297,10 @@ def test_a_bad_shard_is_one_line(flags, message, capsys):
 def test_a_grid_shard_runs_its_cells_each_as_its_own_run_and_prints_their_table(store, capsys):
     train.main(TINY + ["--epochs", "1", "--grid", "--shard", "11/12"])
     runs = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])
-    names = {"UNet_CombinedLoss_RMSprop", "UNet_GeneralizedDiceLoss_RMSprop"}  # cells 11 and 23
+    names = {
+        "UNet_CombinedLoss_RMSprop_32x32",
+        "UNet_GeneralizedDiceLoss_RMSprop_32x32",
+    }  # cells 11 and 23
     assert {run.info.run_name for run in runs} == names
     assert {run.info.status for run in runs} == {"FINISHED"}
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
