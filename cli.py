@@ -34,3 +34,43 @@ def command_line_errors(parser):
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
+
+
+def check_model_path(path):
+    """ValueError unless `path` can take a saved model: a .keras file in a folder that exists."""
+    if not path.endswith(".keras"):
+        raise ValueError(f"--save-model {path}: the file name must end in .keras")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--save-model {path}: {folder} is not a folder this user can write to")
+
+
+def save_model(model, path):
+    """`model` as a .keras file at `path`, written under a temporary name and renamed: a crash never
+    leaves half a file where a model is expected."""
+    partial = f"{path}.partial.keras"  # Keras wants the suffix
+    model.save(partial)
+    os.replace(partial, path)
+
+
+def ui_address(tracking_uri, experiment_id, run_id):
+    """How to see a run in MLflow's UI: the server's page, or the `mlflow ui` command and the page
+    it serves. `?workflowType=machine_learning`: MLflow 3 would open on its GenAI view."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri.rstrip('/')}/{page}"
+    here = ("sqlite:///mlflow.db", f"sqlite:///{os.path.abspath('mlflow.db')}")  # MLflow's default
+    store = "" if tracking_uri in here else f" --backend-store-uri {tracking_uri}"
+    return f"mlflow ui{store}   then open http://127.0.0.1:5000/{page}"
+
+
+def print_next_steps(outcome, tracking_uri, saved_model=None):
+    """What to do with a finished run: its id and model, a ready predict.py command, the UI."""
+    model = saved_model or outcome["model_uri"]
+    print(f"\nrun {outcome['run_id']}, model {outcome['model_uri']}")
+    if saved_model:
+        print(f"model file: {saved_model}")
+    print("next:")
+    print(f"  segment images:  python predict.py {model} IMAGE_OR_FOLDER --output predictions/")
+    address = ui_address(tracking_uri, outcome["experiment_id"], outcome["run_id"])
+    print(f"  see the run:     {address}")

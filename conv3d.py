@@ -29,6 +29,7 @@ import argparse
 import sys
 
 import keras
+import mlflow
 import numpy as np
 
 import cli
@@ -259,10 +260,9 @@ def train_on_slices(args, loaded=None):
             np.repeat(volume_cases.spacing[:, 1:], depth, axis=0),
         )
     description = {**description, "data_slices": "2D slices of the volumes"}
-    # The 2D network gets its own batch (--slice-batch-size) and XLA setting (--slice-xla).
-    slice_args = argparse.Namespace(
-        **{**vars(args), "batch_size": args.slice_batch_size, "xla": args.slice_xla, "slices": True}
-    )
+    # Its own batch (--slice-batch-size), XLA (--slice-xla); --save-model is the 3D model's.
+    own = {"batch_size": args.slice_batch_size, "xla": args.slice_xla, "save_model": None}
+    slice_args = argparse.Namespace(**{**vars(args), **own, "slices": True})
 
     def build(output_bias=0.0):
         return unet.build_unet(
@@ -365,13 +365,13 @@ def main(argv=None):
         if args.resume:  # only the interrupted run (its config.json says which of the two)
             store.open_store()
             args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
-            train_on_slices(args) if getattr(args, "slices", False) else train3d(args)
+            resumed = train_on_slices(args) if getattr(args, "slices", False) else train3d(args)
+            cli.print_next_steps(resumed, mlflow.get_tracking_uri(), args.save_model)
             return
         if not args.skip_training:
             store.open_store()
-        loaded = (
-            None if args.skip_training else load_volumes(args)
-        )  # bad data is refused now, not after the tables
+        # Bad data is refused now, not after the tables.
+        loaded = None if args.skip_training else load_volumes(args)
         model = unet.build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)
         model.summary(line_length=100)
         print_comparison(args)
@@ -391,6 +391,7 @@ def main(argv=None):
                     f"\nsame test volumes, global Dice: Conv3D {results3d['test_dice']:.4f}, "
                     f"2D U-Net on slices {results2d['test_dice']:.4f}"
                 )
+            cli.print_next_steps(results3d, mlflow.get_tracking_uri(), args.save_model)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,15 @@ from scipy import ndimage
 
 import metrics
 
-# Outline colours of classes 1, 2, 3... (then again): a binary mask is red, like predicted contours.
-CLASS_COLOURS = ("red", "dodgerblue", "gold", "magenta", "cyan", "orange")
+# Ground truth is filled, the prediction outlined, and what is predicted but not true is filled in
+# a colour of its own: both masks stay visible where they overlap, and errors stand out.
+TRUTH_COLOUR, PREDICTION_COLOUR, FALSE_POSITIVE_COLOUR = "lime", "red", "magenta"
+# Several classes: class 1, 2, 3... in these colours (then again), filled and outlined alike.
+CLASS_COLOURS = ("red", "dodgerblue", "gold", "cyan", "orange", "white")
+LEGEND = "ground truth filled (green), prediction outlined (red), false positives (magenta)"
+LEGEND_CLASSES = (
+    "ground truth filled, prediction outlined, one colour a class; false positives magenta"
+)
 
 
 def class_colour(c):
@@ -20,18 +27,30 @@ def class_colour(c):
     return CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]
 
 
+def _zoomed(ax, curves):
+    """Y limits that show the differences: from a little below the lowest value after the first
+    quarter of the epochs (the first epochs' low values would flatten the rest) up to 1."""
+    start = len(curves[0]) // 4 if len(curves[0]) >= 4 else 0
+    low = min(min(curve[start:]) for curve in curves)
+    ax.set_ylim(max(0.0, low - 0.1 * (1 - low) - 0.01), 1.0)
+
+
 def training_curves(history: dict, best_epoch: int) -> Figure:
-    """Loss and overlap metrics per epoch, training vs validation, best epoch marked."""
+    """Loss (log scale) and overlap metrics (zoomed on their range) per epoch, training vs
+    validation, best epoch marked."""
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig = Figure(figsize=(11, 4), layout="tight")
     left, right = fig.subplots(1, 2)
     left.plot(epochs, history["loss"], label="train")
     left.plot(epochs, history["val_loss"], label="validation")
     left.set(title="loss", xlabel="epoch")
+    if min(history["loss"] + history["val_loss"]) > 0:
+        left.set_yscale("log")
     for key, style in (("dice", "-"), ("iou", "--")):
         right.plot(epochs, history[key], style, color="C0", label=f"train {key}")
         right.plot(epochs, history[f"val_{key}"], style, color="C1", label=f"validation {key}")
-    right.set(title="Dice and IoU", xlabel="epoch", ylim=(0, 1))
+    right.set(title="Dice and IoU", xlabel="epoch")
+    _zoomed(right, [history[key] for key in ("dice", "iou", "val_dice", "val_iou")])
     for ax in (left, right):
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
         ax.legend(fontsize=8)
@@ -39,32 +58,27 @@ def training_curves(history: dict, best_epoch: int) -> Figure:
 
 
 def contour_panel(ax, image, truth, predicted, title, num_classes=2):
-    """A grey-level image with the true and predicted outlines of label maps: green and red for a
-    binary task; with more classes, one colour per class, truth solid and prediction dashed."""
+    """A grey-level image with two label maps: the ground truth filled, the prediction outlined,
+    and the false positives (predicted foreground the truth does not share) filled in magenta.
+    Binary: truth green, prediction red; several classes: one colour a class."""
     ax.imshow(image, cmap="gray", vmin=0, vmax=1)
     several = num_classes > 2
+    tint = np.zeros((*truth.shape, 4))
     for c in range(1, num_classes):
-        outlines = [
-            (truth, class_colour(c) if several else "lime", "solid"),
-            (predicted, class_colour(c), "dashed" if several else "solid"),
-        ]
-        for labels, color, style in outlines:
-            if (labels == c).any():
-                ax.contour(
-                    (labels == c).astype(float),
-                    levels=[0.5],
-                    colors=color,
-                    linewidths=1,
-                    linestyles=style,
-                )
+        tint[truth == c] = (*colors.to_rgb(class_colour(c) if several else TRUTH_COLOUR), 0.35)
+    tint[(predicted > 0) & (predicted != truth)] = (*colors.to_rgb(FALSE_POSITIVE_COLOUR), 0.6)
+    ax.imshow(tint, interpolation="nearest")
+    for c in range(1, num_classes):
+        if (predicted == c).any():
+            colour = class_colour(c) if several else PREDICTION_COLOUR
+            ax.contour((predicted == c).astype(float), levels=[0.5], colors=colour, linewidths=1.2)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
 
 
 def prediction_figure(images, masks, probabilities, n=6) -> Figure:
-    """The `n` test images with the most foreground, ground-truth (green) and predicted (red)
-    contours (several classes: one colour each, truth solid, prediction dashed), and their Dice
-    (mean over the foreground classes).
+    """The `n` test images with the most foreground, drawn by `contour_panel`, and their Dice (mean
+    over the foreground classes).
 
     The most foreground, not the first: slices at the top of a brain hold almost no white matter.
     """
@@ -78,7 +92,7 @@ def prediction_figure(images, masks, probabilities, n=6) -> Figure:
         truth = masks[i, ..., 0]
         dice = np.mean([metrics.dice_coefficient(truth == c, labels[i] == c) for c in classes])
         contour_panel(ax, images[i, ..., 0], truth, labels[i], f"Dice {dice:.3f}", num_classes)
-    fig.suptitle("test images: ground truth (green or solid), prediction (red or dashed)")
+    fig.suptitle(f"test images: {LEGEND if num_classes == 2 else LEGEND_CLASSES}")
     return fig
 
 
@@ -96,7 +110,7 @@ def orthogonal_slices_figure(volumes, masks, probabilities) -> Figure:
         )
         contour_panel(ax, image, truth, prediction, f"{label} slice {centre[axis]}")
     dice = metrics.dice_coefficient(mask, probability)
-    fig.suptitle(f"test volume: ground truth (green), prediction (red), 3D Dice {dice:.3f}")
+    fig.suptitle(f"test volume, 3D Dice {dice:.3f}: {LEGEND}")
     return fig
 
 

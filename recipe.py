@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 import checkpoint
+import cli
 import data
 import divergence
 import evaluation
@@ -121,6 +122,11 @@ def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_na
         "--register",
         metavar="NAME",
         help="also register the model in the MLflow model registry as NAME",
+    )
+    add(
+        "--save-model",
+        metavar="PATH.keras",
+        help="also save the trained model as a .keras file (predict.py takes it, MLflow aside)",
     )
     resume.add_arguments(parser)
 
@@ -244,8 +250,8 @@ def fit_and_log(
 
     `prediction_figure(images, masks, probabilities)` draws the test predictions (figures.py);
     `test_cases` names the test examples and gives their voxel sizes (data.Cases; None: synthetic),
-    for the per-case table (`test_cases.json`). Returns the final metrics, and `tracking_seconds`:
-    the time the training waited on MLflow.
+    for the per-case table (`test_cases.json`). Returns the final metrics, `tracking_seconds` (the
+    time the training waited on MLflow) and where the run is: run_id, experiment_id, model_uri.
     """
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
         splits["train"],
@@ -266,6 +272,8 @@ def fit_and_log(
     # 8, 8 and 6).
     eval_batch = EVAL_BATCH_FACTOR * args.batch_size
     val_set = data.make_dataset(x_val, y_val, eval_batch)
+    if args.save_model:
+        cli.check_model_path(args.save_model)  # now, not after the training
     # config.json: the configuration as resolved (what --resume reads back).
     config = {**vars(args), "lr": peak_learning_rate(args), "run_name": run_name}
     artifacts = {"config.json": config, **(tables or {})}
@@ -284,6 +292,8 @@ def fit_and_log(
         saved = checkpoint.Checkpoint(run.folder, stateful)
         run.log_missing_epochs(saved.history)
         saved.restore(model, train_set, args.epochs)
+        if not saved.finished(args.epochs):
+            print(f"training: up to {args.epochs} epochs (the first also builds the steps)")
         logger = tracking.EpochLogger(
             run, saved, epoch_size(len(x_train), args)[1], args.epochs, unit
         )
@@ -313,10 +323,13 @@ def fit_and_log(
         }
         example = (x_test[:1], probabilities[:1])
         tables = {"test_cases.json": table}
-        run.log_results(model, results, example, pictures, tables, args.register)
+        info = run.log_results(model, results, example, pictures, tables, args.register)
+        if args.save_model:
+            cli.save_model(model, args.save_model)
     saved.remove()  # the run is FINISHED: all of it is in MLflow
     print_results(run_name, results, len(x_test), args.nsd_tolerance)
-    return {**results, "tracking_seconds": run.seconds}
+    where = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
+    return {**results, **where, "model_uri": info.model_uri, "tracking_seconds": run.seconds}
 
 
 def print_results(run_name, results, n_test, tolerance=1.0):

@@ -21,6 +21,7 @@ MLFLOW_TRACKING_URI says otherwise (store.py makes it ready).
 import contextlib
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -212,6 +213,7 @@ class EpochLogger(keras.callbacks.Callback):
         super().__init__()
         self.run, self.checkpoint = run, checkpoint
         self.n_train, self.epochs, self.unit = n_train, epochs, unit
+        self.durations = []  # of this process's epochs, for the time left
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start, self.train_end = time.perf_counter(), None
@@ -228,11 +230,21 @@ class EpochLogger(keras.callbacks.Callback):
         self.checkpoint.save(epoch + 1, values)
         self.run.log_metrics(values, step=epoch + 1)
         shown = "  ".join(f"{key} {values[key]:.4f}" for key in EPOCH_METRICS if key in values)
+        self.durations.append(values["epoch_seconds"])
         print(
             f"epoch {epoch + 1:>3}/{self.epochs}  {shown}  lr {values['lr']:.1e}  "
-            f"{values['epoch_seconds']:.1f}s  {values['images_per_second']:.1f} {self.unit}/s",
+            f"{values['epoch_seconds']:.1f}s  {values['images_per_second']:.1f} {self.unit}/s  "
+            f"{time_left(self.durations, self.epochs - epoch - 1)}",
             flush=True,
         )
+
+
+def time_left(durations, epochs_left):
+    """The time `epochs_left` take at the median epoch's pace, as "2m05s left" (the first epoch,
+    which compiles, counts only when it is the only one); early stopping may end sooner."""
+    typical = statistics.median(durations[1:] or durations)
+    seconds = round(typical * epochs_left)
+    return f"{seconds // 60}m{seconds % 60:02d}s left" if epochs_left else "done"
 
 
 def log_keras_model(model, example, registered_name=None):
@@ -242,7 +254,7 @@ def log_keras_model(model, example, registered_name=None):
     The public `mlflow.keras.log_model(..., input_example=...)` fails (MLflow issue #16183, still
     open in MLflow 3.17: its save_model writes the example before creating the model's folder), so
     the model goes through `Model.log` with a flavor whose save_model creates the folder first.
-    tests/test_tracking.py fails once MLflow fixes it: then call mlflow.keras.log_model here.
+    tests/test_structure.py fails once MLflow fixes it: then call mlflow.keras.log_model here.
 
     Requirements are explicit (inferring them would load the model again in a subprocess), and
     MLflow's serving check of the input example is off (it reloads the model and predicts, and only

@@ -28,6 +28,7 @@ import itertools
 import sys
 
 import keras
+import mlflow
 import numpy as np
 
 import cli
@@ -110,6 +111,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.shard != (0, 1) and not args.grid:
         parser.error("--shard goes with --grid")
+    if args.grid and args.save_model:
+        parser.error("--save-model saves one model: it does not go with --grid")
     if not grid_cells(args.shard):
         parser.error(
             f"--shard {args.shard[0]}/{args.shard[1]}: the grid has {len(grid_cells())} cells"
@@ -146,10 +149,13 @@ def load_data(args):
     """(splits, description, test cases): synthetic scans (test cases None: named by position,
     pixels of 1), or real data (--data-dir, --dataset), checked before any run."""
     if datasets.source(args):
+        print(f"reading and checking {datasets.source(args)}", flush=True)
         splits, description, cases = datasets.load_split(
             datasets.source(args), (args.image_size, args.image_size), args.seed, args.num_classes
         )
     else:
+        size = f"{args.image_size}x{args.image_size}"
+        print(f"generating {args.n_images} synthetic {size} scans (seed {args.seed})", flush=True)
         images, masks = data.make_synthetic_2d(
             args.n_images,
             args.image_size,
@@ -254,7 +260,12 @@ def main(argv=None):
         store.open_store()
         if args.resume:
             args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
-        run_grid(args) if args.grid else train(args)
+        if args.grid:
+            run_grid(args)
+            print(f"\nnext: python report.py {args.experiment} --params loss,optimizer")
+        else:
+            outcome = train(args)[0]
+            cli.print_next_steps(outcome, mlflow.get_tracking_uri(), args.save_model)
 
 
 if __name__ == "__main__":
