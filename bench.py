@@ -23,7 +23,6 @@ import os
 # TensorFlow reads this once, when it loads: its INFO lines (CPU features, XLA) off, warnings kept.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-import argparse
 import contextlib
 import io
 import json
@@ -200,11 +199,7 @@ def vs_pytorch(c, supported, unet2d):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="bench.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = cli.argument_parser("bench.py", __doc__)
     add = parser.add_argument
     add("--quick", action="store_true", help="CI-size shapes (seconds, not minutes)")
     add("--output", default="bench.json", help="where to write the measurements")

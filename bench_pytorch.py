@@ -17,7 +17,6 @@ is installed (`pip install torch`, a CPU build), and prints one line otherwise.
     python bench_pytorch.py --size 32 --filters 8 --depth 3 --batch 4 --steps 2 --repeats 2
 """
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -27,6 +26,8 @@ import time
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+import cli
 
 
 def block(c_in, c_out):
@@ -123,11 +124,7 @@ def measure(args, precision):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="bench_pytorch.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = cli.argument_parser("bench_pytorch.py", __doc__)
     add = parser.add_argument
     add("--size", type=int, default=128, help="height and width of the images")
     add("--filters", type=int, default=32, help="filters at the first level")

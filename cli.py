@@ -3,6 +3,7 @@
 Library modules change nothing global when imported; a script calls `setup()` first thing in main().
 """
 
+import argparse
 import contextlib
 import logging
 import os
@@ -22,6 +23,24 @@ def setup() -> None:
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where there is none to show: an on/off flag, or
+    an option whose help text already says what happens without it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def argument_parser(prog, doc, epilog=None):
+    """The scripts' argument parser: the first paragraph of the module's docstring as the
+    description, defaults in --help."""
+    return argparse.ArgumentParser(
+        prog=prog, description=doc.split("\n\n")[0], epilog=epilog, formatter_class=HelpFormatter
+    )
 
 
 @contextlib.contextmanager

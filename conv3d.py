@@ -113,11 +113,7 @@ def conv2d_vs_conv3d(c_in=16, c_out=32, size=64, depth_slices=32, kernel=3):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="conv3d.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = cli.argument_parser("conv3d.py", __doc__)
     add = parser.add_argument
     datasets.add_arguments(parser)
     add("--n-volumes", type=int, default=40, help="synthetic volumes (train/val/test 70/15/15)")

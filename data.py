@@ -19,11 +19,11 @@ normalize_intensity, split, describe and content_hash from here.
 
     python data.py                       # describe a default synthetic dataset and its split
     python data.py --foreground 0.015    # the class-imbalanced variant
-    python data.py --save sample.png     # look at a few images with their masks
+    python data.py --save outputs/sample.png   # look at a few images with their masks
 """
 
-import argparse
 import hashlib
+import os
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -31,6 +31,7 @@ import tensorflow as tf
 from scipy import ndimage
 from sklearn.model_selection import train_test_split
 
+import cli
 import figures
 
 # Defaults of the synthetic scans, in one visible place.
@@ -399,9 +400,7 @@ def make_dataset(
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = cli.argument_parser("data.py", __doc__)
     parser.add_argument("--n-images", type=int, default=200, help="number of synthetic scans")
     parser.add_argument("--image-size", type=int, default=128, help="height and width in pixels")
     parser.add_argument(
@@ -411,7 +410,10 @@ def main():
         "--seed", type=int, default=0, help="random seed (same seed, same data and split)"
     )
     parser.add_argument(
-        "--save", metavar="PNG", help="save a figure of a few images with their mask contours"
+        "--save",
+        metavar="PNG",
+        help="save a figure of a few images with their mask contours (folders made as needed; "
+        "outputs/ is ignored by git)",
     )
     args = parser.parse_args()
 
@@ -431,9 +433,9 @@ def main():
         f"max {per_image.max():.4f}"
     )
     if args.save:
-        figures.samples_figure(images, masks, args.foreground).savefig(
-            args.save, dpi=100, bbox_inches="tight"
-        )
+        os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
+        figure = figures.samples_figure(images, masks, args.foreground)
+        figure.savefig(args.save, dpi=100, bbox_inches="tight")
         print(f"saved {args.save}")
 
 

@@ -37,7 +37,6 @@ readable); train.py and conv3d.py import both, predict.py replays the same prepr
     python datasets.py mni-wm --size 32 32 32  # the built-in volume, as 3D patches
 """
 
-import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from nilearn import datasets as nilearn_datasets
 
+import cli
 import data
 import geometry
 import imagefiles
@@ -361,7 +361,7 @@ def load_split(source, shape, seed=0, num_classes=2):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.argument_parser("datasets.py", __doc__)
     parser.add_argument(
         "source", help="a dataset folder, or a built-in name: " + ", ".join(BUILTIN)
     )

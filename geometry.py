@@ -24,7 +24,6 @@ Every function works on 2D (H, W[, C]) and 3D (D, H, W[, C]) arrays: the spatial
     python geometry.py      # a worked example: a 300x200 image fitted into 128x128 and back
 """
 
-import argparse
 import itertools
 from collections import namedtuple
 from collections.abc import Callable
@@ -32,6 +31,8 @@ from typing import Literal
 
 import numpy as np
 from scipy import ndimage
+
+import cli
 
 # original: spatial shape of the input; scaled: after the resize (== original if none); pad:
 # (before, after) per axis
@@ -220,7 +221,7 @@ def sliding_window_predict(
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.argument_parser("geometry.py", __doc__)
     parser.add_argument("--height", type=int, default=300, help="height of the example image")
     parser.add_argument("--width", type=int, default=200, help="width of the example image")
     parser.add_argument("--size", type=int, default=128, help="network size (square)")

@@ -19,12 +19,13 @@ datasets.py (training data) and predict.py (new images) read files through this 
     python imagefiles.py FILE...     # what each file holds, as the loaders see it
 """
 
-import argparse
 import os
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
+
+import cli
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -231,7 +232,7 @@ def shape_text(shape):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.argument_parser("imagefiles.py", __doc__)
     parser.add_argument("files", nargs="+", help="PNG, JPEG, TIFF or NIfTI files")
     args = parser.parse_args()
     for path in args.files:

@@ -26,6 +26,8 @@ from numpy.typing import ArrayLike
 from scipy import ndimage
 from sklearn.metrics import f1_score, jaccard_score
 
+import cli
+
 Spacing = float | Sequence[float] | None  # voxel size per spatial axis (one number: isotropic)
 
 
@@ -260,6 +262,7 @@ def assd(
 
 
 def main():
+    cli.argument_parser("metrics.py", __doc__, epilog="It takes no options.").parse_args()
     print(__doc__.split("\n\n")[0], "\n")
     square = np.zeros((64, 64), dtype=np.uint8)
     square[16:48, 16:48] = 1

@@ -35,7 +35,6 @@ import os
 # TensorFlow reads this once, when it loads: its INFO lines (CPU features, XLA) off, warnings kept.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-import argparse
 import sys
 import tempfile
 
@@ -65,11 +64,7 @@ class ModelError(ValueError):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="predict.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = cli.argument_parser("predict.py", __doc__)
     add = parser.add_argument
     add(
         "model",

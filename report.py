@@ -20,7 +20,6 @@ and an end mark:
     <!-- end report -->
 """
 
-import argparse
 import re
 import shlex
 from collections import Counter
@@ -147,11 +146,7 @@ def _format(name, value):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(
-        prog="report.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = cli.argument_parser("report.py", __doc__)
     parser.add_argument(
         "experiment", nargs="?", help="MLflow experiment name (none: list the experiments)"
     )

@@ -20,7 +20,6 @@ generated there and printed once). Run as root, PostgreSQL runs as the `postgres
 root): that user must be able to reach DIR.
 """
 
-import argparse
 import configparser
 import ipaddress
 import os
@@ -46,12 +45,7 @@ EVERY_ADDRESS = ("0.0.0.0", "::")  # --host values that listen on all the machin
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="tracking_server.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n")[-1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = cli.argument_parser("tracking_server.py", __doc__, __doc__.split("\n\n")[-1])
     parser.add_argument("dir", metavar="DIR", help="folder of the server's data (created if new)")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all of them)"

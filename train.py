@@ -44,11 +44,7 @@ import unet
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = cli.argument_parser("train.py", __doc__)
     add = parser.add_argument
     recipe.add_arguments(
         parser,

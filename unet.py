@@ -17,13 +17,13 @@ blocks).
     python unet.py --upsampling bilinear --batch-norm none --dropout 0.3
 """
 
-import argparse
 from typing import Literal, get_args
 
 import keras
 from keras import layers
 
 import batchnorm
+import cli
 
 Upsampling = Literal["transpose", "bilinear", "nearest"]
 UPSAMPLING = get_args(Upsampling)
@@ -284,10 +284,7 @@ def count_params(model: keras.Model) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = cli.argument_parser("unet.py", __doc__)
     add = parser.add_argument
     add("--input-size", type=int, default=128, help="height and width of the input image")
     add("--channels", type=int, default=1, help="input channels (1 for a grey-level scan)")
