@@ -366,13 +366,19 @@ def main():
         "source", help="a dataset folder, or a built-in name: " + ", ".join(BUILTIN)
     )
     parser.add_argument(
-        "--size", type=int, nargs="+", default=[128, 128], help="network input: H W, or D H W"
+        "--size",
+        type=int,
+        nargs="+",
+        default=[128],
+        help="network input: S (2D, S x S, as train.py's --image-size), H W, or D H W (3D patches, "
+        "as conv3d.py's --shape)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
     parser.add_argument("--num-classes", type=int, default=2, help="classes, background included")
     args = parser.parse_args()
-    if len(args.size) not in (2, 3):
-        parser.error("--size takes H W or D H W")
+    if len(args.size) not in (1, 2, 3):
+        parser.error("--size takes S, H W or D H W")
+    args.size = args.size * 2 if len(args.size) == 1 else args.size
     try:
         _, description, _ = load_split(args.source, args.size, args.seed, args.num_classes)
     except DataError as error:

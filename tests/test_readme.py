@@ -1,0 +1,72 @@
+"""Every command of README.md is run here: a wrong example fails CI.
+
+The quick ones run for real (in this process, in a temporary folder); the long ones (a training, a
+benchmark, a server) have their command line parsed by the script's own parser, with its checks.
+`mlflow ui` is run by tests/test_mlflow_ui.py, the test command by CI itself.
+"""
+
+import importlib
+import re
+import shlex
+import sys
+
+import pytest
+from conftest import REPO
+from test_realdata import write_png_folder
+
+README = (REPO / "README.md").read_text()
+RUN = {"unet.py", "metrics.py", "data.py", "datasets.py"}  # quick: run them
+PARSE = {"train.py", "conv3d.py", "predict.py", "bench.py", "report.py", "tracking_server.py"}
+
+
+def _commands():
+    """The command lines of the README's bash blocks, comments and prompts removed."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                found.append(words)
+    return found
+
+
+COMMANDS = _commands()
+SCRIPTS = [words for words in COMMANDS if words[0] == "python" and words[1].endswith(".py")]
+
+
+def test_the_test_command_is_what_ci_runs_and_the_main_command_installs_the_same_way():
+    ci = [
+        line for line in (REPO / ".ci/run").read_text().splitlines() if line.startswith("python3")
+    ]
+    main_job, tests = COMMANDS[0], COMMANDS[1]
+    assert [tests] == [shlex.split(line) for line in ci]
+    install = tests[: tests.index("&&", tests.index("&&") + 1)]  # venv, then pip install
+    assert main_job[: len(install)] == [w.replace("-dev", "") for w in install]
+    assert main_job[len(install) :] == ["&&", ".venv/bin/python", "train.py"]
+
+
+def test_every_other_command_is_the_activation_or_mlflow_ui():
+    others = [words for words in COMMANDS[2:] if words not in SCRIPTS]
+    assert others == [["source", ".venv/bin/activate"], ["mlflow", "ui"]]
+    assert {words[1] for words in SCRIPTS} <= RUN | PARSE  # each one run or parsed below
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    """DIR of the README: a small images/ + masks/ folder."""
+    write_png_folder(tmp_path / "DIR", shapes=((32, 32),) * 6)
+    return tmp_path / "DIR"
+
+
+@pytest.mark.parametrize("words", SCRIPTS, ids=[shlex.join(words[1:]) for words in SCRIPTS])
+def test_a_readme_command_runs_or_parses(words, dataset, store, monkeypatch, capsys):
+    script, argv = words[1], [str(dataset) if word == "DIR" else word for word in words[2:]]
+    module = importlib.import_module(script.removesuffix(".py"))
+    if script in RUN:
+        monkeypatch.setattr(sys, "argv", [script, *argv])
+        module.main()
+        assert capsys.readouterr().out.strip()
+    elif script == "report.py":
+        module._parser().parse_args(argv)
+    else:
+        module.parse_args(argv)  # its checks too; a bad flag exits 2
