@@ -22,6 +22,7 @@ import numpy as np
 
 import checkpoint
 import data
+import distribute
 import divergence
 import evaluation
 import figures
@@ -78,7 +79,13 @@ def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_na
         default="cosine",
         help="learning-rate schedule over --epochs",
     )
-    add("--batch-size", type=int, default=batch_size, help=f"{unit} per step")
+    add(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help=f"{unit} per step (per replica with --strategy)",
+    )
+    distribute.add_arguments(parser)
     speed.add_arguments(parser)
     add("--epochs", type=int, default=epochs, help="maximum number of epochs")
     add(
@@ -132,24 +139,32 @@ def peak_learning_rate(args):
 
 def choose_speed(args, build):
     """`args` with --precision and --xla resolved for this machine (speed.choose: `auto` measured on
-    the model `build()` makes, at --batch-size, and cached). Call it before seeding."""
-    choice = speed.choose(args.precision, args.xla, build, args.batch_size)
-    return argparse.Namespace(**{**vars(args), "precision": choice.precision, "xla": choice.xla})
+    the model `build()` makes, at --batch-size, and cached). Call it before seeding. Under a
+    strategy, XLA is off and the precision is measured on one replica, outside the strategy (the
+    chief's choice holds for every worker)."""
+    xla = "off" if args.strategy != "none" else args.xla
+    precision, xla = distribute.from_chief(
+        distribute.strategy(args), lambda: speed.choose(args.precision, xla, build, args.batch_size)
+    )
+    return argparse.Namespace(**{**vars(args), "precision": precision, "xla": xla})
 
 
 def epoch_size(n_train, args):
     """(batches, images) of one training epoch. With XLA, full batches only: XLA compiles one
     program per batch shape, and a partial last batch would cost a second compile of the training
-    step for a few images. The reshuffle at every epoch changes which images wait for the next
-    one."""
-    if not args.xla:
-        return -(-n_train // args.batch_size), n_train
-    if n_train < args.batch_size:
+    step for a few images. With several replicas too: each has its share of every batch. The
+    reshuffle at every epoch changes which images wait for the next one."""
+    batch = distribute.global_batch(args)
+    if not (args.xla or args.replicas > 1):
+        return -(-n_train // batch), n_train
+    if n_train < batch:
+        replicas = f" x {args.replicas} replicas" if args.replicas > 1 else ""
         raise ValueError(
-            f"--batch-size {args.batch_size} is larger than the {n_train} training examples"
+            f"--batch-size {args.batch_size}{replicas} is larger than the {n_train} training "
+            "examples"
         )
-    batches = n_train // args.batch_size
-    return batches, batches * args.batch_size
+    batches = n_train // batch
+    return batches, batches * batch
 
 
 def learning_rate(args, steps_per_epoch):
@@ -195,6 +210,7 @@ def params(args):
         "lr_schedule": args.lr_schedule,
         "loss": losses.LOSSES[args.loss].label,
         "batch_size": args.batch_size,
+        **distribute.params(args),
         "epochs": args.epochs,
         "patience": args.patience,
         "augment": not args.no_augment,
@@ -213,7 +229,7 @@ def evaluate(model, images, masks, batch_size, tta=False, cases=None, tolerance=
     (None: synthetic). Returns (metrics, probabilities, per-case table)."""
 
     def predict(batch):
-        return model.predict(batch, batch_size=batch_size, verbose=0)
+        return distribute.predict(model, batch, batch_size)
 
     probabilities = geometry.predict_mirrored(predict, images) if tta else predict(images)
     results, table = evaluation.test_metrics(masks, probabilities, cases, tolerance)
@@ -249,20 +265,24 @@ def fit_and_log(
     train_set = data.make_dataset(
         x_train,
         y_train,
-        args.batch_size,
+        distribute.global_batch(args),
         True,
         not args.no_augment,
         args.seed,
-        drop_remainder=args.xla,
+        drop_remainder=args.xla or args.replicas > 1,  # as epoch_size
     )
     # Evaluation keeps no activations for a backward pass, so larger batches fit: fewer calls, and
     # fewer batch shapes for XLA to compile (the 30 validation images: one batch of 30 instead of 8,
     # 8, 8 and 6).
-    eval_batch = EVAL_BATCH_FACTOR * args.batch_size
+    eval_batch = EVAL_BATCH_FACTOR * distribute.global_batch(args)
     val_set = data.make_dataset(x_val, y_val, eval_batch)
+    validation = [distribute.Validation(x_val, y_val, eval_batch)] if args.replicas > 1 else []
     artifacts = {"config.json": vars(args), **(tables or {})}  # config.json: what --resume reads
-    with tracking.tracked_run(
-        args.experiment, run_name, run_params, artifacts, args.checkpoint_dir, args.resume
+    with distribute.tracked_on_chief(
+        args,
+        lambda: tracking.tracked_run(
+            args.experiment, run_name, run_params, artifacts, args.checkpoint_dir, args.resume
+        ),
     ) as run:
         stateful = [
             keras.callbacks.EarlyStopping(
@@ -274,6 +294,7 @@ def fit_and_log(
                 keras.callbacks.ReduceLROnPlateau("val_dice", mode="max", factor=0.5, patience=3)
             )
         saved = checkpoint.Checkpoint(run.folder, stateful)
+        distribute.share_checkpoint(model.distribute_strategy, saved)
         run.log_missing_epochs(saved.history)
         saved.restore(model, train_set, args.epochs)
         logger = tracking.EpochLogger(
@@ -282,10 +303,10 @@ def fit_and_log(
         try:
             model.fit(
                 train_set,
-                validation_data=val_set,
+                validation_data=None if validation else val_set,
                 initial_epoch=saved.epoch,
                 epochs=saved.epoch if saved.finished(args.epochs) else args.epochs,
-                callbacks=[divergence.DivergenceGuard(), *stateful, saved, logger],
+                callbacks=[*validation, divergence.DivergenceGuard(), *stateful, saved, logger],
                 shuffle=False,
                 verbose=0,
             )

@@ -33,6 +33,7 @@ import numpy as np
 import cli
 import data
 import datasets
+import distribute
 import figures
 import losses
 import recipe
@@ -121,6 +122,7 @@ def parse_args(argv=None):
         parser.error("--patience must be >= 0 and --lr > 0")
     if args.num_classes < 2:
         parser.error("--num-classes must be at least 2 (background included)")
+    distribute.check_arguments(parser, args)
     return args, parser
 
 
@@ -184,6 +186,7 @@ def build_model(args, output_bias=0.0):
         args.base_filters,
         args.depth,
         num_classes=1 if args.num_classes == 2 else args.num_classes,
+        batch_norm=distribute.batch_norm(args),
         skip_connections=not args.no_skip,
         output_bias=output_bias,
         name="UNetNoSkip" if args.no_skip else "UNet",
@@ -193,7 +196,7 @@ def build_model(args, output_bias=0.0):
 def train(args):
     """One tracked U-Net training run on 2D images; returns the final metrics and the model."""
     splits, description, test_cases = load_data(args)  # bad data is refused before the speed probe
-    args = recipe.choose_speed(args, lambda: build_model(args))
+    args = recipe.choose_speed(distribute.with_replicas(args), lambda: build_model(args))
     keras.utils.set_random_seed(args.seed)
     labels = splits["train"][1]
     # The prior: the foreground fraction (sigmoid), or the fraction of each class (softmax).
@@ -201,9 +204,9 @@ def train(args):
         prior = float(labels.mean())
     else:
         prior = [np.mean(labels == c) for c in range(args.num_classes)]
-    with speed.policy_scope(args.precision):
+    with speed.policy_scope(args.precision), distribute.strategy(args).scope():
         model = build_model(args, recipe.prior_bias(args, prior))
-    recipe.compile_model(model, args, len(splits["train"][0]))
+        recipe.compile_model(model, args, len(splits["train"][0]))
     run_name = args.run_name or (
         f"{model.name}_{losses.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
     )
@@ -211,7 +214,7 @@ def train(args):
         f"{run_name}: {description['data_split']} train/val/test images "
         f"of {description['data_shape']}, foreground {description['data_foreground_fraction']:.1%} "
         f"of pixels, {model.count_params():,} parameters, {args.precision}, "
-        f"XLA {'on' if args.xla else 'off'}"
+        f"XLA {'on' if args.xla else 'off'}{distribute.describe(args)}"
     )
     run_params = params(args, model, description)
     results = recipe.fit_and_log(
@@ -251,11 +254,14 @@ def run_grid(args):
 def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
-    with cli.command_line_errors(parser):
-        store.open_store()
-        if args.resume:
-            args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
+    with cli.command_line_errors(parser), distribute.lost_workers():
+        if distribute.is_chief(args):  # the only process that talks to MLflow
+            store.open_store()
+            if args.resume:
+                args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
+        args = distribute.setup(args)  # multiworker: the chief's configuration, on every worker
         run_grid(args) if args.grid else train(args)
+        distribute.wait_for_the_chief(args)
 
 
 if __name__ == "__main__":
