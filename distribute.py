@@ -203,10 +203,13 @@ def predict(model: keras.Model, images: np.ndarray, batch: int) -> np.ndarray:
     batch is what TensorFlow 2.21's oneDNN convolution (CPU) gets wrong (its output keeps the
     input's channels)."""
     count = len(images)
-    if model.distribute_strategy.num_replicas_in_sync > 1:
-        padding = np.zeros((-count % batch, *images.shape[1:]), images.dtype)
-        images = np.concatenate([images, padding])
-    return model.predict(images, batch_size=batch, verbose=0)[:count]
+    if model.distribute_strategy.num_replicas_in_sync == 1:
+        return model.predict(images, batch_size=batch, verbose=0)
+    padding = np.zeros((-count % batch, *images.shape[1:]), images.dtype)
+    batches = tf.data.Dataset.from_tensor_slices(np.concatenate([images, padding])).batch(batch)
+    options = tf.data.Options()  # each worker its share of every batch, as data.make_dataset
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return model.predict(batches.with_options(options), verbose=0)[:count]
 
 
 class Validation(keras.callbacks.Callback):
@@ -257,6 +260,8 @@ def _of_replica_zero(started, array):
 def _bytes_of_replica_zero(started, data):
     """The bytes `data` of global replica 0, on every worker."""
     size = int(_of_replica_zero(started, np.array([len(data)], np.int64))[0])
+    if not size:
+        return b""  # (a collective on an empty tensor crashes TensorFlow)
     words = np.zeros(-(-size // 4), np.int32)  # int32: exact through a sum, 4 bytes a number
     if data:
         words = np.frombuffer(data.ljust(4 * len(words), b"\0"), np.int32)
