@@ -91,7 +91,8 @@ class Checkpoint(keras.callbacks.Callback):
             return
         model.set_weights(self._arrays("weights"))
         if not model.optimizer.built:  # its moments must exist before they are filled
-            model.optimizer.build(model.trainable_variables)
+            with model.distribute_strategy.scope():  # (mirrored across replicas, if any)
+                model.optimizer.build(model.trainable_variables)
         for variable, value in zip(
             model.optimizer.variables, self._arrays("optimizer"), strict=True
         ):

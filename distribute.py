@@ -34,7 +34,6 @@ import tensorflow as tf
 
 import keras_multiworker
 import losses
-import store
 
 Strategy = Literal["none", "mirrored", "multiworker"]
 STRATEGIES = get_args(Strategy)
@@ -331,9 +330,11 @@ def lost_workers():
     try:
         yield
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
+        lines = str(error).splitlines() or [type(error).__name__]
+        why = next((line for line in lines if "unhealthy" in line or "reset by" in line), lines[0])
         raise WorkerLost(
-            f"a worker of the cluster stopped ({store.first_line(error)}); start every worker "
-            "again, with --resume to continue the run"
+            f"a worker of the cluster stopped ({why.split('aborted by: ')[-1][:200]}); start "
+            "every worker again, with --resume to continue the run"
         ) from None
 
 

@@ -278,12 +278,15 @@ def fit_and_log(
     val_set = data.make_dataset(x_val, y_val, eval_batch)
     validation = [distribute.Validation(x_val, y_val, eval_batch)] if args.replicas > 1 else []
     artifacts = {"config.json": vars(args), **(tables or {})}  # config.json: what --resume reads
-    with distribute.tracked_on_chief(
-        args,
-        lambda: tracking.tracked_run(
-            args.experiment, run_name, run_params, artifacts, args.checkpoint_dir, args.resume
-        ),
-    ) as run:
+    with (
+        distribute.tracked_on_chief(
+            args,
+            lambda: tracking.tracked_run(
+                args.experiment, run_name, run_params, artifacts, args.checkpoint_dir, args.resume
+            ),
+        ) as run,
+        distribute.lost_workers(),
+    ):  # (a lost worker fails the run with a clear tag)
         stateful = [
             keras.callbacks.EarlyStopping(
                 "val_dice", mode="max", patience=args.patience, restore_best_weights=True, verbose=0
