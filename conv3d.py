@@ -37,6 +37,7 @@ import datasets
 import distribute
 import figures
 import memory
+import multiworker
 import recipe
 import resume
 import speed
@@ -370,8 +371,8 @@ def print_levers(rows, batch):
 def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
-    with cli.command_line_errors(parser), distribute.lost_workers():
-        chief = distribute.is_chief(
+    with cli.command_line_errors(parser), multiworker.lost_workers():
+        chief = multiworker.is_chief(
             args
         )  # under multiworker, the only process that talks to MLflow
         if chief and (args.resume or not args.skip_training):

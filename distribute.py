@@ -10,22 +10,17 @@ What this module teaches:
 - `--strategy mirrored`: MirroredStrategy over every GPU of the machine, or over `--devices N`
   logical devices of the CPU (to try it without GPUs: they share the same cores, nothing is faster);
 - `--strategy multiworker`: MultiWorkerMirroredStrategy over processes, on one machine or several,
-  described by TF_CONFIG as TensorFlow defines it (the cluster's workers, and this process's task).
-  The chief (task "chief", or worker 0 when there is none) alone talks to MLflow, keeps the
-  checkpoint and saves the model; the other workers take their configuration, their speed choice and
-  the checkpoint to resume from the chief (`from_chief`), log nothing, and exit 0 once the chief is
-  done. Keras needs a patch for it (keras_multiworker.py);
+  described by TF_CONFIG; the chief alone talks to MLflow (multiworker.py). Keras needs a patch for
+  it (keras_multiworker.py);
 - under a strategy: --batch-size is per replica (the global batch is --batch-size x replicas),
-  epochs are made of full global batches (each replica always has a share), XLA is off (a compiled
-  step cannot reach variables on other devices).
+  epochs are made of full global batches (each replica always has a share), the validation and
+  test sets are predicted in full batches too and scored over every example (`predict`,
+  `Validation`), XLA is off (a compiled step cannot reach variables on other devices), and the
+  precision is chosen on one replica (recipe.choose_speed).
 """
 
 import argparse
-import contextlib
 import functools
-import json
-import os
-from collections.abc import Callable
 from typing import Literal, get_args
 
 import keras
@@ -34,13 +29,10 @@ import tensorflow as tf
 
 import keras_multiworker
 import losses
+import multiworker
 
 Strategy = Literal["none", "mirrored", "multiworker"]
 STRATEGIES = get_args(Strategy)
-TF_CONFIG_EXAMPLE = (
-    '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-    '"task": {"type": "worker", "index": 0}}'
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,44 +67,13 @@ def check_arguments(
             )
 
 
-def _task():
-    """(task type, index, cluster) from TF_CONFIG."""
-    text = os.environ.get("TF_CONFIG")
-    if not text:
-        raise ValueError(
-            "--strategy multiworker takes its workers from TF_CONFIG, which is not set; "
-            f"for example TF_CONFIG='{TF_CONFIG_EXAMPLE}'"
-        )
-    try:
-        config = json.loads(text)
-        cluster, kind, index = (
-            config["cluster"],
-            config["task"]["type"],
-            int(config["task"]["index"]),
-        )
-        known = len(cluster.get(kind, []))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"TF_CONFIG is not a cluster and a task ({error!r}): {text}") from None
-    if kind not in ("chief", "worker") or not 0 <= index < known:
-        raise ValueError(f"TF_CONFIG's task {kind} {index} is not a worker of its cluster: {text}")
-    return kind, index, cluster
-
-
-def is_chief(args: argparse.Namespace) -> bool:
-    """Whether this process logs to MLflow: always, but under multiworker only the chief."""
-    if args.strategy != "multiworker":
-        return True
-    kind, index, cluster = _task()
-    return kind == "chief" or (index == 0 and "chief" not in cluster)
-
-
 @functools.cache
 def _strategy(kind, devices):
     if kind == "none":
         return tf.distribute.get_strategy()
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy(_logical_cpus(devices) if devices else None)
-    _task()  # a clear error if TF_CONFIG is missing or wrong
+    multiworker.task()  # a clear error if TF_CONFIG is missing or wrong
     keras_multiworker.patch()
     return tf.distribute.MultiWorkerMirroredStrategy()
 
@@ -146,12 +107,19 @@ def setup(args: argparse.Namespace) -> argparse.Namespace:
     started = strategy(args)
     if args.strategy != "multiworker":
         return args
-    config = from_chief(started, lambda: vars(args))
+    config = multiworker.from_chief(started, lambda: vars(args))
     # JSON has no tuples: give back the type argparse gives (--shard's (I, N), say).
     mine = vars(args)
     return argparse.Namespace(
         **{k: tuple(v) if isinstance(mine.get(k), tuple) else v for k, v in config.items()}
     )
+
+
+def wait_for_the_chief(args: argparse.Namespace) -> None:
+    """Under multiworker, every worker waits here until the chief has ended its runs: TensorFlow
+    reports a worker that leaves first as crashed."""
+    if args.strategy == "multiworker":
+        multiworker.from_chief(strategy(args), lambda: None)
 
 
 def with_replicas(args: argparse.Namespace) -> argparse.Namespace:
@@ -235,108 +203,3 @@ class Validation(keras.callbacks.Callback):
                 metric.update_state(truth, batch)
         logs["val_loss"] = total / len(self.images)
         logs.update({f"val_{metric.name}": float(metric.result()) for metric in overlaps})
-
-
-# ------------------------------------------------------------------------------------------------
-# Multi-worker: the chief's values sent to the other workers over the strategy's collectives.
-
-
-def _multi_worker(started):
-    return isinstance(started, tf.distribute.MultiWorkerMirroredStrategy)
-
-
-def _of_replica_zero(started, array):
-    """`array` as global replica 0 (the chief's first device) has it, on every worker: the sum of
-    its value and the other replicas' zeros."""
-
-    def value(context):
-        return array if context.replica_id_in_sync_group == 0 else np.zeros_like(array)
-
-    values = started.experimental_distribute_values_from_function(value)
-    return started.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
-
-
-def _bytes_of_replica_zero(started, data):
-    """The bytes `data` of global replica 0, on every worker."""
-    size = int(_of_replica_zero(started, np.array([len(data)], np.int64))[0])
-    if not size:
-        return b""  # (a collective on an empty tensor crashes TensorFlow)
-    words = np.zeros(-(-size // 4), np.int32)  # int32: exact through a sum, 4 bytes a number
-    if data:
-        words = np.frombuffer(data.ljust(4 * len(words), b"\0"), np.int32)
-    return _of_replica_zero(started, words).tobytes()[:size]
-
-
-def from_chief(started: tf.distribute.Strategy, compute: Callable[[], object]) -> object:
-    """`compute()` on the chief, and its (JSON-able) value on every worker of a multi-worker
-    strategy, where it is not computed; `compute()` everywhere else. Every worker must call it at
-    the same point: it is a collective."""
-    if not _multi_worker(started):
-        return compute()
-    chief = started.extended.should_checkpoint  # TensorFlow's own test: task 0 of the cluster
-    data = json.dumps(compute()).encode() if chief else b""
-    return json.loads(_bytes_of_replica_zero(started, data))
-
-
-def share_checkpoint(started: tf.distribute.Strategy, saved) -> None:
-    """Give every worker the chief's checkpoint (checkpoint.Checkpoint): the others keep none of
-    their own, so a worker that died loses nothing the chief has kept."""
-    if not _multi_worker(started):
-        return
-    data = b""
-    if saved.folder and os.path.exists(saved.path):
-        with open(saved.path, "rb") as file:
-            data = file.read()
-    data = _bytes_of_replica_zero(started, data)
-    if data and not saved.folder:
-        saved.load(data)
-
-
-def wait_for_the_chief(args: argparse.Namespace) -> None:
-    """Under multiworker, every worker waits here until the chief has ended its runs: TensorFlow
-    reports a worker that leaves first as crashed."""
-    if args.strategy == "multiworker":
-        from_chief(strategy(args), lambda: None)
-
-
-class FollowerRun:
-    """What a worker other than the chief has in place of the MLflow run (tracking.TrackedRun):
-    nothing is logged, the checkpoint is kept in memory (folder None)."""
-
-    folder = None
-    seconds = 0.0
-
-    def log_metrics(self, values, step):
-        pass
-
-    def log_missing_epochs(self, history):
-        pass
-
-    def log_results(self, *args, **kwargs):
-        pass
-
-
-def tracked_on_chief(
-    args: argparse.Namespace, tracked_run: Callable[[], contextlib.AbstractContextManager]
-):
-    """The chief's `tracked_run()`, or a FollowerRun on the other workers."""
-    return tracked_run() if is_chief(args) else contextlib.nullcontext(FollowerRun())
-
-
-@contextlib.contextmanager
-def lost_workers():
-    """A worker that stops (crashed, killed) aborts the others' collectives: one line saying so,
-    instead of TensorFlow's traceback (an OSError: the chief's run is FAILED, and resumable)."""
-    try:
-        yield
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
-        lines = str(error).splitlines() or [type(error).__name__]
-        why = next((line for line in lines if "unhealthy" in line or "reset by" in line), lines[0])
-        raise WorkerLost(
-            f"a worker of the cluster stopped ({why.split('aborted by: ')[-1][:200]}); start "
-            "every worker again, with --resume to continue the run"
-        ) from None
-
-
-class WorkerLost(OSError):
-    """Another worker of a multi-worker strategy stopped."""

@@ -28,6 +28,7 @@ import evaluation
 import figures
 import geometry
 import losses
+import multiworker
 import resume
 import speed
 import tracking
@@ -79,12 +80,7 @@ def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_na
         default="cosine",
         help="learning-rate schedule over --epochs",
     )
-    add(
-        "--batch-size",
-        type=int,
-        default=batch_size,
-        help=f"{unit} per step (per replica with --strategy)",
-    )
+    add("--batch-size", type=int, default=batch_size, help=f"{unit} per step and replica")
     distribute.add_arguments(parser)
     speed.add_arguments(parser)
     add("--epochs", type=int, default=epochs, help="maximum number of epochs")
@@ -140,10 +136,9 @@ def peak_learning_rate(args):
 def choose_speed(args, build):
     """`args` with --precision and --xla resolved for this machine (speed.choose: `auto` measured on
     the model `build()` makes, at --batch-size, and cached). Call it before seeding. Under a
-    strategy, XLA is off and the precision is measured on one replica, outside the strategy (the
-    chief's choice holds for every worker)."""
+    strategy: XLA off, the precision measured on one replica (the chief's choice for all)."""
     xla = "off" if args.strategy != "none" else args.xla
-    precision, xla = distribute.from_chief(
+    precision, xla = multiworker.from_chief(
         distribute.strategy(args), lambda: speed.choose(args.precision, xla, build, args.batch_size)
     )
     return argparse.Namespace(**{**vars(args), "precision": precision, "xla": xla})
@@ -278,15 +273,10 @@ def fit_and_log(
     val_set = data.make_dataset(x_val, y_val, eval_batch)
     validation = [distribute.Validation(x_val, y_val, eval_batch)] if args.replicas > 1 else []
     artifacts = {"config.json": vars(args), **(tables or {})}  # config.json: what --resume reads
-    with (
-        distribute.tracked_on_chief(
-            args,
-            lambda: tracking.tracked_run(
-                args.experiment, run_name, run_params, artifacts, args.checkpoint_dir, args.resume
-            ),
-        ) as run,
-        distribute.lost_workers(),
-    ):  # (a lost worker fails the run with a clear tag)
+    tracked = tracking.tracked_run(  # entered by the chief only (multiworker.py)
+        args.experiment, run_name, run_params, artifacts, args.checkpoint_dir, args.resume
+    )
+    with multiworker.tracked_on_chief(args, tracked) as run, multiworker.lost_workers():
         stateful = [
             keras.callbacks.EarlyStopping(
                 "val_dice", mode="max", patience=args.patience, restore_best_weights=True, verbose=0
@@ -297,7 +287,7 @@ def fit_and_log(
                 keras.callbacks.ReduceLROnPlateau("val_dice", mode="max", factor=0.5, patience=3)
             )
         saved = checkpoint.Checkpoint(run.folder, stateful)
-        distribute.share_checkpoint(model.distribute_strategy, saved)
+        multiworker.share_checkpoint(model.distribute_strategy, saved)
         run.log_missing_epochs(saved.history)
         saved.restore(model, train_set, args.epochs)
         logger = tracking.EpochLogger(

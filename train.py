@@ -36,6 +36,7 @@ import datasets
 import distribute
 import figures
 import losses
+import multiworker
 import recipe
 import resume
 import speed
@@ -254,8 +255,8 @@ def run_grid(args):
 def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
-    with cli.command_line_errors(parser), distribute.lost_workers():
-        if distribute.is_chief(args):  # the only process that talks to MLflow
+    with cli.command_line_errors(parser), multiworker.lost_workers():
+        if multiworker.is_chief(args):  # the only process that talks to MLflow
             store.open_store()
             if args.resume:
                 args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)

@@ -20,6 +20,7 @@ import conv3d
 import data
 import distribute
 import keras_multiworker
+import multiworker
 import recipe
 import train
 
@@ -116,8 +117,8 @@ CLUSTER = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
 )
 def test_the_chief_is_tensorflows(cluster, task, chief, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
-    assert distribute.is_chief(train.parse_args(_argv("multiworker"))[0]) is chief
-    assert distribute.is_chief(train.parse_args([])[0])  # without a strategy, always
+    assert multiworker.is_chief(train.parse_args(_argv("multiworker"))[0]) is chief
+    assert multiworker.is_chief(train.parse_args([])[0])  # without a strategy, always
 
 
 @pytest.mark.parametrize(
@@ -173,7 +174,7 @@ def test_the_training_set_is_shared_out_by_examples():
 
 
 def test_without_a_multi_worker_strategy_the_chiefs_value_is_computed_here():
-    assert distribute.from_chief(tf.distribute.get_strategy(), lambda: [1, "a"]) == [1, "a"]
+    assert multiworker.from_chief(tf.distribute.get_strategy(), lambda: [1, "a"]) == [1, "a"]
 
 
 def test_a_follower_keeps_its_checkpoint_in_memory_and_reads_the_chiefs(tmp_path):
