@@ -46,6 +46,7 @@ def one_step(strategy, weights, loss, batch_norm, splits):
 
 def main():
     two = distribute.strategy(argparse.Namespace(strategy="mirrored", devices=2))
+    cpu = tf.distribute.OneDeviceStrategy("/cpu:0")  # the same kernels as the 2 CPU devices
     images, masks = data.make_synthetic_2d(13, 16, seed=3, foreground=0.2)
     splits = (images[:8], masks[:8]), (images[8:], masks[8:])
     keras.utils.set_random_seed(0)
@@ -56,7 +57,7 @@ def main():
         ("generalized_dice", "synchronized"),
         ("bce_dice", "keras"),  # statistics of each replica's half-batch
     ):
-        one_model, one = one_step(tf.distribute.get_strategy(), start, loss, batch_norm, splits)
+        one_model, one = one_step(cpu, start, loss, batch_norm, splits)
         two_model, two_logs = one_step(two, start, loss, batch_norm, splits)
         probabilities = one_model.predict(images[8:], verbose=0)
         report[f"{loss} {batch_norm}"] = {
