@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, xla_flags=("xla",)
+    parser: argparse.ArgumentParser, args: argparse.Namespace, xla_flags: tuple[str, ...] = ("xla",)
 ) -> None:
     """Refuse (parser.error) what a strategy cannot take: --devices without mirrored, XLA on."""
     if args.devices is not None and (args.strategy != "mirrored" or args.devices < 1):
