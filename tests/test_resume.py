@@ -18,7 +18,7 @@ import train
 # Learns in a few epochs (test Dice about 0.87 after 6): the comparison below is about a real model.
 LEARNS = (
     "--n-images 64 --image-size 32 --base-filters 8 --depth 3 --batch-size 8 --foreground 0.1 "
-    "--noise 0.02 --lr 1e-2 --seed 1 --no-xla"
+    "--noise 0.02 --lr 1e-2 --seed 1 --xla off"
 ).split()
 
 

@@ -29,7 +29,7 @@ import tracking_server
 
 TINY = (
     "--n-images 40 --image-size 32 --base-filters 8 --depth 3 --epochs 1 --batch-size 8 "
-    "--foreground 0.1 --seed 1 --no-xla"
+    "--foreground 0.1 --seed 1 --xla off"
 ).split()
 READY = "Ctrl-C stops the server."
 

@@ -291,7 +291,7 @@ def test_a_bad_shard_is_one_line(flags, message, capsys):
 
 @pytest.mark.slow
 def test_a_grid_shard_runs_its_cells_each_as_its_own_run_and_prints_their_table(store, capsys):
-    train.main(TINY + ["--epochs", "1", "--no-xla", "--grid", "--shard", "11/12"])
+    train.main(TINY + ["--epochs", "1", "--xla", "off", "--grid", "--shard", "11/12"])
     runs = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])
     names = {"UNet_CombinedLoss_RMSprop", "UNet_GeneralizedDiceLoss_RMSprop"}  # cells 11 and 23
     assert {run.info.run_name for run in runs} == names
