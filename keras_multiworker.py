@@ -1,8 +1,8 @@
 """Keras 3's `fit` under MultiWorkerMirroredStrategy: the smallest compatibility layer that makes it
 work, until keras-team/keras#20585 is fixed upstream.
 
-With TensorFlow's MultiWorkerMirroredStrategy across two or more processes, Keras 3 (up to 3.15 at
-least) fails at once in `fit`, in two places of its TensorFlow trainer
+With TensorFlow's MultiWorkerMirroredStrategy across two or more processes, Keras 3 (3.15.1 checked,
+the issue still open) fails at once in `fit`, in two places of its TensorFlow trainer
 (keras/src/backend/tensorflow/trainer.py):
 - `_maybe_symbolic_build` takes the first batch as a sample for building the metrics and the
   optimizer, and averages the replicas' batches with `strategy.reduce("MEAN", ...)`, which
@@ -16,15 +16,17 @@ least) fails at once in `fit`, in two places of its TensorFlow trainer
   variables, summed over every replica.
 
 `patch()` replaces those two functions with wrappers that change only the multi-worker case, for the
-Keras versions known to need it (KERAS_VERSIONS). tests/test_multiworker.py runs `fit` under the
-strategy without the patch and fails once Keras no longer needs it: then delete this module.
+Keras versions up to the last one checked (KERAS_VERSIONS); a later Keras runs unpatched. The tests
+of tests/test_multiworker.py tell what to do after an upgrade: the one that runs `fit` under the
+strategy without the patch fails once Keras no longer needs it (then delete this module); the
+2-worker trainings fail if a later Keras still needs it (then move the bound).
 """
 
 import keras
 import tensorflow as tf
 from keras.src.backend.tensorflow import trainer as tf_trainer
 
-# Keras versions that need the patch: [first, last) as (major, minor); 3.15 is the last one checked.
+# Keras versions patched: [first, last) as (major, minor), up to 3.15, the last one checked.
 KERAS_VERSIONS = ((3, 0), (3, 16))
 
 

@@ -16,6 +16,7 @@ What this script teaches:
     python train.py --grid --image-size 64 --foreground 0.015 --contrast 0.2   # all the cells
     python train.py --dataset mni-wm              # white matter in a real T1 MRI (MNI152)
     python train.py --data-dir DIR                # images/ + masks/, or imagesTr/ + labelsTr/
+    python train.py --strategy mirrored           # every GPU of the machine (distribute.py)
 """
 
 import os
