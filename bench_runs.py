@@ -52,7 +52,11 @@ def train_py(epochs: int, n_images: int, quick: bool) -> dict[str, float]:
             for key in ("epoch_seconds", "images_per_second")
         }
     results, logged = run.data.metrics, run.data.params
-    settings = argparse.Namespace(batch_size=int(logged["batch_size"]), xla=logged["xla"] == "True")
+    settings = argparse.Namespace(
+        batch_size=int(logged["batch_size"]),
+        xla=logged["xla"] == "True",
+        replicas=int(logged.get("replicas", 1)),
+    )
     images = recipe.epoch_size(int(logged["data_split"].split("/")[0]), settings)[1]
     steps, validation, first_extra = split_epochs(
         history["epoch_seconds"], history["images_per_second"], images

@@ -18,6 +18,7 @@ state, and it writes two files one after the other.
 """
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -45,22 +46,28 @@ class Checkpoint(keras.callbacks.Callback):
     their saved state back when fit starts.
 
     Args:
-        folder: the run's own folder (created at the first save).
+        folder: the run's own folder (created at the first save); None keeps the state in memory
+            only (a worker that follows the chief of a multi-worker strategy: distribute.py).
         callbacks: the training's callbacks; those named in CALLBACK_STATE are saved and restored.
     """
 
-    def __init__(self, folder: str, callbacks: list[keras.callbacks.Callback]):
+    def __init__(self, folder: str | None, callbacks: list[keras.callbacks.Callback]):
         super().__init__()
-        self.folder, self.path = folder, os.path.join(folder, FILE)
+        self.folder, self.path = folder, folder and os.path.join(folder, FILE)
         self.stateful = {
             type(c).__name__: c for c in callbacks if type(c).__name__ in CALLBACK_STATE
         }
         self.state = {"epoch": 0, "stopped": False, "history": [], "fit_seconds": 0.0}
         self.arrays = {}
-        if os.path.exists(self.path):
-            with np.load(self.path) as saved:
-                self.arrays = {name: saved[name] for name in saved.files}
-            self.state = json.loads(str(self.arrays.pop("state")))
+        if folder and os.path.exists(self.path):
+            self.load(self.path)
+        self.previous_fit_seconds = self.state["fit_seconds"]
+
+    def load(self, source: str | bytes) -> None:
+        """Read a checkpoint: its file, or the file's bytes (the chief's, sent to the others)."""
+        with np.load(io.BytesIO(source) if isinstance(source, bytes) else source) as saved:
+            self.arrays = {name: saved[name] for name in saved.files}
+        self.state = json.loads(str(self.arrays.pop("state")))
         self.previous_fit_seconds = self.state["fit_seconds"]
 
     @property
@@ -84,7 +91,8 @@ class Checkpoint(keras.callbacks.Callback):
             return
         model.set_weights(self._arrays("weights"))
         if not model.optimizer.built:  # its moments must exist before they are filled
-            model.optimizer.build(model.trainable_variables)
+            with model.distribute_strategy.scope():  # (mirrored across replicas, if any)
+                model.optimizer.build(model.trainable_variables)
         for variable, value in zip(
             model.optimizer.variables, self._arrays("optimizer"), strict=True
         ):
@@ -116,6 +124,11 @@ class Checkpoint(keras.callbacks.Callback):
             state[name] = {a: _plain(getattr(callback, a)) for a in CALLBACK_STATE[name]}
         best = getattr(self.stateful.get("EarlyStopping"), "best_weights", None)
         arrays.update(_numbered("best", best or []))
+        if self.folder:
+            self._write(state, arrays)
+        self.state, self.arrays = state, arrays
+
+    def _write(self, state, arrays):
         os.makedirs(self.folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as file:
             try:
@@ -126,13 +139,13 @@ class Checkpoint(keras.callbacks.Callback):
                 os.remove(file.name)
                 raise
         os.replace(file.name, self.path)
-        self.state, self.arrays = state, arrays
 
     def remove(self) -> None:
         """Delete the run's folder (once the run is FINISHED, all of it is in MLflow)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
-        with contextlib.suppress(OSError):  # and --checkpoint-dir too, once empty
-            os.rmdir(os.path.dirname(self.folder))
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # and --checkpoint-dir too, once empty
+                os.rmdir(os.path.dirname(self.folder))
 
     def _arrays(self, prefix):
         count = sum(name.startswith(f"{prefix}_") for name in self.arrays)

@@ -35,8 +35,10 @@ import numpy as np
 import cli
 import data
 import datasets
+import distribute
 import figures
 import memory
+import multiworker
 import recipe
 import resume
 import speed
@@ -176,6 +178,7 @@ def parse_args(argv=None):
         parser.error(
             "--n-volumes, --batch-size, --slice-batch-size, --epochs and --shape must be positive"
         )
+    distribute.check_arguments(parser, args, ("xla", "slice_xla"))
     return args, parser
 
 
@@ -203,14 +206,19 @@ def train3d(args, memory_rows=None, loaded=None):
 
     def build(output_bias=0.0):
         return unet.build_unet3d(
-            (*args.shape, 1), args.base_filters, args.depth, args.kernel_size, output_bias
+            (*args.shape, 1),
+            args.base_filters,
+            args.depth,
+            args.kernel_size,
+            output_bias,
+            batch_norm=distribute.batch_norm(args),
         )
 
-    args = recipe.choose_speed(args, build)
+    args = recipe.choose_speed(distribute.with_replicas(args), build)
     keras.utils.set_random_seed(args.seed)
-    with speed.policy_scope(args.precision):
+    with speed.policy_scope(args.precision), distribute.strategy(args).scope():
         model = build(recipe.prior_bias(args, float(splits["train"][1].mean())))
-    recipe.compile_model(model, args, len(splits["train"][0]))
+        recipe.compile_model(model, args, len(splits["train"][0]))
     kind = "Baseline" if args.precision == "float32" else "MixedPrecision"
     run_name = args.run_name or f"Conv3D_{kind}_{recipe.size_text(model)}"
     run_params = {
@@ -224,6 +232,7 @@ def train3d(args, memory_rows=None, loaded=None):
         f"of {description['data_shape']}, "
         f"foreground {description['data_foreground_fraction']:.1%} of voxels, "
         f"{model.count_params():,} parameters, {args.precision}, XLA {'on' if args.xla else 'off'}"
+        f"{distribute.describe(args)}"
     )
     tables = {"memory_levers.json": {"rows": memory_rows}} if memory_rows else None
     return recipe.fit_and_log(
@@ -266,15 +275,16 @@ def train_on_slices(args, loaded=None):
             args.base_filters,
             args.depth,
             kernel_size=args.kernel_size,
+            batch_norm=distribute.batch_norm(args),
             output_bias=output_bias,
             name="UNet2D",
         )
 
-    slice_args = recipe.choose_speed(slice_args, build)
+    slice_args = recipe.choose_speed(distribute.with_replicas(slice_args), build)
     keras.utils.set_random_seed(args.seed)
-    with speed.policy_scope(slice_args.precision):
+    with speed.policy_scope(slice_args.precision), distribute.strategy(args).scope():
         model = build(recipe.prior_bias(args, float(splits["train"][1].mean())))
-    recipe.compile_model(model, slice_args, len(splits["train"][0]))
+        recipe.compile_model(model, slice_args, len(splits["train"][0]))
     run_params = {
         **unet.describe(model),
         "architecture": "UNet2D on slices",
@@ -286,7 +296,7 @@ def train_on_slices(args, loaded=None):
     print(
         f"\n{run_name}: the same volumes as {len(splits['train'][0])} training slices, "
         f"batch {slice_args.batch_size}, {slice_args.precision}, "
-        f"XLA {'on' if slice_args.xla else 'off'}"
+        f"XLA {'on' if slice_args.xla else 'off'}{distribute.describe(slice_args)}"
     )
     return recipe.fit_and_log(
         model,
@@ -357,28 +367,38 @@ def print_levers(rows, batch):
 def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
-    with cli.command_line_errors(parser):
+    with cli.command_line_errors(parser), multiworker.lost_workers():
+        chief = multiworker.is_chief(
+            args
+        )  # under multiworker, the only process that talks to MLflow
+        if chief and (args.resume or not args.skip_training):
+            store.open_store()
+            if args.resume:
+                args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
+        args = distribute.setup(args)  # multiworker: the chief's configuration, on every worker
         if args.resume:  # only the interrupted run (its config.json says which of the two)
-            store.open_store()
-            args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
             resumed = train_on_slices(args) if getattr(args, "slices", False) else train3d(args)
-            cli.print_next_steps(resumed, mlflow.get_tracking_uri(), args.save_model)
+            if chief:
+                cli.print_next_steps(resumed, mlflow.get_tracking_uri(), args.save_model)
+            distribute.wait_for_the_chief(args)
             return
-        if not args.skip_training:
-            store.open_store()
         # Bad data is refused now, not after the tables.
         loaded = None if args.skip_training else load_volumes(args)
-        model = unet.build_unet3d((*args.shape, 1), args.base_filters, args.depth, args.kernel_size)
-        model.summary(line_length=100)
-        print_comparison(args)
-        rows = measure_levers(
-            tuple(args.shape),
-            args.base_filters,
-            args.depth,
-            args.batch_size,
-            not args.no_peak_memory,
-        )
-        print_levers(rows, args.batch_size)
+        rows = None
+        if chief:  # the tables are the chief's to print
+            model = unet.build_unet3d(
+                (*args.shape, 1), args.base_filters, args.depth, args.kernel_size
+            )
+            model.summary(line_length=100)
+            print_comparison(args)
+            rows = measure_levers(
+                tuple(args.shape),
+                args.base_filters,
+                args.depth,
+                args.batch_size,
+                not args.no_peak_memory,
+            )
+            print_levers(rows, args.batch_size)
         if not args.skip_training:
             results3d = train3d(args, rows, loaded)
             if args.compare_2d:
@@ -387,7 +407,9 @@ def main(argv=None):
                     f"\nsame test volumes, global Dice: Conv3D {results3d['test_dice']:.4f}, "
                     f"2D U-Net on slices {results2d['test_dice']:.4f}"
                 )
-            cli.print_next_steps(results3d, mlflow.get_tracking_uri(), args.save_model)
+            if chief:
+                cli.print_next_steps(results3d, mlflow.get_tracking_uri(), args.save_model)
+        distribute.wait_for_the_chief(args)
 
 
 if __name__ == "__main__":

@@ -396,6 +396,9 @@ def make_dataset(
             )
     options = tf.data.Options()
     options.autotune.enabled = False
+    # Under a multi-worker strategy each worker takes its share of every batch (distribute.py):
+    # arrays have no files to share out.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.batch(batch_size, drop_remainder).prefetch(2).with_options(options)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import keras
+import tensorflow as tf
 from keras import ops
 from numpy.typing import ArrayLike
 
@@ -136,16 +137,36 @@ class IoUMetric(_OverlapMetric):
 # lesion then does not produce a 0/0 of its own. One value per foreground class, then their mean.
 
 
+def whole_batch(sums: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Sums over the whole batch. Under a tf.distribute strategy each replica holds a slice of the
+    batch: its sums are added to the other replicas' (an all-reduce, whose gradient is an
+    all-reduce too), so that every replica computes the loss of the whole batch, as one device
+    would (nnU-Net gathers its batch Dice counts across GPUs alike).
+
+    Args:
+        sums: tensors summed over this replica's examples.
+
+    Returns:
+        The same sums over every replica's examples (unchanged outside a strategy).
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return sums
+    return tuple(context.all_reduce(tf.distribute.ReduceOp.SUM, list(sums)))
+
+
 def _soft_counts(y_true, y_pred):
-    """Soft (TP, FP, FN), one value per foreground class."""
+    """Soft (TP, FP, FN) over the whole batch, one value per foreground class."""
     truth, pred = foreground_channels(y_true, ops.convert_to_tensor(y_pred))
     axes = tuple(range(len(pred.shape) - 1))
-    tp = ops.sum(truth * pred, axis=axes)
-    return tp, ops.sum(pred, axis=axes) - tp, ops.sum(truth, axis=axes) - tp
+    tp, predicted, actual = whole_batch(
+        (ops.sum(truth * pred, axis=axes), ops.sum(pred, axis=axes), ops.sum(truth, axis=axes))
+    )
+    return tp, predicted - tp, actual - tp
 
 
 def cross_entropy(y_true: Tensor, y_pred: Tensor) -> Tensor:
-    """Mean cross-entropy per pixel, over every class.
+    """Mean cross-entropy per pixel over the whole batch, over every class.
 
     Args: as `class_channels`.
 
@@ -153,14 +174,28 @@ def cross_entropy(y_true: Tensor, y_pred: Tensor) -> Tensor:
         A scalar: binary cross-entropy for a sigmoid output, categorical for a softmax one.
     """
     if y_pred.shape[-1] == 1:
-        return ops.mean(keras.losses.binary_crossentropy(ops.cast(y_true, y_pred.dtype), y_pred))
-    return ops.mean(keras.losses.sparse_categorical_crossentropy(y_true[..., 0], y_pred))
+        per_pixel = keras.losses.binary_crossentropy(ops.cast(y_true, y_pred.dtype), y_pred)
+    else:
+        per_pixel = keras.losses.sparse_categorical_crossentropy(y_true[..., 0], y_pred)
+    total, pixels = whole_batch(
+        (ops.sum(per_pixel), ops.cast(ops.size(per_pixel), per_pixel.dtype))
+    )
+    return total / pixels
 
 
 class _SegmentationLoss(keras.losses.Loss):
+    """A loss of the whole batch (`batch_loss`), returned once per example. Keras averages what a
+    loss returns over the examples and, under a tf.distribute strategy, divides it by the number of
+    replicas before their gradients are summed: the batch value comes out as itself. A scalar would
+    skip that division (Keras reduces vectors only), and 2 replicas would double the loss and the
+    gradients."""
+
     def __init__(self, name, epsilon=EPSILON, **kwargs):
         super().__init__(name=name, **kwargs)
         self.epsilon = epsilon
+
+    def call(self, y_true, y_pred):
+        return ops.broadcast_to(self.batch_loss(y_true, y_pred), ops.shape(y_pred)[:1])
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
@@ -173,7 +208,7 @@ class CrossEntropyLoss(_SegmentationLoss):
     def __init__(self, name="cross_entropy_loss", **kwargs):
         super().__init__(name=name, **kwargs)
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         return cross_entropy(y_true, y_pred)
 
 
@@ -184,7 +219,7 @@ class SoftDiceLoss(_SegmentationLoss):
     def __init__(self, name="dice_loss", **kwargs):
         super().__init__(name=name, **kwargs)
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         tp, fp, fn = _soft_counts(y_true, y_pred)
         return ops.mean(1.0 - (2 * tp + self.epsilon) / (2 * tp + fp + fn + self.epsilon))
 
@@ -197,8 +232,8 @@ class BCEDiceLoss(SoftDiceLoss):
         super().__init__(name=name, **kwargs)
         self.bce_weight, self.dice_weight = bce_weight, dice_weight
 
-    def call(self, y_true, y_pred):
-        dice = super().call(y_true, y_pred)
+    def batch_loss(self, y_true, y_pred):
+        dice = super().batch_loss(y_true, y_pred)
         return self.bce_weight * cross_entropy(y_true, y_pred) + self.dice_weight * dice
 
     def get_config(self):
@@ -224,7 +259,7 @@ class TverskyLoss(_SegmentationLoss):
         tp, fp, fn = _soft_counts(y_true, y_pred)
         return (tp + self.epsilon) / (tp + self.alpha * fp + self.beta * fn + self.epsilon)
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         return ops.mean(1.0 - self.tversky_index(y_true, y_pred))
 
     def get_config(self):
@@ -241,7 +276,7 @@ class FocalTverskyLoss(TverskyLoss):
         super().__init__(alpha, beta, name=name, **kwargs)
         self.gamma = gamma
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         # The clip keeps the gradient of x ** (1/γ) finite at a perfect overlap (x = 0).
         distance = ops.maximum(1.0 - self.tversky_index(y_true, y_pred), self.epsilon)
         return ops.mean(ops.power(distance, 1.0 / self.gamma))
@@ -258,11 +293,12 @@ class GeneralizedDiceLoss(_SegmentationLoss):
     def __init__(self, name="generalized_dice_loss", **kwargs):
         super().__init__(name=name, **kwargs)
 
-    def call(self, y_true, y_pred):
+    def batch_loss(self, y_true, y_pred):
         truth, pred = class_channels(y_true, ops.convert_to_tensor(y_pred))
         axes = tuple(range(len(pred.shape) - 1))
-        tp = ops.sum(truth * pred, axis=axes)
-        volume, predicted = ops.sum(truth, axis=axes), ops.sum(pred, axis=axes)
+        tp, volume, predicted = whole_batch(
+            (ops.sum(truth * pred, axis=axes), ops.sum(truth, axis=axes), ops.sum(pred, axis=axes))
+        )
         # A class absent from the batch would get an infinite weight: give it the largest finite one
         # (as MONAI).
         weight = ops.where(volume > 0, 1.0 / ops.maximum(volume, 1.0) ** 2, 0.0)

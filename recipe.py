@@ -23,11 +23,13 @@ import numpy as np
 import checkpoint
 import cli
 import data
+import distribute
 import divergence
 import evaluation
 import figures
 import geometry
 import losses
+import multiworker
 import resume
 import speed
 import tracking
@@ -79,7 +81,8 @@ def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_na
         default="cosine",
         help="learning-rate schedule over --epochs",
     )
-    add("--batch-size", type=int, default=batch_size, help=f"{unit} per step")
+    add("--batch-size", type=int, default=batch_size, help=f"{unit} per step and replica")
+    distribute.add_arguments(parser)
     speed.add_arguments(parser)
     add("--epochs", type=int, default=epochs, help="maximum number of epochs")
     add(
@@ -144,24 +147,31 @@ def peak_learning_rate(args):
 
 def choose_speed(args, build):
     """`args` with --precision and --xla resolved for this machine (speed.choose: `auto` measured on
-    the model `build()` makes, at --batch-size, and cached). Call it before seeding."""
-    choice = speed.choose(args.precision, args.xla, build, args.batch_size)
-    return argparse.Namespace(**{**vars(args), "precision": choice.precision, "xla": choice.xla})
+    the model `build()` makes, at --batch-size, and cached). Call it before seeding. Under a
+    strategy: XLA off, the precision measured on one replica (the chief's choice for all)."""
+    xla = "off" if args.strategy != "none" else args.xla
+    precision, xla = multiworker.from_chief(
+        distribute.strategy(args), lambda: speed.choose(args.precision, xla, build, args.batch_size)
+    )
+    return argparse.Namespace(**{**vars(args), "precision": precision, "xla": xla})
 
 
 def epoch_size(n_train, args):
     """(batches, images) of one training epoch. With XLA, full batches only: XLA compiles one
     program per batch shape, and a partial last batch would cost a second compile of the training
-    step for a few images. The reshuffle at every epoch changes which images wait for the next
-    one."""
-    if not args.xla:
-        return -(-n_train // args.batch_size), n_train
-    if n_train < args.batch_size:
+    step for a few images. With several replicas too: each has its share of every batch. The
+    reshuffle at every epoch changes which images wait for the next one."""
+    batch = distribute.global_batch(args)
+    if not (args.xla or args.replicas > 1):
+        return -(-n_train // batch), n_train
+    if n_train < batch:
+        replicas = f" x {args.replicas} replicas" if args.replicas > 1 else ""
         raise ValueError(
-            f"--batch-size {args.batch_size} is larger than the {n_train} training examples"
+            f"--batch-size {args.batch_size}{replicas} is larger than the {n_train} training "
+            "examples"
         )
-    batches = n_train // args.batch_size
-    return batches, batches * args.batch_size
+    batches = n_train // batch
+    return batches, batches * batch
 
 
 def learning_rate(args, steps_per_epoch):
@@ -207,6 +217,7 @@ def params(args):
         "lr_schedule": args.lr_schedule,
         "loss": losses.LOSSES[args.loss].label,
         "batch_size": args.batch_size,
+        **distribute.params(args),
         "epochs": args.epochs,
         "patience": args.patience,
         "augment": not args.no_augment,
@@ -225,7 +236,7 @@ def evaluate(model, images, masks, batch_size, tta=False, cases=None, tolerance=
     (None: synthetic). Returns (metrics, probabilities, per-case table)."""
 
     def predict(batch):
-        return model.predict(batch, batch_size=batch_size, verbose=0)
+        return distribute.predict(model, batch, batch_size)
 
     probabilities = geometry.predict_mirrored(predict, images) if tta else predict(images)
     results, table = evaluation.test_metrics(masks, probabilities, cases, tolerance)
@@ -261,25 +272,27 @@ def fit_and_log(
     train_set = data.make_dataset(
         x_train,
         y_train,
-        args.batch_size,
+        distribute.global_batch(args),
         True,
         not args.no_augment,
         args.seed,
-        drop_remainder=args.xla,
+        drop_remainder=args.xla or args.replicas > 1,  # as epoch_size
     )
     # Evaluation keeps no activations for a backward pass, so larger batches fit: fewer calls, and
     # fewer batch shapes for XLA to compile (the 30 validation images: one batch of 30 instead of 8,
     # 8, 8 and 6).
-    eval_batch = EVAL_BATCH_FACTOR * args.batch_size
+    eval_batch = EVAL_BATCH_FACTOR * distribute.global_batch(args)
     val_set = data.make_dataset(x_val, y_val, eval_batch)
+    validation = [distribute.Validation(x_val, y_val, eval_batch)] if args.replicas > 1 else []
     if args.save_model:
         cli.check_model_path(args.save_model)  # now, not after the training
     # config.json: the configuration as resolved (what --resume reads back).
     config = {**vars(args), "lr": peak_learning_rate(args), "run_name": run_name}
     artifacts = {"config.json": config, **(tables or {})}
-    with tracking.tracked_run(
+    tracked = tracking.tracked_run(  # entered by the chief only (multiworker.py)
         args.experiment, run_name, run_params, artifacts, args.checkpoint_dir, args.resume
-    ) as run:
+    )
+    with multiworker.tracked_on_chief(args, tracked) as run, multiworker.lost_workers():
         stateful = [
             keras.callbacks.EarlyStopping(
                 "val_dice", mode="max", patience=args.patience, restore_best_weights=True, verbose=0
@@ -290,6 +303,7 @@ def fit_and_log(
                 keras.callbacks.ReduceLROnPlateau("val_dice", mode="max", factor=0.5, patience=3)
             )
         saved = checkpoint.Checkpoint(run.folder, stateful)
+        multiworker.share_checkpoint(model.distribute_strategy, saved)
         run.log_missing_epochs(saved.history)
         saved.restore(model, train_set, args.epochs)
         if not saved.finished(args.epochs):
@@ -300,10 +314,10 @@ def fit_and_log(
         try:
             model.fit(
                 train_set,
-                validation_data=val_set,
+                validation_data=None if validation else val_set,
                 initial_epoch=saved.epoch,
                 epochs=saved.epoch if saved.finished(args.epochs) else args.epochs,
-                callbacks=[divergence.DivergenceGuard(), *stateful, saved, logger],
+                callbacks=[*validation, divergence.DivergenceGuard(), *stateful, saved, logger],
                 shuffle=False,
                 verbose=0,
             )
@@ -324,10 +338,12 @@ def fit_and_log(
         example = (x_test[:1], probabilities[:1])
         tables = {"test_cases.json": table}
         info = run.log_results(model, results, example, pictures, tables, args.register)
-        if args.save_model:
+        if info and args.save_model:  # info: the chief's run (the other workers log nothing)
             cli.save_model(model, args.save_model)
     saved.remove()  # the run is FINISHED: all of it is in MLflow
     print_results(run_name, results, len(x_test), args.nsd_tolerance)
+    if info is None:
+        return results
     where = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
     return {**results, **where, "model_uri": info.model_uri, "tracking_seconds": run.seconds}
 

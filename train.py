@@ -16,6 +16,7 @@ What this script teaches:
     python train.py --grid --image-size 64 --foreground 0.015 --contrast 0.2   # all the cells
     python train.py --dataset mni-wm              # white matter in a real T1 MRI (MNI152)
     python train.py --data-dir DIR                # images/ + masks/, or imagesTr/ + labelsTr/
+    python train.py --strategy mirrored           # every GPU of the machine (distribute.py)
 """
 
 import os
@@ -34,8 +35,10 @@ import numpy as np
 import cli
 import data
 import datasets
+import distribute
 import figures
 import losses
+import multiworker
 import recipe
 import resume
 import speed
@@ -120,6 +123,7 @@ def parse_args(argv=None):
         parser.error("--patience must be >= 0 and --lr > 0")
     if args.num_classes < 2:
         parser.error("--num-classes must be at least 2 (background included)")
+    distribute.check_arguments(parser, args)
     return args, parser
 
 
@@ -186,6 +190,7 @@ def build_model(args, output_bias=0.0):
         args.base_filters,
         args.depth,
         num_classes=1 if args.num_classes == 2 else args.num_classes,
+        batch_norm=distribute.batch_norm(args),
         skip_connections=not args.no_skip,
         output_bias=output_bias,
         name="UNetNoSkip" if args.no_skip else "UNet",
@@ -195,7 +200,7 @@ def build_model(args, output_bias=0.0):
 def train(args):
     """One tracked U-Net training run on 2D images; returns the final metrics and the model."""
     splits, description, test_cases = load_data(args)  # bad data is refused before the speed probe
-    args = recipe.choose_speed(args, lambda: build_model(args))
+    args = recipe.choose_speed(distribute.with_replicas(args), lambda: build_model(args))
     keras.utils.set_random_seed(args.seed)
     labels = splits["train"][1]
     # The prior: the foreground fraction (sigmoid), or the fraction of each class (softmax).
@@ -203,16 +208,16 @@ def train(args):
         prior = float(labels.mean())
     else:
         prior = [np.mean(labels == c) for c in range(args.num_classes)]
-    with speed.policy_scope(args.precision):
+    with speed.policy_scope(args.precision), distribute.strategy(args).scope():
         model = build_model(args, recipe.prior_bias(args, prior))
-    recipe.compile_model(model, args, len(splits["train"][0]))
+        recipe.compile_model(model, args, len(splits["train"][0]))
     recipe_name = f"{losses.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
     run_name = args.run_name or f"{model.name}_{recipe_name}_{recipe.size_text(model)}"
     print(
         f"{run_name}: {description['data_split']} train/val/test images "
         f"of {description['data_shape']}, foreground {description['data_foreground_fraction']:.1%} "
         f"of pixels, {model.count_params():,} parameters, {args.precision}, "
-        f"XLA {'on' if args.xla else 'off'}"
+        f"XLA {'on' if args.xla else 'off'}{distribute.describe(args)}"
     )
     run_params = params(args, model, description)
     results = recipe.fit_and_log(
@@ -252,16 +257,22 @@ def run_grid(args):
 def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
-    with cli.command_line_errors(parser):
-        store.open_store()
-        if args.resume:
-            args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
+    with cli.command_line_errors(parser), multiworker.lost_workers():
+        chief = multiworker.is_chief(args)  # under multiworker, the only one that talks to MLflow
+        if chief:
+            store.open_store()
+            if args.resume:
+                args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
+        args = distribute.setup(args)  # multiworker: the chief's configuration, on every worker
         if args.grid:
             run_grid(args)
-            print(f"\nnext: python report.py {args.experiment} --params loss,optimizer")
+            if chief:
+                print(f"\nnext: python report.py {args.experiment} --params loss,optimizer")
         else:
             outcome = train(args)[0]
-            cli.print_next_steps(outcome, mlflow.get_tracking_uri(), args.save_model)
+            if chief:
+                cli.print_next_steps(outcome, mlflow.get_tracking_uri(), args.save_model)
+        distribute.wait_for_the_chief(args)
 
 
 if __name__ == "__main__":

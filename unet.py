@@ -17,6 +17,7 @@ blocks).
     python unet.py --upsampling bilinear --batch-norm none --dropout 0.3
 """
 
+import functools
 from typing import Literal, get_args
 
 import keras
@@ -28,8 +29,9 @@ import cli
 Upsampling = Literal["transpose", "bilinear", "nearest"]
 UPSAMPLING = get_args(Upsampling)
 # Batch normalization by TensorFlow's fused kernel (batchnorm.py: same semantics, faster, above all
-# in 16 bits), by Keras' layer, or none.
-BatchNorm = Literal["fused", "keras", "none"]
+# in 16 bits), by Keras' layer, by Keras' layer with the statistics of the whole batch across the
+# replicas of a tf.distribute strategy (distribute.py), or none.
+BatchNorm = Literal["fused", "keras", "synchronized", "none"]
 BATCH_NORMS = get_args(BatchNorm)
 _CONV = {2: layers.Conv2D, 3: layers.Conv3D}
 _CONV_TRANSPOSE = {2: layers.Conv2DTranspose, 3: layers.Conv3DTranspose}
@@ -38,6 +40,7 @@ _UPSAMPLE = {2: layers.UpSampling2D, 3: layers.UpSampling3D}
 _BATCH_NORM_LAYERS = {
     "fused": batchnorm.FusedBatchNormalization,
     "keras": layers.BatchNormalization,
+    "synchronized": functools.partial(layers.BatchNormalization, synchronized=True),
 }
 
 
@@ -157,7 +160,8 @@ def build_unet(
         depth: levels, bottleneck included (the network pools depth-1 times).
         num_classes: 1 gives a sigmoid (binary) output, more a softmax over classes.
         batch_norm: batch normalization after every convolution: "fused" (TensorFlow's fused
-            kernel, batchnorm.py), "keras" (keras.layers.BatchNormalization), or "none".
+            kernel, batchnorm.py), "keras" (keras.layers.BatchNormalization), "synchronized"
+            (Keras' layer with statistics over every replica's examples), or "none".
         dropout: dropout rate at the bottleneck (0: none).
         upsampling: decoder up-sampling: transposed convolution, or bilinear/nearest resizing.
         skip_connections: False removes the concatenations (the ablation in REPORT.md).
@@ -254,7 +258,7 @@ def describe(model: keras.Model) -> dict[str, object]:
 
     Returns:
         architecture (the model's name), depth, base_filters, kernel_size, upsampling,
-        batch_norm (fused, keras or none), skip_connections and n_params.
+        batch_norm (fused, keras, synchronized or none), skip_connections and n_params.
     """
     first = next(layer for layer in model.layers if isinstance(layer, tuple(_CONV.values())))
     kinds = {type(layer) for layer in model.layers}
@@ -269,12 +273,19 @@ def describe(model: keras.Model) -> dict[str, object]:
         "base_filters": first.filters,
         "kernel_size": first.kernel_size[0],
         "upsampling": upsampling,
-        "batch_norm": next(
-            (kind for kind, layer in _BATCH_NORM_LAYERS.items() if layer in kinds), "none"
-        ),
+        "batch_norm": _batch_norm_kind(model),
         "skip_connections": layers.Concatenate in kinds,
         "n_params": model.count_params(),
     }
+
+
+def _batch_norm_kind(model):
+    for layer in model.layers:
+        if isinstance(layer, batchnorm.FusedBatchNormalization):
+            return "fused"
+        if isinstance(layer, layers.BatchNormalization):
+            return "synchronized" if layer.synchronized else "keras"
+    return "none"
 
 
 def count_params(model: keras.Model) -> tuple[int, int]:

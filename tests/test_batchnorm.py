@@ -113,10 +113,11 @@ def test_unet_with_fused_batch_norm_saves_and_reloads(tmp_path, precision, atol)
     )
 
 
-def test_keras_batch_norm_and_none_are_still_there():
-    assert unet.describe(unet.build_unet((16, 16, 1), 4, 2, batch_norm="keras"))["batch_norm"] == (
-        "keras"
-    )
+def test_keras_synchronized_and_none_are_still_there():
+    for kind in ("keras", "synchronized"):
+        model = unet.build_unet((16, 16, 1), 4, 2, batch_norm=kind)
+        assert unet.describe(model)["batch_norm"] == kind
+        assert model.get_layer("enc1_bn1").synchronized == (kind == "synchronized")
     plain = unet.build_unet((16, 16, 1), 4, 2, batch_norm="none")
     assert unet.describe(plain)["batch_norm"] == "none"
     with pytest.raises(ValueError, match="batch_norm must be one of"):
