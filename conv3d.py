@@ -46,6 +46,8 @@ import store
 import unet
 
 DEFAULT_SHAPE = (32, 64, 64)  # (D, H, W) of the synthetic volumes and of the training patch
+# The recipe's defaults for conv3d.py (recipe.add_arguments has the others): a few epochs of 3D.
+RECIPE_DEFAULTS = dict(batch_size=2, epochs=8, patience=4, unit="volumes", experiment="tp4-conv3d")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,18 +135,10 @@ def parse_args(argv=None):
         default=data.FOREGROUND,
         help="mean lesion fraction of the voxels",
     )
-    add("--base-filters", type=int, default=8, help="filters at the first level")
-    add("--depth", type=int, default=3, help="U-Net levels, bottleneck included")
+    unet.add_arguments(parser, base_filters=8, depth=3)
     add("--kernel-size", type=int, default=3, help="Conv3D kernel size k (k x k x k)")
-    recipe.add_arguments(
-        parser,
-        batch_size=2,
-        epochs=8,
-        patience=4,
-        unit="volumes",
-        experiment="tp4-conv3d",
-        run_names="Conv3D_Baseline_{D}x{H}x{W}, or Conv3D_MixedPrecision_... below float32",
-    )
+    names = "Conv3D_Baseline_{D}x{H}x{W}, or Conv3D_MixedPrecision_... below float32"
+    recipe.add_arguments(parser, **RECIPE_DEFAULTS, run_names=names)
     add(
         "--skip-training", action="store_true", help="only print the architecture and memory tables"
     )

@@ -132,38 +132,9 @@ def normalize_intensity(image: np.ndarray, low: float = 0.5, high: float = 99.5)
     return np.clip((image - lo) / max(hi - lo, 1e-8), 0.0, 1.0).astype(np.float32)
 
 
-def _make_synthetic(n, shape, seed, **kwargs):
-    if n < 1:
-        raise ValueError(f"need at least one scan, got n={n}")
-    if not 0 < kwargs["foreground"] < 0.5:
-        raise ValueError(f"foreground must be in (0, 0.5), got {kwargs['foreground']}")
-    if kwargs["num_classes"] < 2:
-        raise ValueError(
-            f"num_classes counts the background: 2 or more, not {kwargs['num_classes']}"
-        )
-    rng = np.random.default_rng(seed)
-    scans = [_synthetic_scan(rng, shape, **kwargs) for _ in range(n)]
-    images = np.stack([image for image, _ in scans])[..., None]
-    masks = np.stack([mask for _, mask in scans])[..., None].astype(np.float32)
-    return images, masks
-
-
-def _scan_options(foreground, lesions, contrast, noise, blur, bias, distractors, num_classes):
-    return dict(
-        foreground=foreground,
-        lesions=lesions,
-        contrast=contrast,
-        noise=noise,
-        blur=blur,
-        bias=bias,
-        distractors=distractors,
-        num_classes=num_classes,
-    )
-
-
-def make_synthetic_2d(
+def make_synthetic(
     n: int,
-    size: int = 128,
+    shape: tuple[int, ...],
     seed: int = 0,
     foreground: float = FOREGROUND,
     lesions: tuple[int, int] = LESIONS,
@@ -174,11 +145,11 @@ def make_synthetic_2d(
     distractors: int = DISTRACTORS,
     num_classes: int = NUM_CLASSES,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic 2D scans with lesions to segment.
+    """Synthetic scans with lesions to segment, 2D or 3D from the length of `shape`.
 
     Args:
         n: number of scans.
-        size: height and width in pixels.
+        shape: (H, W) of 2D scans or (D, H, W) of volumes, in pixels or voxels.
         seed: the random seed (same seed, same scans).
         foreground: mean fraction of the pixels that are lesion, in (0, 0.5).
         lesions: (min, max) number of lesions per scan.
@@ -191,45 +162,35 @@ def make_synthetic_2d(
             lesion.
 
     Returns:
-        (images, masks), both float32 (N, H, W, 1): images in [0, 1], masks of values
+        (images, masks), both float32 (N, *shape, 1): images in [0, 1], masks of values
         0..num_classes-1.
 
     Raises:
         ValueError: n < 1, foreground out of range, or num_classes < 2.
     """
-    options = _scan_options(
-        foreground, lesions, contrast, noise, blur, bias, distractors, num_classes
-    )
-    return _make_synthetic(n, (size, size), seed, **options)
+    if n < 1:
+        raise ValueError(f"need at least one scan, got n={n}")
+    if not 0 < foreground < 0.5:
+        raise ValueError(f"foreground must be in (0, 0.5), got {foreground}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background: 2 or more, not {num_classes}")
+    rng = np.random.default_rng(seed)
+    options = dict(lesions=lesions, contrast=contrast, noise=noise, blur=blur, bias=bias)
+    options.update(distractors=distractors, num_classes=num_classes)
+    scans = [_synthetic_scan(rng, tuple(shape), foreground, **options) for _ in range(n)]
+    images = np.stack([image for image, _ in scans])[..., None]
+    masks = np.stack([mask for _, mask in scans])[..., None].astype(np.float32)
+    return images, masks
 
 
-def make_synthetic_3d(
-    n: int,
-    shape: tuple[int, int, int] = (32, 64, 64),
-    seed: int = 0,
-    foreground: float = FOREGROUND,
-    lesions: tuple[int, int] = LESIONS,
-    contrast: float = CONTRAST,
-    noise: float = NOISE,
-    blur: float = BLUR,
-    bias: float = BIAS,
-    distractors: int = DISTRACTORS,
-    num_classes: int = NUM_CLASSES,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic volumes with lesions to segment.
+def make_synthetic_2d(n: int, size: int = 128, seed: int = 0, **options) -> tuple:
+    """`n` synthetic 2D scans of size x size pixels: `make_synthetic` (same options)."""
+    return make_synthetic(n, (size, size), seed, **options)
 
-    Args:
-        shape: (D, H, W) in voxels.
-        n, seed, foreground, lesions, contrast, noise, blur, bias, distractors, num_classes: as
-            `make_synthetic_2d`.
 
-    Returns:
-        (images, masks), both float32 (N, D, H, W, 1).
-    """
-    options = _scan_options(
-        foreground, lesions, contrast, noise, blur, bias, distractors, num_classes
-    )
-    return _make_synthetic(n, tuple(shape), seed, **options)
+def make_synthetic_3d(n: int, shape=(32, 64, 64), seed: int = 0, **options) -> tuple:
+    """`n` synthetic volumes of (D, H, W) `shape`: `make_synthetic` (same options)."""
+    return make_synthetic(n, tuple(shape), seed, **options)
 
 
 def split(

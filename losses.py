@@ -101,11 +101,8 @@ class _OverlapMetric(keras.metrics.Metric):
         return ops.cast(ops.mean(per_class), self.dtype)
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "threshold": self.threshold,
-            "num_classes": self.num_classes,
-        }
+        config = {"threshold": self.threshold, "num_classes": self.num_classes}
+        return {**super().get_config(), **config}
 
 
 @keras.saving.register_keras_serializable(package="tp4")
@@ -237,11 +234,8 @@ class BCEDiceLoss(SoftDiceLoss):
         return self.bce_weight * cross_entropy(y_true, y_pred) + self.dice_weight * dice
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "bce_weight": self.bce_weight,
-            "dice_weight": self.dice_weight,
-        }
+        config = {"bce_weight": self.bce_weight, "dice_weight": self.dice_weight}
+        return {**super().get_config(), **config}
 
 
 @keras.saving.register_keras_serializable(package="tp4")

@@ -45,19 +45,14 @@ import speed
 import store
 import unet
 
+# The recipe's defaults for train.py (recipe.add_arguments has the others): the TP's main job.
+RECIPE_DEFAULTS = dict(batch_size=8, epochs=30, patience=8, unit="images", experiment="tp4-unet")
+
 
 def parse_args(argv=None):
     parser = cli.argument_parser("train.py", __doc__)
     add = parser.add_argument
-    recipe.add_arguments(
-        parser,
-        batch_size=8,
-        epochs=30,
-        patience=8,
-        unit="images",
-        experiment="tp4-unet",
-        run_names="UNet_{Loss}_{Optimizer}_{H}x{W}",
-    )
+    recipe.add_arguments(parser, **RECIPE_DEFAULTS, run_names="UNet_{Loss}_{Optimizer}_{H}x{W}")
     datasets.add_arguments(parser)
     add(
         "--n-images",
@@ -80,15 +75,8 @@ def parse_args(argv=None):
     )
     add("--contrast", type=float, default=data.CONTRAST, help="lesion brightness above the tissue")
     add("--noise", type=float, default=data.NOISE, help="Rician noise level")
-    add(
-        "--num-classes",
-        type=int,
-        default=2,
-        help="classes, background included: 2 is a binary mask (one sigmoid output), C >= 3 a "
-        "softmax over C classes (synthetic: C-1 kinds of lesion; real masks: labels 0..C-1)",
-    )
-    add("--base-filters", type=int, default=32, help="U-Net filters at the first level")
-    add("--depth", type=int, default=4, help="U-Net levels, bottleneck included")
+    unet.add_classes_argument(parser)
+    unet.add_arguments(parser, base_filters=32, depth=4)
     add(
         "--no-skip",
         action="store_true",

@@ -17,6 +17,7 @@ blocks).
     python unet.py --upsampling bilinear --batch-norm none --dropout 0.3
 """
 
+import argparse
 import functools
 from typing import Literal, get_args
 
@@ -288,6 +289,27 @@ def _batch_norm_kind(model):
     return "none"
 
 
+def add_arguments(parser: argparse.ArgumentParser, base_filters: int, depth: int) -> None:
+    """The U-Net's size on the command line (unet.py, train.py, conv3d.py: defaults differ)."""
+    add = parser.add_argument
+    add("--base-filters", type=int, default=base_filters, help="filters at the first level")
+    add(
+        "--depth", type=int, default=depth, help="levels, bottleneck included (pools depth-1 times)"
+    )
+
+
+def add_classes_argument(parser: argparse.ArgumentParser) -> None:
+    """--num-classes, counting the background (unet.py and train.py)."""
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=2,
+        help="classes, background included: 2 is a binary mask (one sigmoid output), C >= 3 a "
+        "softmax over C classes (train.py's synthetic data: C-1 kinds of lesion; real masks: "
+        "labels 0..C-1)",
+    )
+
+
 def count_params(model: keras.Model) -> tuple[int, int]:
     """(total, trainable) parameter counts of `model`."""
     trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
@@ -299,15 +321,8 @@ def main() -> None:
     add = parser.add_argument
     add("--input-size", type=int, default=128, help="height and width of the input image")
     add("--channels", type=int, default=1, help="input channels (1 for a grey-level scan)")
-    add("--base-filters", type=int, default=32, help="filters of the first level")
-    add("--depth", type=int, default=4, help="levels, bottleneck included (pools depth-1 times)")
-    add(
-        "--num-classes",
-        type=int,
-        default=2,
-        help="classes, background included, as train.py: 2 gives one sigmoid channel (binary "
-        "mask), C >= 3 a softmax over C channels",
-    )
+    add_arguments(parser, base_filters=32, depth=4)
+    add_classes_argument(parser)
     add("--upsampling", choices=UPSAMPLING, default="transpose", help="decoder up-sampling")
     add("--dropout", type=float, default=0.0, help="dropout rate at the bottleneck")
     add("--batch-norm", choices=BATCH_NORMS, default="fused", help="batch normalization layer")

@@ -69,13 +69,9 @@ def test_a_mirrored_run_of_train_py_is_tracked_with_its_replicas(store):
     assert "mirrored on 2 replicas, global batch 8" in output
     (run,) = store.search_runs([store.get_experiment_by_name("mirrored").experiment_id])
     assert run.info.status == "FINISHED"
-    params = run.data.params
-    assert (params["strategy"], params["replicas"], params["batch_norm"]) == (
-        "mirrored",
-        "2",
-        "synchronized",
-    )
-    assert (params["batch_size"], params["global_batch_size"], params["xla"]) == ("4", "8", "False")
+    expected = {"strategy": "mirrored", "replicas": "2", "batch_norm": "synchronized"}
+    expected.update(batch_size="4", global_batch_size="8", xla="False")
+    assert {key: run.data.params[key] for key in expected} == expected
     loss = [m.value for m in store.get_metric_history(run.info.run_id, "loss")]
     assert len(loss) == 4 and loss[-1] < loss[0] - 0.1  # it learned
     # 28 training images in global batches of 8: 3 full batches, 24 images an epoch.

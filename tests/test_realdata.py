@@ -358,14 +358,21 @@ def test_bad_data_is_one_data_error_that_names_the_file(tmp_path, case):
     "case", ["image without mask", "corrupt png", "three label values", "missing folder"]
 )
 def test_train_refuses_bad_data_in_one_line_exit_2_and_no_run(tmp_path, store, capsys, case):
-    folder = make_bad(tmp_path, case)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + ["--data-dir", str(folder)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("train.py: error: ") and BAD[case][3] in err[0]
+    assert BAD[case][3] in refused_in_one_line(
+        TINY + ["--data-dir", str(make_bad(tmp_path, case))], capsys
+    )
     assert store.get_experiment_by_name("tiny") is None
     assert store.search_runs([e.experiment_id for e in store.search_experiments()]) == []
+
+
+def refused_in_one_line(argv, capsys):
+    """train.main(argv)'s one error line, its exit status 2 checked."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: "), err
+    return err[0]
 
 
 def test_conv3d_refuses_2d_images_before_the_tables(tmp_path, capsys):
