@@ -136,3 +136,12 @@ def test_2d_slices_baseline_uses_the_same_volumes_and_split(store):
         run.data.params["data_split"] == "8/2/2"
     )  # volumes, split exactly as the 3D run splits them
     assert 0 <= results["test_dice"] <= 1
+
+
+@pytest.mark.slow
+def test_peak_memory_is_the_child_process_own_not_its_large_parent():
+    spec = dict(shape=[8, 16, 16], filters=4, depth=2, kernel=3, batch=1, policy="float32")
+    ballast = np.ones(2**31 // 8)  # 2 GiB in this (parent) process, touched
+    peak = memory.measure_in_subprocess(spec)["peak_rss_mb"]
+    assert 0 < peak < 1500, peak  # a tiny model's step: the framework, well under the parent's size
+    del ballast
