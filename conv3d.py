@@ -4,9 +4,10 @@ What this script teaches:
 - a Conv3D kernel also slides along depth: k³ weights per input/output channel pair instead of k²
   (27 vs 9 for k=3), so it sees the structure across slices that a 2D network, slice by slice,
   cannot;
-- the price is memory: every activation has a depth axis too. The levers the TP names (kernel 3x3x3
-  vs 2x2x2, fewer filters, fewer slices, mixed precision) are measured here, not asserted: bfloat16
-  halves the activations everywhere, and is also faster where the CPU has bfloat16 arithmetic;
+- the price is memory: every activation has a depth axis too. The levers the TP names (kernel
+  3x3x3 vs 2x2x2, fewer filters, fewer slices, mixed precision) are measured (memory.py), not
+  asserted: bfloat16 halves the activations everywhere, and is also faster where the CPU has
+  bfloat16 arithmetic;
 - a volume larger than the training patch is segmented by overlapping patches whose outputs are
   blended (geometry.sliding_window_predict, which predict.py uses), as in MONAI and nnU-Net;
 - training follows the same recipe as train.py (recipe.py) and is tracked in MLflow the same way:
@@ -48,68 +49,6 @@ import unet
 DEFAULT_SHAPE = (32, 64, 64)  # (D, H, W) of the synthetic volumes and of the training patch
 # The recipe's defaults for conv3d.py (recipe.add_arguments has the others): a few epochs of 3D.
 RECIPE_DEFAULTS = dict(batch_size=2, epochs=8, patience=4, unit="volumes", experiment="tp4-conv3d")
-
-
-# ------------------------------------------------------------------------------------------------
-# Memory levers: activation bytes counted from the layers, peak process memory measured (memory.py).
-
-
-def measure_levers(shape=DEFAULT_SHAPE, filters=8, depth=3, batch=2, peak_memory=True):
-    """One row per lever: parameters, activation bytes, and (in a subprocess each) peak RSS and step
-    time."""
-    baseline = dict(
-        shape=list(shape), filters=filters, depth=depth, kernel=3, batch=batch, policy="float32"
-    )
-    fast_policy = "mixed_float16" if memory.has_gpu() else "mixed_bfloat16"
-    variants = {
-        "baseline (k=3, all filters, all slices, fp32)": {},
-        "kernel 2x2x2": dict(kernel=2),
-        "half the filters": dict(filters=max(1, filters // 2)),
-        "half the slices (D/2)": dict(shape=[shape[0] // 2, *shape[1:]]),
-        "Keras' batch norm (unfused)": dict(batch_norm="keras"),
-        f"mixed precision ({fast_policy})": dict(policy=fast_policy),
-    }
-    rows = []
-    for label, change in variants.items():
-        spec = {**baseline, **change}
-        keras.mixed_precision.set_global_policy(spec["policy"])
-        try:
-            model = unet.build_unet3d(
-                (*spec["shape"], 1),
-                spec["filters"],
-                spec["depth"],
-                spec["kernel"],
-                batch_norm=spec.get("batch_norm", "fused"),
-            )
-        except ValueError:
-            continue  # a lever the configuration cannot take: D/2 no longer divisible, say
-        finally:
-            keras.mixed_precision.set_global_policy("float32")
-        activation_mb = memory.activation_bytes(model, batch) / 2**20
-        row = {"lever": label, "params": model.count_params(), "activation_mb": activation_mb}
-        if peak_memory:
-            row.update(memory.measure_in_subprocess(spec))
-        rows.append(row)
-    return rows
-
-
-def conv2d_vs_conv3d(c_in=16, c_out=32, size=64, depth_slices=32, kernel=3):
-    """Parameters and output activations of one Conv2D and one Conv3D layer (real Keras layers)."""
-    layer2d = keras.layers.Conv2D(c_out, kernel, padding="same")
-    layer3d = keras.layers.Conv3D(c_out, kernel, padding="same")
-    layer2d.build((None, size, size, c_in))
-    layer3d.build((None, depth_slices, size, size, c_in))
-    return {
-        "weights per kernel and channel pair": (kernel**2, kernel**3),
-        f"parameters of one layer {c_in}->{c_out}": (
-            layer2d.count_params(),
-            layer3d.count_params(),
-        ),
-        f"output activations (one {size}x{size} slice / {depth_slices} slices), MB": (
-            size * size * c_out * 4 / 2**20,
-            depth_slices * size * size * c_out * 4 / 2**20,
-        ),
-    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,71 +242,12 @@ def train_on_slices(args, loaded=None):
     )
 
 
-def print_comparison(args):
-    print(f"\n{'Conv2D vs Conv3D (computed from Keras layers)':<58}{'Conv2D':>12}{'Conv3D':>12}")
-    k = args.kernel_size
-    for label, (two, three) in conv2d_vs_conv3d(
-        size=args.shape[1], depth_slices=args.shape[0], kernel=k
-    ).items():
-        print(
-            f"{label:<58}{two:>12,.2f}" if isinstance(two, float) else f"{label:<58}{two:>12,}",
-            end="",
-        )
-        print(f"{three:>12,.2f}" if isinstance(three, float) else f"{three:>12,}")
-    net2d = unet.build_unet(
-        (args.shape[1], args.shape[2], 1), args.base_filters, args.depth, kernel_size=k
-    )
-    net3d = unet.build_unet3d((*args.shape, 1), args.base_filters, args.depth, k)
-    print(
-        f"{'parameters of the U-Net (same filters and depth)':<58}{net2d.count_params():>12,}"
-        f"{net3d.count_params():>12,}"
-    )
-    print(
-        f"{'activations per example (2D: one slice), MB':<58}"
-        f"{memory.activation_bytes(net2d) / 2**20:>12,.2f}"
-        f"{memory.activation_bytes(net3d) / 2**20:>12,.2f}"
-    )
-
-
-def print_levers(rows, batch):
-    print(
-        f"\nmemory levers, batch of {batch}: activations counted from the layers; "
-        "peak RSS of a fresh process and its growth during the first training step"
-    )
-    print(
-        f"{'lever':<48}{'params':>10}{'activations MB':>16}{'peak RSS MB':>13}"
-        f"{'step MB':>9}{'step s':>8}"
-    )
-    for row in rows:
-        measured = "".join(
-            f"{row[key]:>{width}.{digits}f}" if row.get(key) is not None else f"{'n/a':>{width}}"
-            for key, width, digits in (
-                ("peak_rss_mb", 13, 0),
-                ("step_mb", 9, 0),
-                ("step_seconds", 8, 2),
-            )
-        )
-        print(f"{row['lever']:<48}{row['params']:>10,}{row['activation_mb']:>16.1f}{measured}")
-    base, mixed = rows[0], rows[-1]
-    if base.get("step_seconds") and mixed.get("step_seconds"):
-        # Counted activations halve; the measured step memory need not follow (REPORT.md, Q5).
-        ratio = mixed["step_seconds"] / base["step_seconds"]
-        speed = f"{1 / ratio:.1f}x faster" if ratio < 1 else f"{ratio:.1f}x slower"
-        extra = mixed["step_mb"] - base["step_mb"]
-        memory = f"{abs(extra):.0f} MB {'less' if extra < 0 else 'more'}"
-        print(
-            f"note: {mixed['lever']} is {speed} than fp32 on this machine, and its step "
-            f"measured {memory} memory for half the counted activations"
-        )
-
-
 def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
     with cli.command_line_errors(parser), multiworker.lost_workers():
-        chief = multiworker.is_chief(
-            args
-        )  # under multiworker, the only process that talks to MLflow
+        # Under multiworker, the chief is the only process that talks to MLflow.
+        chief = multiworker.is_chief(args)
         if chief and (args.resume or not args.skip_training):
             store.open_store()
             if args.resume:
@@ -387,15 +267,15 @@ def main(argv=None):
                 (*args.shape, 1), args.base_filters, args.depth, args.kernel_size
             )
             model.summary(line_length=100)
-            print_comparison(args)
-            rows = measure_levers(
+            memory.print_comparison(args.shape, args.base_filters, args.depth, args.kernel_size)
+            rows = memory.measure_levers(
                 tuple(args.shape),
                 args.base_filters,
                 args.depth,
                 args.batch_size,
                 not args.no_peak_memory,
             )
-            print_levers(rows, args.batch_size)
+            memory.print_levers(rows, args.batch_size)
         if not args.skip_training:
             results3d = train3d(args, rows, loaded)
             if args.compare_2d:

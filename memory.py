@@ -4,7 +4,8 @@ What this script teaches: the activations a network keeps for backpropagation ca
 from its layers' output shapes and dtypes, but what a process really holds (framework, workspaces,
 gradients, optimizer state) is only known by measuring it. Peak resident memory is a high-water mark
 of the whole process, so each configuration is measured in a fresh Python process: one training
-step, then the peak.
+step, then the peak. conv3d.py prints the tables made here: one Conv2D against one Conv3D layer, and
+the memory levers of a 3D U-Net (kernel size, filters, slices, batch norm, mixed precision).
 
     python memory.py '{"shape": [32, 64, 64], "filters": 8, "depth": 3, "kernel": 3, "batch": 2,
                        "policy": "float32"}'
@@ -92,6 +93,124 @@ def measure_in_subprocess(spec):
 
 def has_gpu():
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Conv2D vs Conv3D, and the memory levers of a 3D U-Net (conv3d.py prints them).
+
+
+def measure_levers(shape, filters=8, depth=3, batch=2, peak_memory=True):
+    """One row per lever: parameters, activation bytes, and (in a subprocess each) peak RSS and step
+    time."""
+    baseline = dict(
+        shape=list(shape), filters=filters, depth=depth, kernel=3, batch=batch, policy="float32"
+    )
+    fast_policy = "mixed_float16" if has_gpu() else "mixed_bfloat16"
+    variants = {
+        "baseline (k=3, all filters, all slices, fp32)": {},
+        "kernel 2x2x2": dict(kernel=2),
+        "half the filters": dict(filters=max(1, filters // 2)),
+        "half the slices (D/2)": dict(shape=[shape[0] // 2, *shape[1:]]),
+        "Keras' batch norm (unfused)": dict(batch_norm="keras"),
+        f"mixed precision ({fast_policy})": dict(policy=fast_policy),
+    }
+    rows = []
+    for label, change in variants.items():
+        spec = {**baseline, **change}
+        keras.mixed_precision.set_global_policy(spec["policy"])
+        try:
+            model = unet.build_unet3d(
+                (*spec["shape"], 1),
+                spec["filters"],
+                spec["depth"],
+                spec["kernel"],
+                batch_norm=spec.get("batch_norm", "fused"),
+            )
+        except ValueError:
+            continue  # a lever the configuration cannot take: D/2 no longer divisible, say
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        activation_mb = activation_bytes(model, batch) / 2**20
+        row = {"lever": label, "params": model.count_params(), "activation_mb": activation_mb}
+        if peak_memory:
+            row.update(measure_in_subprocess(spec))
+        rows.append(row)
+    return rows
+
+
+def conv2d_vs_conv3d(c_in=16, c_out=32, size=64, depth_slices=32, kernel=3):
+    """Parameters and output activations of one Conv2D and one Conv3D layer (real Keras layers)."""
+    layer2d = keras.layers.Conv2D(c_out, kernel, padding="same")
+    layer3d = keras.layers.Conv3D(c_out, kernel, padding="same")
+    layer2d.build((None, size, size, c_in))
+    layer3d.build((None, depth_slices, size, size, c_in))
+    return {
+        "weights per kernel and channel pair": (kernel**2, kernel**3),
+        f"parameters of one layer {c_in}->{c_out}": (
+            layer2d.count_params(),
+            layer3d.count_params(),
+        ),
+        f"output activations (one {size}x{size} slice / {depth_slices} slices), MB": (
+            size * size * c_out * 4 / 2**20,
+            depth_slices * size * size * c_out * 4 / 2**20,
+        ),
+    }
+
+
+def print_comparison(shape, filters, depth, kernel):
+    """Print one Conv2D against one Conv3D layer, and the 2D against the 3D U-Net, for volumes of
+    `shape` (D, H, W)."""
+    print(f"\n{'Conv2D vs Conv3D (computed from Keras layers)':<58}{'Conv2D':>12}{'Conv3D':>12}")
+    table = conv2d_vs_conv3d(size=shape[1], depth_slices=shape[0], kernel=kernel)
+    net2d = unet.build_unet((shape[1], shape[2], 1), filters, depth, kernel_size=kernel)
+    net3d = unet.build_unet3d((*shape, 1), filters, depth, kernel)
+    table["parameters of the U-Net (same filters and depth)"] = (
+        net2d.count_params(),
+        net3d.count_params(),
+    )
+    table["activations per example (2D: one slice), MB"] = (
+        activation_bytes(net2d) / 2**20,
+        activation_bytes(net3d) / 2**20,
+    )
+
+    def cell(value):
+        return f"{value:>12,.2f}" if isinstance(value, float) else f"{value:>12,}"
+
+    for label, (two, three) in table.items():
+        print(f"{label:<58}{cell(two)}{cell(three)}")
+
+
+def print_levers(rows, batch):
+    """Print measure_levers' rows, and how mixed precision (the last) compares with fp32."""
+    print(
+        f"\nmemory levers, batch of {batch}: activations counted from the layers; "
+        "peak RSS of a fresh process and its growth during the first training step"
+    )
+    print(
+        f"{'lever':<48}{'params':>10}{'activations MB':>16}{'peak RSS MB':>13}"
+        f"{'step MB':>9}{'step s':>8}"
+    )
+    for row in rows:
+        measured = "".join(
+            f"{row[key]:>{width}.{digits}f}" if row.get(key) is not None else f"{'n/a':>{width}}"
+            for key, width, digits in (
+                ("peak_rss_mb", 13, 0),
+                ("step_mb", 9, 0),
+                ("step_seconds", 8, 2),
+            )
+        )
+        print(f"{row['lever']:<48}{row['params']:>10,}{row['activation_mb']:>16.1f}{measured}")
+    base, mixed = rows[0], rows[-1]
+    if base.get("step_seconds") and mixed.get("step_seconds"):
+        # Counted activations halve; the measured step memory need not follow (REPORT.md, Q5).
+        ratio = mixed["step_seconds"] / base["step_seconds"]
+        speed = f"{1 / ratio:.1f}x faster" if ratio < 1 else f"{ratio:.1f}x slower"
+        extra = mixed["step_mb"] - base["step_mb"]
+        memory_change = f"{abs(extra):.0f} MB {'less' if extra < 0 else 'more'}"
+        print(
+            f"note: {mixed['lever']} is {speed} than fp32 on this machine, and its step "
+            f"measured {memory_change} memory for half the counted activations"
+        )
 
 
 def main():

@@ -18,7 +18,7 @@ def test_one_conv3d_layer_has_k_cubed_weights_per_channel_pair(k, c_in, c_out):
 
 
 def test_comparison_table_comes_from_real_layers():
-    table = conv3d.conv2d_vs_conv3d(c_in=16, c_out=32, size=64, depth_slices=32, kernel=3)
+    table = memory.conv2d_vs_conv3d(c_in=16, c_out=32, size=64, depth_slices=32, kernel=3)
     assert table["weights per kernel and channel pair"] == (9, 27)
     assert table["parameters of one layer 16->32"] == (9 * 16 * 32 + 32, 27 * 16 * 32 + 32)
 
@@ -44,7 +44,7 @@ def test_activation_bytes_follow_the_layer_shapes():
 def test_memory_grows_with_filters_slices_and_shrinks_with_16_bit_floats():
     rows = {
         row["lever"]: row
-        for row in conv3d.measure_levers((16, 16, 16), filters=8, depth=2, peak_memory=False)
+        for row in memory.measure_levers((16, 16, 16), filters=8, depth=2, peak_memory=False)
     }
     base = rows["baseline (k=3, all filters, all slices, fp32)"]
     assert rows["half the filters"]["activation_mb"] < base["activation_mb"]
@@ -66,7 +66,7 @@ def test_lever_note_states_measured_memory_not_only_the_counted_one(capsys):
         return {"lever": lever, "params": 10, "activation_mb": activation_mb, **measured}
 
     rows = [row("baseline", 156.2, 203, 0.16), row("mixed precision", 79.1, 227, 0.12)]
-    conv3d.print_levers(rows, batch=2)
+    memory.print_levers(rows, batch=2)
     note = capsys.readouterr().out.splitlines()[-1]
     assert note == (
         "note: mixed precision is 1.3x faster than fp32 on this machine, and its step "
