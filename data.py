@@ -309,12 +309,15 @@ def content_hash(*arrays: np.ndarray) -> str:
 
 
 def _augment(image, mask, seed):
-    """The same random flip and 90-degree rotation for image and mask (in-plane for volumes)."""
+    """The same random flip and 90-degree rotation for image and mask, in-plane, one draw per image
+    or volume (tf.image's random flip would take a volume for a batch and flip each slice its own
+    way, scrambling the depth axis that Conv3D learns from)."""
     both = tf.concat([image, mask], axis=-1)
-    both = tf.image.stateless_random_flip_left_right(both, seed=seed)
+    flip = tf.random.stateless_uniform([], seed=seed) < 0.5  # the draw of tf.image's flip for 2D
+    both = tf.cond(flip, lambda: tf.reverse(both, axis=[-2]), lambda: both)
     if both.shape[-3] == both.shape[-2]:  # rotations keep the shape only for square images
         k = tf.random.stateless_uniform([], seed=seed[::-1], maxval=4, dtype=tf.int32)
-        both = tf.image.rot90(both, k)  # a (D, H, W, C) volume is rotated slice by slice
+        both = tf.image.rot90(both, k)  # one k: every slice of a volume turned alike
     channels = image.shape[-1]
     return both[..., :channels], both[..., channels:]
 

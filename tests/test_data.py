@@ -121,14 +121,29 @@ def test_pipelines_run_without_the_autotuner():
         assert data.make_dataset(images, masks, 2, training).options().autotune.enabled is False
 
 
-def test_volumes_are_augmented_slice_by_slice():
-    rng = np.random.default_rng(0)
-    volumes = (rng.random((4, 3, 8, 8, 1)) < 0.3).astype(np.float32)
+def test_a_volume_is_flipped_and_turned_as_a_whole_not_slice_by_slice():
+    volumes = np.random.default_rng(0).random((8, 4, 8, 8, 1), dtype=np.float32)  # every value unique
+
+    def whole_volume_transforms(volume):  # the 8 flips and quarter turns of the (H, W) plane
+        for flipped in (volume, volume[:, :, ::-1]):
+            for k in range(4):
+                yield np.rot90(flipped, k, axes=(1, 2))
+
+    seen = []
     for x, y in _first_epoch(
-        data.make_dataset(volumes.copy(), volumes, batch_size=2, training=True)
+        data.make_dataset(volumes.copy(), volumes, batch_size=2, training=True, seed=3)
     ):
-        assert x.shape[1:] == (3, 8, 8, 1)
         np.testing.assert_array_equal(x, y)
+        for volume in x:
+            found = [
+                transform
+                for original in volumes
+                for transform, moved in enumerate(whole_volume_transforms(original))
+                if np.array_equal(moved, volume)
+            ]
+            assert len(found) == 1, "a volume's slices were moved in different ways"
+            seen += found
+    assert len(set(seen)) > 1  # the transforms vary from volume to volume
 
 
 def test_several_classes_give_kinds_of_lesion_with_their_own_brightness_and_shape():
