@@ -192,8 +192,7 @@ class Validation(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         probabilities = predict(self.model, self.images, self.batch)
-        classes = max(2, self.model.output_shape[-1])
-        overlaps = [losses.DiceMetric(num_classes=classes), losses.IoUMetric(num_classes=classes)]
+        overlaps = losses.overlap_metrics(self.model)
         total = 0.0
         for start in range(0, len(self.images), self.batch):
             truth = self.masks[start : start + self.batch]

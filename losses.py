@@ -129,6 +129,13 @@ class IoUMetric(_OverlapMetric):
         return tp, tp + fp + fn
 
 
+def overlap_metrics(model: keras.Model) -> list[keras.metrics.Metric]:
+    """Fresh Dice and IoU epoch metrics for `model`'s output: one sigmoid channel (binary) or a
+    softmax over C classes."""
+    classes = max(2, model.output_shape[-1])
+    return [DiceMetric(num_classes=classes), IoUMetric(num_classes=classes)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Losses. Counts are summed over the whole batch (the "batch Dice" of nnU-Net): an image without
 # lesion then does not produce a 0/0 of its own. One value per foreground class, then their mean.

@@ -199,11 +199,10 @@ def compile_model(model, args, n_train):
     """Optimizer, schedule (over the steps of n_train examples per epoch), loss and Dice/IoU epoch
     metrics (mean over the foreground classes of a softmax output)."""
     optimizer = OPTIMIZERS[args.optimizer].make(learning_rate(args, epoch_size(n_train, args)[0]))
-    classes = max(2, model.output_shape[-1])
     model.compile(
         optimizer,
         losses.get_loss(args.loss),
-        metrics=[losses.DiceMetric(num_classes=classes), losses.IoUMetric(num_classes=classes)],
+        metrics=losses.overlap_metrics(model),
         jit_compile=args.xla,
     )
     return model

@@ -121,7 +121,7 @@ def training_epoch(
     model.compile(
         keras.optimizers.Adam(1e-3),
         losses.BCEDiceLoss(),
-        metrics=[losses.DiceMetric(), losses.IoUMetric()],
+        metrics=losses.overlap_metrics(model),
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )

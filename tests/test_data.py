@@ -122,7 +122,7 @@ def test_pipelines_run_without_the_autotuner():
 
 
 def test_a_volume_is_flipped_and_turned_as_a_whole_not_slice_by_slice():
-    volumes = np.random.default_rng(0).random((8, 4, 8, 8, 1), dtype=np.float32)  # every value unique
+    volumes = np.random.default_rng(0).random((8, 4, 8, 8, 1), dtype=np.float32)  # unique values
 
     def whole_volume_transforms(volume):  # the 8 flips and quarter turns of the (H, W) plane
         for flipped in (volume, volume[:, :, ::-1]):

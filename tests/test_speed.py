@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import speed
+import throughput
 import unet
 from speed import Choice
 
@@ -178,3 +179,10 @@ def test_the_real_probe_times_each_candidate(mode):
     candidates = [Choice("float32", False), Choice("bfloat16", True)]
     rates = speed.measure_candidates(candidates, _build, 2, mode)
     assert set(rates) == set(candidates) and all(rate > 0 for rate in rates.values())
+
+
+def test_the_probe_trains_a_several_class_model_with_its_own_metrics():
+    # A softmax over 3 classes: the probe's Dice/IoU must count 3 classes, as train.py's do.
+    model = unet.build_unet((16, 16, 1), 4, 1, num_classes=3)
+    rate = throughput.training_epoch(model, batch=2, jit_compile=False, steps=1)()
+    assert rate > 0
