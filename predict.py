@@ -167,6 +167,20 @@ def output_paths(output, path):
     return os.path.join(output, f"{name}_mask{ext}"), os.path.join(output, f"{name}_overlay.png")
 
 
+def refuse_shared_outputs(files, output):
+    """Refuse, before writing anything, inputs that would write the same file: a.png and a.jpg
+    (both a_mask.png), a.png and a.nii.gz (both a_overlay.png)."""
+    writers = {}
+    for path in files:
+        for written in output_paths(output, path):
+            if written in writers:
+                raise DataError(
+                    f"{writers[written]} and {path} would both write {written}: give them "
+                    "different --output folders"
+                )
+            writers[written] = path
+
+
 def at_speed(model, precision="auto", xla="auto"):
     """`model` rebuilt at the precision and XLA setting chosen for this machine (speed.choose, on
     inference at predict's batch), with the same weights."""
@@ -307,17 +321,7 @@ def main(argv=None):
     cli.setup()
     try:
         files = list_inputs(args.inputs)
-        outputs = {}
-        for (
-            path
-        ) in files:  # a.png and a.jpg would both write a_mask.png: refuse before writing anything
-            mask_path = output_paths(args.output, path)[0]
-            if mask_path in outputs:
-                raise DataError(
-                    f"{outputs[mask_path]} and {path} would both write {mask_path}: give them "
-                    "different --output folders"
-                )
-            outputs[mask_path] = path
+        refuse_shared_outputs(files, args.output)
         check_output(args.output)  # before the model: loading it can take a while
         model = at_speed(load_model(args.model), args.precision, args.xla)
     except ValueError as error:

@@ -345,6 +345,14 @@ def test_a_failure_while_writing_leaves_no_partial_file(model_2d, tmp_path, caps
     assert os.listdir(tmp_path / "out") == []
 
 
+def test_inputs_that_would_share_an_overlay_are_refused_too(tmp_path):
+    predict.refuse_shared_outputs(["x/a.png", "x/b.png", "y/c.nii.gz"], str(tmp_path))
+    with pytest.raises(
+        predict.DataError, match=r"x/a.png and y/a.nii.gz would both write .*a_overlay.png"
+    ):
+        predict.refuse_shared_outputs(["x/a.png", "y/a.nii.gz"], str(tmp_path))
+
+
 def test_two_inputs_that_would_write_the_same_mask_are_refused_before_anything(
     model_2d, tmp_path, capsys
 ):
