@@ -35,6 +35,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def at_least(minimum: float, kind: type = int):
+    """An argparse type: a number of `kind` (int or float) not below `minimum`; argparse turns its
+    refusal into one line (`argument --epochs: must be at least 1, got 0`)."""
+
+    def parse(text):
+        value = kind(text)  # ValueError: argparse says "invalid int value: 'x'"
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a number above 0 (a learning rate)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def argument_parser(prog, doc, epilog=None):
     """The scripts' argument parser: the first paragraph of the module's docstring as the
     description, defaults in --help."""

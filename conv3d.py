@@ -59,10 +59,15 @@ def parse_args(argv=None):
     parser = cli.argument_parser("conv3d.py", __doc__)
     add = parser.add_argument
     datasets.add_arguments(parser)
-    add("--n-volumes", type=int, default=40, help="synthetic volumes (train/val/test 70/15/15)")
+    add(
+        "--n-volumes",
+        type=cli.at_least(1),
+        default=40,
+        help="synthetic volumes (train/val/test 70/15/15)",
+    )
     add(
         "--shape",
-        type=int,
+        type=cli.at_least(1),
         nargs=3,
         default=DEFAULT_SHAPE,
         metavar=("D", "H", "W"),
@@ -88,7 +93,7 @@ def parse_args(argv=None):
     )
     add(
         "--slice-batch-size",
-        type=int,
+        type=cli.at_least(1),
         default=16,
         help="--compare-2d: slices per step (16 slices: about the compute of one 3D step)",
     )
@@ -104,13 +109,6 @@ def parse_args(argv=None):
         help="skip the subprocess measurement of peak memory",
     )
     args = parser.parse_args(argv)
-    if (
-        min(args.n_volumes, args.batch_size, args.slice_batch_size, args.epochs, min(args.shape))
-        < 1
-    ):
-        parser.error(
-            "--n-volumes, --batch-size, --slice-batch-size, --epochs and --shape must be positive"
-        )
     distribute.check_arguments(parser, args, ("xla", "slice_xla"))
     return args, parser
 

@@ -56,13 +56,6 @@ SCHEDULES = ("cosine", "plateau", "constant")
 EVAL_BATCH_FACTOR = 4  # validation and test batches, in training batches (fit_and_log)
 
 
-def _non_negative(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_names):
     """The recipe's and the run's flags, shared by train.py and conv3d.py (defaults differ)."""
     add = parser.add_argument
@@ -70,7 +63,7 @@ def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_na
     add("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer")
     add(
         "--lr",
-        type=float,
+        type=cli.positive,
         help="peak learning rate [default: the optimizer's usual one: "
         + ", ".join(f"{o.label} {o.learning_rate:g}" for o in OPTIMIZERS.values())
         + "]",
@@ -81,13 +74,18 @@ def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_na
         default="cosine",
         help="learning-rate schedule over --epochs",
     )
-    add("--batch-size", type=int, default=batch_size, help=f"{unit} per step and replica")
+    add(
+        "--batch-size",
+        type=cli.at_least(1),
+        default=batch_size,
+        help=f"{unit} per step and replica",
+    )
     distribute.add_arguments(parser)
     speed.add_arguments(parser)
-    add("--epochs", type=int, default=epochs, help="maximum number of epochs")
+    add("--epochs", type=cli.at_least(1), default=epochs, help="maximum number of epochs")
     add(
         "--patience",
-        type=int,
+        type=cli.at_least(0),
         default=patience,
         help="early stopping: epochs without a better validation Dice",
     )
@@ -114,7 +112,7 @@ def add_arguments(parser, batch_size, epochs, patience, unit, experiment, run_na
     )
     add(
         "--nsd-tolerance",
-        type=_non_negative,
+        type=cli.at_least(0, float),
         default=1.0,
         help="normalized surface Dice tolerance, in the unit of the voxel spacing (mm for NIfTI, "
         "pixels otherwise)",
@@ -142,7 +140,7 @@ def size_text(model):
 
 def peak_learning_rate(args):
     """--lr, or the optimizer's usual learning rate."""
-    return args.lr or OPTIMIZERS[args.optimizer].learning_rate
+    return args.lr if args.lr is not None else OPTIMIZERS[args.optimizer].learning_rate
 
 
 def choose_speed(args, build):

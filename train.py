@@ -56,13 +56,13 @@ def parse_args(argv=None):
     datasets.add_arguments(parser)
     add(
         "--n-images",
-        type=int,
+        type=cli.at_least(1),
         default=200,
         help="number of synthetic images (train/val/test 70/15/15)",
     )
     add(
         "--image-size",
-        type=int,
+        type=cli.at_least(1),
         default=128,
         help="height and width of the network's input (and of the "
         "synthetic images); real images are shrunk to fit and padded (geometry.py)",
@@ -104,11 +104,6 @@ def parse_args(argv=None):
         parser.error(
             f"--shard {args.shard[0]}/{args.shard[1]}: the grid has {len(grid_cells())} cells"
         )
-    for name in ("batch_size", "epochs", "n_images", "image_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.patience < 0 or (args.lr is not None and args.lr <= 0):
-        parser.error("--patience must be >= 0 and --lr > 0")
     if args.num_classes < 2:
         parser.error("--num-classes must be at least 2 (background included)")
     distribute.check_arguments(parser, args)

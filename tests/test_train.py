@@ -4,6 +4,7 @@ import mlflow
 import numpy as np
 import pytest
 
+import conv3d
 import data
 import figures
 import losses
@@ -291,6 +292,26 @@ def test_a_bad_shard_is_one_line(flags, message, capsys):
         train.parse_args(flags)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"train.py: error: {message}"
+
+
+@pytest.mark.parametrize("script", [train, conv3d])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "-0.5"], "argument --lr: must be above 0, got -0.5"),
+        (["--lr", "0"], "argument --lr: must be above 0, got 0"),
+        (["--patience", "-2"], "argument --patience: must be at least 0, got -2"),
+        (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+        (["--batch-size", "two"], "argument --batch-size: invalid int value: 'two'"),
+        (["--nsd-tolerance", "-1"], "argument --nsd-tolerance: must be at least 0, got -1"),
+    ],
+)
+def test_a_number_out_of_range_is_one_line_in_both_scripts(script, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(flags)
+    assert exit_info.value.code == 2
+    prog = f"{script.__name__}.py"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{prog}: error: {message}"
 
 
 @pytest.mark.slow
