@@ -43,10 +43,10 @@ import outbox
 import store
 
 EPOCH_METRICS = ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou")
-# At a run's end, the unsent epochs may wait for the store six times as long as one request may
-# take (60 s with cli.setup's 10 s: a server restarts in about 25 s); after Ctrl-C or SIGTERM,
-# once as long: the process must end soon.
-SEND_REQUESTS, INTERRUPTED_SEND_REQUESTS = 6, 1
+# At a run's end, the unsent epochs may wait for the store ten times as long as one request may
+# take (30 s with cli.py's 3 s: a server restarts in about 25 s); after Ctrl-C or SIGTERM, once
+# as long: the process must end soon.
+SEND_REQUESTS, INTERRUPTED_SEND_REQUESTS = 10, 1
 STORE_ERRORS = (MlflowException, requests.RequestException, OSError)
 
 
