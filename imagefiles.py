@@ -20,6 +20,7 @@ datasets.py (training data) and predict.py (new images) read files through this 
 """
 
 import os
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -200,14 +201,17 @@ def label_map(labels: np.ndarray, path: str, num_classes: int = 2) -> np.ndarray
     foreground is `value > 0` (0/1, 0/255...). C classes: the values are the labels 0..C-1."""
     values = np.unique(labels)
     shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+    binary_rule = "a binary mask has 0 and one label (train.py --num-classes C takes label maps)"
     if len(values) > num_classes:
         rule = (
-            "a binary mask has at most two (0 and one label); --num-classes for label maps"
+            binary_rule
             if num_classes == 2
             else f"at most {num_classes} with --num-classes {num_classes}"
         )
         raise DataError(f"mask {path} has {len(values)} distinct values ({shown}): {rule}")
     if num_classes == 2:
+        if len(values) == 2 and values[0] != 0:  # which of the two is the background?
+            raise DataError(f"mask {path} has the values {shown}: {binary_rule}")
         return (labels > 0).astype(np.float32)
     if not np.isin(values, np.arange(num_classes)).all():
         raise DataError(
@@ -235,6 +239,7 @@ def main():
     parser = cli.argument_parser("imagefiles.py", __doc__)
     parser.add_argument("files", nargs="+", help="PNG, JPEG, TIFF or NIfTI files")
     args = parser.parse_args()
+    unreadable = 0
     for path in args.files:
         try:
             if is_nifti(path):
@@ -251,8 +256,10 @@ def main():
                     f"values {pixels.min():g} to {pixels.max():g}"
                 )
         except DataError as error:
-            print(f"error: {error}")
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            unreadable += 1
+    return 2 if unreadable else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -133,3 +133,18 @@ def test_a_training_set_without_foreground_is_refused_whatever_the_source():
         data.require_foreground(splits, "synthetic-2d")
     masks[3, 4, 4] = 1  # one foreground pixel is enough to learn from (the loss sees it)
     data.require_foreground(splits, "synthetic-2d")
+
+
+def test_imagefiles_describes_the_good_files_and_exits_2_for_the_others(
+    tmp_path, capsys, monkeypatch
+):
+    Image.fromarray(np.zeros((16, 24), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    files = [str(tmp_path / name) for name in ("good.png", "broken.png")]
+    monkeypatch.setattr("sys.argv", ["imagefiles.py", *files])
+    assert imagefiles.main() == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"{files[0]}: image 16x24, values 0 to 0"]
+    assert len(err.splitlines()) == 1 and err.startswith(
+        f"imagefiles.py: error: cannot read {files[1]}"
+    )

@@ -239,6 +239,12 @@ def _bad_label(root):
     nib.save(nib.Nifti1Image(label, AFFINE), root / "labelsTr" / "case_001.nii.gz")
 
 
+def _mask_without_background(root):
+    mask = np.full((32, 32), 1, np.uint8)
+    mask[4:9, 4:9] = 255
+    Image.fromarray(mask).save(root / "masks" / "case2.png")
+
+
 def _nan_image(root):
     image = np.ones((32, 32, 8), np.float32)
     image[3, 4, 5] = np.nan
@@ -324,6 +330,12 @@ BAD = {
         "case_002_0000.nii",
     ),
     "three label values": ("msd", _bad_label, r"3 distinct values \(0, 1, 2\)", "case_001.nii.gz"),
+    "binary mask without 0": (
+        "png",
+        _mask_without_background,
+        r"has the values 1, 255: a binary mask has 0 and one label",
+        "case2.png",
+    ),
     "nan in a volume": ("msd", _nan_image, "NaN", "case_000_0000.nii.gz"),
     "nan in a float tiff": ("png", _nan_tiff, "NaN", "case2.tif"),
     "colour image": ("png", _colour_image, "3 colour channels", "case3.png"),
