@@ -144,7 +144,7 @@ def test_imagefiles_describes_the_good_files_and_exits_2_for_the_others(
     monkeypatch.setattr("sys.argv", ["imagefiles.py", *files])
     assert imagefiles.main() == 2
     out, err = capsys.readouterr()
-    assert out.splitlines() == [f"{files[0]}: image 16x24, values 0 to 0"]
+    assert out.splitlines() == [f"{files[0]}: image 16x24x1, values 0 to 0"]
     assert len(err.splitlines()) == 1 and err.startswith(
         f"imagefiles.py: error: cannot read {files[1]}"
     )
