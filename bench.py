@@ -217,19 +217,36 @@ def parse_args(argv=None):
         help="the matrix's XLA settings: both, auto's for training, or one",
     )
     add("--skip-end-to-end", action="store_true", help="skip the train.py run")
-    add("--e2e-epochs", type=int, help="epochs of the train.py run [default: 3, quick 1]")
+    add(
+        "--e2e-epochs",
+        type=cli.at_least(1),
+        help="epochs of the train.py run [default: 3, quick 1]",
+    )
     add("--no-peak-memory", action="store_true", help="skip the peak memory per precision")
     add("--vs-pytorch", action="store_true", help="the same U-Net in PyTorch (bench_pytorch.py)")
     add("--levers", action="store_true", help="each lever in a fresh process, then stop")
     add("--paste", metavar="MARKDOWN", help="paste the bench.json outputs MARKDOWN names, and stop")
     # Levers, to measure one change at a time against the defaults.
-    add("--batch-size", type=int, help="2D batch size [default: train.py's, 8]")
+    add("--batch-size", type=cli.at_least(1), help="2D batch size [default: train.py's, 8]")
     add("--batch-norm", choices=unet.BATCH_NORMS, default="fused", help="batch norm layer")
     add("--upsampling", choices=unet.UPSAMPLING, default="transpose", help="decoder up-sampling")
-    add("--steps-per-execution", type=int, default=1, help="training steps per compiled call")
-    add("--inter-op-threads", type=int, help="TensorFlow inter-op threads [default: TensorFlow's]")
-    add("--intra-op-threads", type=int, help="TensorFlow intra-op threads [default: TensorFlow's]")
-    return parser.parse_args(argv)
+    add(
+        "--steps-per-execution",
+        type=cli.at_least(1),
+        default=1,
+        help="training steps per compiled call",
+    )
+    add(
+        "--inter-op-threads",
+        type=cli.at_least(1),
+        help="TensorFlow inter-op threads [default: TensorFlow's]",
+    )
+    add(
+        "--intra-op-threads",
+        type=cli.at_least(1),
+        help="TensorFlow intra-op threads [default: TensorFlow's]",
+    )
+    return parser.parse_args(argv), parser
 
 
 def measure(args, c):
@@ -280,22 +297,24 @@ class _Tee(io.StringIO):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, parser = parse_args(argv)
     cli.setup()
-    if args.paste:
-        return print(f"pasted into {args.paste}: {', '.join(bench_runs.paste(args.paste))}")
-    c = dict(QUICK if args.quick else FULL)
-    c["batch"] = args.batch_size or c["batch"]
-    with contextlib.redirect_stdout(_Tee(sys.stdout)) as printed:
-        if args.levers:
-            print(machine_line(speed.machine()))
-            report = {"levers": bench_runs.levers(args.quick)}
-        else:
-            report = measure(args, c)
-    report["printed"] = printed.getvalue()
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"\nwrote {args.output}")
+    with cli.command_line_errors(parser):
+        if args.paste:
+            return print(f"pasted into {args.paste}: {', '.join(bench_runs.paste(args.paste))}")
+        cli.check_output_file("--output", args.output)  # before minutes of measuring
+        c = dict(QUICK if args.quick else FULL)
+        c["batch"] = args.batch_size or c["batch"]
+        with contextlib.redirect_stdout(_Tee(sys.stdout)) as printed:
+            if args.levers:
+                print(machine_line(speed.machine()))
+                report = {"levers": bench_runs.levers(args.quick)}
+            else:
+                report = measure(args, c)
+        report["printed"] = printed.getvalue()
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -77,13 +77,16 @@ def command_line_errors(parser):
         parser.exit(130, f"{parser.prog}: interrupted\n")
 
 
-def check_model_path(path):
-    """ValueError unless `path` can take a saved model: a .keras file in a folder that exists."""
-    if not path.endswith(".keras"):
-        raise ValueError(f"--save-model {path}: the file name must end in .keras")
+def check_output_file(flag: str, path: str, suffix: str = "") -> None:
+    """ValueError unless a file can be written at `path`, checked before the work whose result it
+    will hold: a name ending in `suffix`, in a folder that exists and this user can write to."""
+    if not path.endswith(suffix):
+        raise ValueError(f"{flag} {path}: the file name must end in {suffix}")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a folder, not a file")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ValueError(f"--save-model {path}: {folder} is not a folder this user can write to")
+        raise ValueError(f"{flag} {path}: {folder} is not a folder this user can write to")
 
 
 def save_model(model, path):

@@ -368,8 +368,12 @@ def make_dataset(
 
 def main():
     parser = cli.argument_parser("data.py", __doc__)
-    parser.add_argument("--n-images", type=int, default=200, help="number of synthetic scans")
-    parser.add_argument("--image-size", type=int, default=128, help="height and width in pixels")
+    parser.add_argument(
+        "--n-images", type=cli.at_least(3), default=200, help="number of synthetic scans"
+    )
+    parser.add_argument(
+        "--image-size", type=cli.at_least(8), default=128, help="height and width in pixels"
+    )
     parser.add_argument(
         "--foreground", type=float, default=FOREGROUND, help="mean lesion fraction of the pixels"
     )

@@ -222,9 +222,13 @@ def sliding_window_predict(
 
 def main():
     parser = cli.argument_parser("geometry.py", __doc__)
-    parser.add_argument("--height", type=int, default=300, help="height of the example image")
-    parser.add_argument("--width", type=int, default=200, help="width of the example image")
-    parser.add_argument("--size", type=int, default=128, help="network size (square)")
+    parser.add_argument(
+        "--height", type=cli.at_least(1), default=300, help="height of the example image"
+    )
+    parser.add_argument(
+        "--width", type=cli.at_least(1), default=200, help="width of the example image"
+    )
+    parser.add_argument("--size", type=cli.at_least(1), default=128, help="network size (square)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)

@@ -282,7 +282,7 @@ def fit_and_log(
     val_set = data.make_dataset(x_val, y_val, eval_batch)
     validation = [distribute.Validation(x_val, y_val, eval_batch)] if args.replicas > 1 else []
     if args.save_model:
-        cli.check_model_path(args.save_model)  # now, not after the training
+        cli.check_output_file("--save-model", args.save_model, ".keras")  # not after training
     # config.json: the configuration as resolved (what --resume reads back).
     config = {**vars(args), "lr": peak_learning_rate(args), "run_name": run_name}
     artifacts = {"config.json": config, **(tables or {})}

@@ -77,6 +77,25 @@ def test_paste_replaces_the_marked_blocks_with_the_runs_printed_output(tmp_path)
     )
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--paste", "{tmp}/missing.md"],
+            "[Errno 2] No such file or directory: '{tmp}/missing.md'",
+        ),
+        (["--output", "{tmp}"], "--output {tmp}: is a folder, not a file"),
+        (["--output", "{tmp}/no/b.json"], "--output {tmp}/no/b.json: {tmp}/no is not a folder"),
+    ],
+)
+def test_bad_paths_are_one_line_before_any_measuring(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([flag.format(tmp=tmp_path) for flag in flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"bench.py: error: {message.format(tmp=tmp_path)}")
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_its_report(tmp_path, capsys, monkeypatch):
     # A fake probe picks float32 without XLA and caches it (the real probe: tests/test_speed.py):
