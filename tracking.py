@@ -202,9 +202,9 @@ def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """At each epoch's end: saves the checkpoint, then logs loss, dice, iou, their val_ twins, lr,
-    epoch_seconds and images_per_second (training examples per second of training, validation
-    excluded) with step=epoch, and prints one line. Saved before logged: an epoch in the store is
+    """At each epoch's end: saves the checkpoint, then logs loss, dice, iou, their val_ twins, lr
+    (the learning rate of the epoch's first step), epoch_seconds and images_per_second (training
+    examples per second of training, validation excluded) with step=epoch, and prints one line. Saved before logged: an epoch in the store is
     always in the checkpoint, and --resume logs the epochs of the checkpoint the store lacks.
     Place it last, after the callbacks whose state the checkpoint keeps.
     """
@@ -217,6 +217,9 @@ class EpochLogger(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start, self.train_end = time.perf_counter(), None
+        # The rate the epoch starts with: read at its end, it would be the next epoch's (the
+        # schedule has moved on, ReduceLROnPlateau has acted).
+        self.learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_test_begin(self, logs=None):
         self.train_end = self.train_end or time.perf_counter()
@@ -224,7 +227,7 @@ class EpochLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         now = time.perf_counter()
         values = {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
-        values["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        values["lr"] = self.learning_rate
         values["epoch_seconds"] = now - self.start
         values["images_per_second"] = self.n_train / ((self.train_end or now) - self.start)
         self.checkpoint.save(epoch + 1, values)

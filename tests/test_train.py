@@ -81,6 +81,8 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
     config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/config.json")
     # The configuration as resolved: sgd's usual learning rate, the run's name, no "auto" left.
     assert (config["lr"], config["run_name"]) == (0.01, "UNet_DiceLoss_SGD_32x32")
+    # Epoch 1 starts at the cosine schedule's peak.
+    assert store.get_metric_history(run.info.run_id, "lr")[0].value == pytest.approx(0.01)
     assert (config["precision"], config["xla"]) == ("float32", False)
     table = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/test_cases.json")
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
