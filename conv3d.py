@@ -212,6 +212,7 @@ def train_on_slices(args, loaded=None):
         )
 
     slice_args = recipe.choose_speed(distribute.with_replicas(slice_args), build)
+    slice_args.slice_xla = slice_args.xla  # resolved in config.json: --resume keeps this choice
     keras.utils.set_random_seed(args.seed)
     with speed.policy_scope(slice_args.precision), distribute.strategy(args).scope():
         model = build(recipe.prior_bias(args, float(splits["train"][1].mean())))

@@ -204,9 +204,10 @@ def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
 class EpochLogger(keras.callbacks.Callback):
     """At each epoch's end: saves the checkpoint, then logs loss, dice, iou, their val_ twins, lr
     (the learning rate of the epoch's first step), epoch_seconds and images_per_second (training
-    examples per second of training, validation excluded) with step=epoch, and prints one line. Saved before logged: an epoch in the store is
-    always in the checkpoint, and --resume logs the epochs of the checkpoint the store lacks.
-    Place it last, after the callbacks whose state the checkpoint keeps.
+    examples per second of training, validation excluded) with step=epoch, and prints one line.
+    Saved before logged: an epoch in the store is always in the checkpoint, and --resume logs the
+    epochs of the checkpoint the store lacks. Place it last, after the callbacks whose state the
+    checkpoint keeps.
     """
 
     def __init__(self, run: TrackedRun, checkpoint, n_train, epochs, unit="img"):
