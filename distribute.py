@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import cli
 import keras_multiworker
 import losses
 import multiworker
@@ -108,11 +109,7 @@ def setup(args: argparse.Namespace) -> argparse.Namespace:
     if args.strategy != "multiworker":
         return args
     config = multiworker.from_chief(started, lambda: vars(args))
-    # JSON has no tuples: give back the type argparse gives (--shard's (I, N), say).
-    mine = vars(args)
-    return argparse.Namespace(
-        **{k: tuple(v) if isinstance(mine.get(k), tuple) else v for k, v in config.items()}
-    )
+    return argparse.Namespace(**cli.from_json(config, vars(args)))
 
 
 def wait_for_the_chief(args: argparse.Namespace) -> None:

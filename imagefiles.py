@@ -72,11 +72,6 @@ def list_files(folder, suffixes=IMAGE_SUFFIXES + NIFTI_SUFFIXES):
     return [p for p in paths if os.path.isfile(p) or (os.path.islink(p) and not os.path.exists(p))]
 
 
-def _reason(error):
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
 def check_finite(array, path):
     """Raise DataError if `array` holds NaN or infinite values (float TIFFs and NIfTIs can)."""
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
@@ -136,7 +131,7 @@ def _open(path):
         raise
     # Pillow raises OSError, ValueError, SyntaxError...: all mean "cannot read"
     except Exception as error:
-        raise DataError(f"cannot read {path}: {_reason(error)}") from None
+        raise DataError(f"cannot read {path}: {cli.first_line(error)}") from None
 
 
 def read_image(path, channels=1):
@@ -183,7 +178,7 @@ def read_volume(path):
             image.dataobj
         )  # reads everything now: a truncated .gz fails here, with its name
     except Exception as error:  # nibabel raises ImageFileError, EOFError, zlib.error, OSError...
-        raise DataError(f"cannot read {path}: {_reason(error)}") from None
+        raise DataError(f"cannot read {path}: {cli.first_line(error)}") from None
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     array = array[..., None] if array.ndim == 2 else array

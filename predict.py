@@ -115,10 +115,7 @@ def load_model(location):
             model = keras.models.load_model(location)
     # MLflow and Keras raise many types (missing run, bad zip...): one line for all
     except Exception as error:
-        reason = (
-            str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        )
-        raise ValueError(f"cannot load the model {location}: {reason}") from None
+        raise ValueError(f"cannot load the model {location}: {cli.first_line(error)}") from None
     if len(model.input_shape) not in (4, 5) or None in model.input_shape[1:]:
         raise ValueError(
             f"{location}: expected a segmentation model with a fixed input (N, H, W, C) or "

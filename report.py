@@ -118,8 +118,7 @@ def cases_table(run_id):
     try:
         table = mlflow.artifacts.load_dict(f"runs:/{run_id}/test_cases.json")
     except Exception as error:  # MLflow raises several types for a missing run or artifact
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise ValueError(f"run {run_id} has no per-case table: {reason}") from None
+        raise ValueError(f"run {run_id} has no per-case table: {cli.first_line(error)}") from None
     lines = ["| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
     for row in table["data"]:
         cells = [

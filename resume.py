@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import checkpoint
+import cli
 import divergence
 
 NEWEST = "newest"  # --resume without a run id
@@ -88,11 +89,7 @@ def configuration(
             f"--resume continues run {run_id} as it was configured: {', '.join(changed)} would "
             "change it"
         )
-    # JSON has no tuples: give back the type argparse gives (--shard's (I, N), say).
-    config = {
-        name: tuple(value) if isinstance(defaults.get(name), tuple) else value
-        for name, value in config.items()
-    }
+    config = cli.from_json(config, defaults)
     return argparse.Namespace(
         **{**defaults, **config, "resume": run_id, "checkpoint_dir": args.checkpoint_dir}
     )

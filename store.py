@@ -23,6 +23,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.store.db import utils as db_utils
 
+import cli
 import liveness
 
 LOCK_TIMEOUT = 300  # seconds to wait for another process creating or upgrading the store
@@ -30,12 +31,6 @@ LOCK_TIMEOUT = 300  # seconds to wait for another process creating or upgrading 
 
 class TrackingError(OSError):
     """The tracking store cannot be used (unreachable server, unwritable file)."""
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (MLflow's can be pages long), or its type."""
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def open_store() -> MlflowClient:
@@ -57,7 +52,7 @@ def open_store() -> MlflowClient:
             print(line, file=sys.stderr, flush=True)
     except Exception as error:  # MLflow raises many types here (HTTP, SQL, permissions)
         raise TrackingError(
-            f"cannot use the MLflow tracking store {uri}: {first_line(error)}"
+            f"cannot use the MLflow tracking store {uri}: {cli.first_line(error)}"
         ) from None
     return client
 

@@ -38,6 +38,7 @@ from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 
+import cli
 import liveness
 import outbox
 import store
@@ -105,7 +106,7 @@ class TrackedRun:
                 unsent = self.close(SEND_REQUESTS * MLFLOW_HTTP_REQUEST_TIMEOUT.get())
                 if unsent:
                     raise store.TrackingError(
-                        f"{unsent} epochs unsent: {store.first_line(self.outbox.last_error)}"
+                        f"{unsent} epochs unsent: {cli.first_line(self.outbox.last_error)}"
                     )
                 logged = MlflowClient().get_run(self.info.run_id).data.metrics
                 mlflow.log_metrics({k: v for k, v in results.items() if k not in logged})
@@ -123,7 +124,7 @@ class TrackedRun:
             model.save(path)
             raise store.TrackingError(
                 f"the tracking store {mlflow.get_tracking_uri()} does not answer "
-                f"({store.first_line(error)}): the model is saved in {path} and the run's "
+                f"({cli.first_line(error)}): the model is saved in {path} and the run's "
                 f"metrics in {self.folder}; send them with: {_resume_command(self.info.run_id)}"
             ) from None
         return info
@@ -154,7 +155,7 @@ def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
         )
     except Exception as error:  # MLflow raises many types here (HTTP, SQL, permissions)
         raise store.TrackingError(
-            f"cannot use the MLflow tracking store {uri}: {store.first_line(error)}"
+            f"cannot use the MLflow tracking store {uri}: {cli.first_line(error)}"
         ) from None
     tracked = TrackedRun(run, os.path.join(folder, run.info.run_id))
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -170,7 +171,7 @@ def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
             except STORE_ERRORS as error:
                 raise store.TrackingError(
                     f"cannot write the run's artifacts to {run.info.artifact_uri}: "
-                    f"{store.first_line(error)}"
+                    f"{cli.first_line(error)}"
                 ) from None
         tracked.seconds += time.perf_counter() - start
         yield tracked
@@ -183,7 +184,7 @@ def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
     except Exception as error:
         if not tracked.unreachable:
             with contextlib.suppress(*STORE_ERRORS):
-                mlflow.set_tag("failure", store.first_line(error))
+                mlflow.set_tag("failure", cli.first_line(error))
         raise
     finally:
         for signum, handler in previous_handlers.items():
@@ -196,7 +197,7 @@ def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
         except STORE_ERRORS as error:
             if status == "FINISHED":  # else the run's own error says more
                 raise store.TrackingError(
-                    f"the run could not be ended in {uri} ({store.first_line(error)}); "
+                    f"the run could not be ended in {uri} ({cli.first_line(error)}); "
                     f"end it with: {_resume_command(run.info.run_id)}"
                 ) from None
 
