@@ -378,7 +378,10 @@ def main():
         "--foreground", type=float, default=FOREGROUND, help="mean lesion fraction of the pixels"
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="random seed (same seed, same data and split)"
+        "--seed",
+        type=int,
+        default=42,
+        help="random seed (same seed, same data and split; train.py's: the main job's data)",
     )
     parser.add_argument(
         "--save",

@@ -125,17 +125,18 @@ def find_pairs(folder):
         )
     image_by_key = _by_key(images, strip_channel=layout == "msd")
     mask_by_key = _by_key(masks, strip_channel=False)
-    for paths, other, what in (
-        (image_by_key, mask_by_key, "images have no mask"),
-        (mask_by_key, image_by_key, "masks have no image"),
+    for paths, other, kind, missing in (
+        (image_by_key, mask_by_key, "image", "mask"),
+        (mask_by_key, image_by_key, "mask", "image"),
     ):
         alone = [os.path.basename(p) for key, p in paths.items() if key not in other]
         if alone:
             listed = ", ".join(alone[:5]) + (
                 f" and {len(alone) - 5} more" if len(alone) > 5 else ""
             )
+            what = f"1 {kind} has" if len(alone) == 1 else f"{len(alone)} {kind}s have"
             raise DataError(
-                f"{len(alone)} {what} in {folder} (pairs are matched by file name): {listed}"
+                f"{what} no {missing} in {folder} (pairs are matched by file name): {listed}"
             )
     return layout, [(image_by_key[key], mask_by_key[key]) for key in sorted(image_by_key)]
 
@@ -373,7 +374,9 @@ def main():
         help="network input: S (2D, S x S, as train.py's --image-size), H W, or D H W (3D patches, "
         "as conv3d.py's --shape)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    parser.add_argument(
+        "--seed", type=int, default=42, help="seed of the split (train.py's: the split it logs)"
+    )
     parser.add_argument("--num-classes", type=int, default=2, help="classes, background included")
     args = parser.parse_args()
     if len(args.size) not in (1, 2, 3):

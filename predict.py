@@ -106,10 +106,14 @@ def load_model(location):
     is_uri = location.startswith(("runs:/", "models:/")) or "://" in location
     if not is_uri and not os.path.exists(location):
         raise ValueError(f"no such model file: {location}")
+    if not (is_uri or os.path.isdir(location) or location.endswith((".keras", ".h5"))):
+        raise ValueError(
+            f"{location} is not a model: give a .keras file, an MLflow model folder, or a runs:/ "
+            "or models:/ URI (the model comes first, then the images)"
+        )
     try:
-        if is_uri or os.path.isdir(
-            location
-        ):  # a folder: an MLflow model saved locally (it holds an MLmodel file)
+        # A folder: an MLflow model saved locally (it holds an MLmodel file).
+        if is_uri or os.path.isdir(location):
             model = mlflow.keras.load_model(location)
         else:
             model = keras.models.load_model(location)
@@ -153,6 +157,8 @@ def list_inputs(paths):
             files += found
         else:
             files.append(path)  # a missing or unreadable file is reported when its turn comes
+    if not any(os.path.lexists(path) for path in files):  # a typo: say so before loading the model
+        raise DataError(f"no such file: {', '.join(files)}")
     return files
 
 

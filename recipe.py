@@ -303,8 +303,11 @@ def fit_and_log(
         multiworker.share_checkpoint(model.distribute_strategy, saved)
         run.log_missing_epochs(saved.history)
         saved.restore(model, train_set, args.epochs)
-        if not saved.finished(args.epochs):
-            print(f"training: up to {args.epochs} epochs (the first also builds the steps)")
+        if saved.epoch and not saved.finished(args.epochs):
+            print(f"resuming after epoch {saved.epoch} (its checkpoint), up to {args.epochs}")
+        elif not saved.finished(args.epochs):
+            epochs = f"{args.epochs} epoch{'s' if args.epochs > 1 else ''}"
+            print(f"training: up to {epochs} (the first also builds the steps)")
         logger = tracking.EpochLogger(
             run, saved, epoch_size(len(x_train), args)[1], args.epochs, unit
         )

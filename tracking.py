@@ -179,7 +179,11 @@ def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
     except KeyboardInterrupt:
         status = "KILLED"
         with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
-            print(f"run {run.info.run_id} marked KILLED, its metrics so far kept", flush=True)
+            print(
+                f"run {run.info.run_id} marked KILLED, its metrics so far kept; continue it with: "
+                f"{_resume_command(run.info.run_id)}",
+                flush=True,
+            )
         raise
     except Exception as error:
         if not tracked.unreachable:

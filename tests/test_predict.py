@@ -445,3 +445,16 @@ def test_a_model_of_three_classes_writes_label_maps(model_3_classes, tmp_path, c
     assert set(np.unique(np.asarray(volume.dataobj))) <= {0, 1, 2}
     np.testing.assert_allclose(volume.affine, AFFINE)
     assert Image.open(tmp_path / "o" / "x_overlay.png").size == (24, 20)
+
+
+def test_swapped_arguments_and_a_mistyped_input_are_one_line_before_any_loading(tmp_path, capsys):
+    Image.fromarray(_grey((32, 32))).save(tmp_path / "scan.png")
+    broken_model = tmp_path / "unet.keras"
+    broken_model.write_bytes(b"not a model")  # loading it would fail: the inputs are checked first
+    code, _, err = _run([str(tmp_path / "scan.png"), str(broken_model)], capsys)
+    assert code == 2 and err == [
+        f"predict.py: error: {tmp_path / 'scan.png'} is not a model: give a .keras file, an "
+        "MLflow model folder, or a runs:/ or models:/ URI (the model comes first, then the images)"
+    ]
+    code, _, err = _run([str(broken_model), str(tmp_path / "scna.png")], capsys)
+    assert code == 2 and err == [f"predict.py: error: no such file: {tmp_path / 'scna.png'}"]

@@ -296,13 +296,13 @@ BAD = {
     "image without mask": (
         "png",
         lambda root: (root / "masks" / "case2.png").unlink(),
-        "have no mask",
+        "1 image has no mask in",
         "case2.png",
     ),
     "mask without image": (
         "msd",
         lambda root: (root / "imagesTr" / "case_001_0000.nii.gz").unlink(),
-        "have no image",
+        "1 mask has no image in",
         "case_001.nii.gz",
     ),
     "corrupt png": (
