@@ -90,7 +90,7 @@ def parse_args(argv=None):
     add(
         "--shard",
         type=parse_shard,
-        default=(0, 1),
+        default="0/1",  # argparse parses a default given as text
         metavar="I/N",
         help="with --grid: run only its cells I, I+N, I+2N, ... (I from 0 to N-1), so that N "
         "machines or processes share the grid, logging to one tracking server",
