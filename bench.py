@@ -227,25 +227,13 @@ def parse_args(argv=None):
     add("--levers", action="store_true", help="each lever in a fresh process, then stop")
     add("--paste", metavar="MARKDOWN", help="paste the bench.json outputs MARKDOWN names, and stop")
     # Levers, to measure one change at a time against the defaults.
-    add("--batch-size", type=cli.at_least(1), help="2D batch size [default: train.py's, 8]")
+    count = cli.at_least(1)
+    add("--batch-size", type=count, help="2D batch size [default: train.py's, 8]")
     add("--batch-norm", choices=unet.BATCH_NORMS, default="fused", help="batch norm layer")
     add("--upsampling", choices=unet.UPSAMPLING, default="transpose", help="decoder up-sampling")
-    add(
-        "--steps-per-execution",
-        type=cli.at_least(1),
-        default=1,
-        help="training steps per compiled call",
-    )
-    add(
-        "--inter-op-threads",
-        type=cli.at_least(1),
-        help="TensorFlow inter-op threads [default: TensorFlow's]",
-    )
-    add(
-        "--intra-op-threads",
-        type=cli.at_least(1),
-        help="TensorFlow intra-op threads [default: TensorFlow's]",
-    )
+    add("--steps-per-execution", type=count, default=1, help="training steps per compiled call")
+    add("--inter-op-threads", type=count, help="TensorFlow inter-op threads [default: its own]")
+    add("--intra-op-threads", type=count, help="TensorFlow intra-op threads [default: its own]")
     return parser.parse_args(argv), parser
 
 

@@ -59,12 +59,7 @@ def parse_args(argv=None):
     parser = cli.argument_parser("conv3d.py", __doc__)
     add = parser.add_argument
     datasets.add_arguments(parser)
-    add(
-        "--n-volumes",
-        type=cli.at_least(1),
-        default=40,
-        help="synthetic volumes (train/val/test 70/15/15)",
-    )
+    add("--n-volumes", type=cli.at_least(1), default=40, help="synthetic volumes (split 70/15/15)")
     add(
         "--shape",
         type=cli.at_least(1),

@@ -368,22 +368,12 @@ def make_dataset(
 
 def main():
     parser = cli.argument_parser("data.py", __doc__)
-    parser.add_argument(
-        "--n-images", type=cli.at_least(3), default=200, help="number of synthetic scans"
-    )
-    parser.add_argument(
-        "--image-size", type=cli.at_least(8), default=128, help="height and width in pixels"
-    )
-    parser.add_argument(
-        "--foreground", type=float, default=FOREGROUND, help="mean lesion fraction of the pixels"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=42,
-        help="random seed (same seed, same data and split; train.py's: the main job's data)",
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--n-images", type=cli.at_least(3), default=200, help="number of synthetic scans")
+    add("--image-size", type=cli.at_least(8), default=128, help="height and width in pixels")
+    add("--foreground", type=float, default=FOREGROUND, help="mean lesion fraction of the pixels")
+    add("--seed", type=int, default=42, help="random seed (train.py's: the main job's data)")
+    add(
         "--save",
         metavar="PNG",
         help="save a figure of a few images with their mask contours (folders made as needed; "

@@ -222,13 +222,10 @@ def sliding_window_predict(
 
 def main():
     parser = cli.argument_parser("geometry.py", __doc__)
-    parser.add_argument(
-        "--height", type=cli.at_least(1), default=300, help="height of the example image"
-    )
-    parser.add_argument(
-        "--width", type=cli.at_least(1), default=200, help="width of the example image"
-    )
-    parser.add_argument("--size", type=cli.at_least(1), default=128, help="network size (square)")
+    size = cli.at_least(1)
+    parser.add_argument("--height", type=size, default=300, help="height of the example image")
+    parser.add_argument("--width", type=size, default=200, help="width of the example image")
+    parser.add_argument("--size", type=size, default=128, help="network size (square)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)

@@ -55,24 +55,14 @@ def parse_args(argv=None):
     recipe.add_arguments(parser, **RECIPE_DEFAULTS, run_names="UNet_{Loss}_{Optimizer}_{H}x{W}")
     datasets.add_arguments(parser)
     add(
-        "--n-images",
-        type=cli.at_least(1),
-        default=200,
-        help="number of synthetic images (train/val/test 70/15/15)",
-    )
-    add(
         "--image-size",
         type=cli.at_least(1),
         default=128,
         help="height and width of the network's input (and of the "
         "synthetic images); real images are shrunk to fit and padded (geometry.py)",
     )
-    add(
-        "--foreground",
-        type=float,
-        default=data.FOREGROUND,
-        help="mean lesion fraction of the pixels",
-    )
+    add("--n-images", type=cli.at_least(1), default=200, help="synthetic images (split 70/15/15)")
+    add("--foreground", type=float, default=data.FOREGROUND, help="mean lesion share of the pixels")
     add("--contrast", type=float, default=data.CONTRAST, help="lesion brightness above the tissue")
     add("--noise", type=float, default=data.NOISE, help="Rician noise level")
     unet.add_classes_argument(parser)
