@@ -33,18 +33,14 @@ import keras
 import mlflow
 import numpy as np
 
-import cli
 import data
-import datasets
-import distribute
-import figures
-import memory
-import multiworker
-import recipe
-import resume
-import speed
-import store
 import unet
+from tp4 import cli
+from tp4.distributed import distribute, multiworker
+from tp4.images import datasets, figures
+from tp4.perf import memory, speed
+from tp4.tracking import store
+from tp4.training import recipe, resume
 
 DEFAULT_SHAPE = (32, 64, 64)  # (D, H, W) of the synthetic volumes and of the training patch
 # The recipe's defaults for conv3d.py (recipe.add_arguments has the others): a few epochs of 3D.

@@ -22,17 +22,16 @@ normalize_intensity, split, describe and content_hash from here.
     python data.py --save outputs/sample.png   # look at a few images with their masks
 """
 
+import argparse
 import hashlib
 import os
 from typing import Literal, NamedTuple
 
 import numpy as np
 import tensorflow as tf
+from matplotlib.figure import Figure
 from scipy import ndimage
 from sklearn.model_selection import train_test_split
-
-import cli
-import figures
 
 # Defaults of the synthetic scans, in one visible place.
 FOREGROUND = 0.05  # mean fraction of pixels that are lesion
@@ -366,11 +365,28 @@ def make_dataset(
     return dataset.batch(batch_size, drop_remainder).prefetch(2).with_options(options)
 
 
+def samples_figure(images, masks, foreground) -> Figure:
+    """The first four scans with their lesion contours (--save)."""
+    fig = Figure(figsize=(12, 3.4))
+    for ax, image, mask in zip(
+        fig.subplots(1, min(4, len(images)), squeeze=False)[0], images, masks
+    ):
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
+        ax.contour(mask[..., 0], levels=[0.5], colors="lime", linewidths=1)
+        ax.set_axis_off()
+    fig.suptitle(f"synthetic scans, lesion contours in green (foreground {foreground:.1%})")
+    return fig
+
+
 def main():
-    parser = cli.argument_parser("data.py", __doc__)
+    parser = argparse.ArgumentParser(
+        prog="data.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add = parser.add_argument
-    add("--n-images", type=cli.at_least(3), default=200, help="number of synthetic scans")
-    add("--image-size", type=cli.at_least(8), default=128, help="height and width in pixels")
+    add("--n-images", type=int, default=200, help="number of synthetic scans (3 at least)")
+    add("--image-size", type=int, default=128, help="height and width in pixels (8 at least)")
     add("--foreground", type=float, default=FOREGROUND, help="mean lesion fraction of the pixels")
     add("--seed", type=int, default=42, help="random seed (train.py's: the main job's data)")
     add(
@@ -380,7 +396,8 @@ def main():
         "outputs/ is ignored by git)",
     )
     args = parser.parse_args()
-
+    if args.n_images < 3 or args.image_size < 8:
+        parser.error("--n-images takes 3 at least, --image-size 8 at least")
     try:
         images, masks = make_synthetic_2d(
             args.n_images, args.image_size, args.seed, foreground=args.foreground
@@ -398,7 +415,7 @@ def main():
     )
     if args.save:
         os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
-        figure = figures.samples_figure(images, masks, args.foreground)
+        figure = samples_figure(images, masks, args.foreground)
         figure.savefig(args.save, dpi=100, bbox_inches="tight")
         print(f"saved {args.save}")
 

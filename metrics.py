@@ -19,14 +19,13 @@ The Keras side (epoch metrics, losses) is losses.py.
     python metrics.py        # worked cases (Dice, IoU, HD95, NSD, ASSD), scikit-learn cross-check
 """
 
+import argparse
 from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 from sklearn.metrics import f1_score, jaccard_score
-
-import cli
 
 Spacing = float | Sequence[float] | None  # voxel size per spatial axis (one number: isotropic)
 
@@ -262,7 +261,9 @@ def assd(
 
 
 def main():
-    cli.argument_parser("metrics.py", __doc__, epilog="It takes no options.").parse_args()
+    argparse.ArgumentParser(
+        prog="metrics.py", description=__doc__.split("\n\n")[0], epilog="It takes no options."
+    ).parse_args()
     print(__doc__.split("\n\n")[0], "\n")
     square = np.zeros((64, 64), dtype=np.uint8)
     square[16:48, 16:48] = 1

@@ -43,16 +43,14 @@ import mlflow.keras
 import numpy as np
 from PIL import Image
 
-import batchnorm  # noqa: F401 (registers the fused batch-norm layer, so saved models deserialize)
-import cli
 import data
-import figures
-import geometry
-import imagefiles
 import losses  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
 import metrics
-import speed
-from imagefiles import DataError
+from tp4 import cli
+from tp4.images import figures, geometry, imagefiles
+from tp4.images.imagefiles import DataError
+from tp4.models import batchnorm  # noqa: F401 (registers the fused batch-norm layer, so saved models deserialize)
+from tp4.perf import speed
 
 # Images per predict call (2D), patches per call (3D sliding windows): the batch the speed probe
 # measures.

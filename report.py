@@ -27,8 +27,8 @@ from collections import Counter
 import mlflow
 from mlflow import MlflowClient
 
-import cli
-import store
+from tp4 import cli
+from tp4.tracking import store
 
 METRICS = (
     "test_dice",

@@ -32,18 +32,15 @@ import keras
 import mlflow
 import numpy as np
 
-import cli
 import data
-import datasets
-import distribute
-import figures
 import losses
-import multiworker
-import recipe
-import resume
-import speed
-import store
 import unet
+from tp4 import cli
+from tp4.distributed import distribute, multiworker
+from tp4.images import datasets, figures
+from tp4.perf import speed
+from tp4.tracking import store
+from tp4.training import recipe, resume
 
 # The recipe's defaults for train.py (recipe.add_arguments has the others): the TP's main job.
 RECIPE_DEFAULTS = dict(batch_size=8, epochs=30, patience=8, unit="images", experiment="tp4-unet")

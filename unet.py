@@ -18,38 +18,29 @@ blocks).
 """
 
 import argparse
-import functools
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import keras
 from keras import layers
 
-import batchnorm
-import cli
-
 Upsampling = Literal["transpose", "bilinear", "nearest"]
 UPSAMPLING = get_args(Upsampling)
-# Batch normalization by TensorFlow's fused kernel (batchnorm.py: same semantics, faster, above all
-# in 16 bits), by Keras' layer, by Keras' layer with the statistics of the whole batch across the
-# replicas of a tf.distribute strategy (distribute.py), or none.
-BatchNorm = Literal["fused", "keras", "synchronized", "none"]
-BATCH_NORMS = get_args(BatchNorm)
+# The normalization after each convolution: a layer class (or any callable taking `momentum` and
+# `name`), None for none. Keras' BatchNormalization by default; the training scripts pass
+# TensorFlow's fused kernel (tp4/models/batchnorm.py: same semantics, faster, above all in 16 bits).
+NormLayer = Callable[..., layers.Layer]
 _CONV = {2: layers.Conv2D, 3: layers.Conv3D}
 _CONV_TRANSPOSE = {2: layers.Conv2DTranspose, 3: layers.Conv3DTranspose}
 _POOL = {2: layers.MaxPooling2D, 3: layers.MaxPooling3D}
 _UPSAMPLE = {2: layers.UpSampling2D, 3: layers.UpSampling3D}
-_BATCH_NORM_LAYERS = {
-    "fused": batchnorm.FusedBatchNormalization,
-    "keras": layers.BatchNormalization,
-    "synchronized": functools.partial(layers.BatchNormalization, synchronized=True),
-}
 
 
 def conv_block(
     x: keras.KerasTensor,
     filters: int,
     kernel_size: int = 3,
-    batch_norm: BatchNorm = "fused",
+    batch_norm: NormLayer | None = layers.BatchNormalization,
     name: str = "block",
 ) -> keras.KerasTensor:
     """(Conv -> BatchNorm -> ReLU) twice, 2D or 3D from the rank of `x`.
@@ -58,7 +49,7 @@ def conv_block(
         x: features (N, H, W, C) or (N, D, H, W, C).
         filters: output channels of both convolutions.
         kernel_size: k, for k x k (x k) kernels.
-        batch_norm: batch normalization after each convolution, and by which layer (BatchNorm).
+        batch_norm: the normalization layer after each convolution (NormLayer), None for none.
         name: prefix of the layer names (`{name}_conv1`, `{name}_bn1`, ...).
 
     Returns:
@@ -71,15 +62,15 @@ def conv_block(
             filters,
             kernel_size,
             padding="same",
-            use_bias=batch_norm == "none",
+            use_bias=batch_norm is None,
             kernel_initializer="he_normal",
             name=f"{name}_conv{i}",
         )(x)
-        if batch_norm != "none":
+        if batch_norm is not None:
             # Momentum 0.9, not Keras' 0.99: with ~20 steps per epoch on a small dataset, the
             # running statistics used at validation would otherwise lag the weights for many
             # epochs (validation Dice near 0).
-            x = _BATCH_NORM_LAYERS[batch_norm](momentum=0.9, name=f"{name}_bn{i}")(x)
+            x = batch_norm(momentum=0.9, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
 
@@ -100,7 +91,7 @@ def check_config(
     num_classes: int = 1,
     upsampling: Upsampling = "transpose",
     kernel_size: int = 3,
-    batch_norm: BatchNorm = "fused",
+    batch_norm: NormLayer | None = layers.BatchNormalization,
 ) -> None:
     """Raise ValueError with a readable message for a configuration the network cannot take.
 
@@ -123,8 +114,8 @@ def check_config(
             raise ValueError(f"{name} must be a positive integer, got {value}")
     if upsampling not in UPSAMPLING:
         raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
-    if batch_norm not in BATCH_NORMS:
-        raise ValueError(f"batch_norm must be one of {BATCH_NORMS}, got {batch_norm!r}")
+    if batch_norm is not None and not callable(batch_norm):
+        raise ValueError(f"batch_norm must be a layer class or None, got {batch_norm!r}")
     if upsampling == "bilinear" and len(input_shape) == 4:
         raise ValueError(
             "bilinear up-sampling is 2D only; use 'transpose' or 'nearest' for volumes"
@@ -143,7 +134,7 @@ def build_unet(
     base_filters: int = 32,
     depth: int = 4,
     num_classes: int = 1,
-    batch_norm: BatchNorm = "fused",
+    batch_norm: NormLayer | None = layers.BatchNormalization,
     dropout: float = 0.0,
     upsampling: Upsampling = "transpose",
     skip_connections: bool = True,
@@ -160,9 +151,9 @@ def build_unet(
         base_filters: filters of the first level, doubled at each level down.
         depth: levels, bottleneck included (the network pools depth-1 times).
         num_classes: 1 gives a sigmoid (binary) output, more a softmax over classes.
-        batch_norm: batch normalization after every convolution: "fused" (TensorFlow's fused
-            kernel, batchnorm.py), "keras" (keras.layers.BatchNormalization), "synchronized"
-            (Keras' layer with statistics over every replica's examples), or "none".
+        batch_norm: the normalization after every convolution: a layer class called as
+            `batch_norm(momentum=..., name=...)` (keras.layers.BatchNormalization, or the fused
+            kernel of tp4/models/batchnorm.py), or None for none.
         dropout: dropout rate at the bottleneck (0: none).
         upsampling: decoder up-sampling: transposed convolution, or bilinear/nearest resizing.
         skip_connections: False removes the concatenations (the ablation in REPORT.md).
@@ -224,7 +215,7 @@ def build_unet3d(
     kernel_size: int = 3,
     output_bias: float = 0.0,
     name: str = "UNet3D",
-    batch_norm: BatchNorm = "fused",
+    batch_norm: NormLayer | None = layers.BatchNormalization,
 ) -> keras.Model:
     """Small 3D U-Net: `build_unet` with Conv3D blocks, 2x2x2 pooling and transposed Conv3D.
 
@@ -281,11 +272,13 @@ def describe(model: keras.Model) -> dict[str, object]:
 
 
 def _batch_norm_kind(model):
+    """keras, synchronized (Keras' layer across replicas), the prefix of another normalization
+    class (FusedBatchNormalization: fused), or none."""
     for layer in model.layers:
-        if isinstance(layer, batchnorm.FusedBatchNormalization):
-            return "fused"
         if isinstance(layer, layers.BatchNormalization):
             return "synchronized" if layer.synchronized else "keras"
+        if type(layer).__name__.endswith("BatchNormalization"):
+            return type(layer).__name__.removesuffix("BatchNormalization").lower()
     return "none"
 
 
@@ -317,7 +310,11 @@ def count_params(model: keras.Model) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = cli.argument_parser("unet.py", __doc__)
+    parser = argparse.ArgumentParser(
+        prog="unet.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add = parser.add_argument
     add("--input-size", type=int, default=128, help="height and width of the input image")
     add("--channels", type=int, default=1, help="input channels (1 for a grey-level scan)")
@@ -325,7 +322,7 @@ def main() -> None:
     add_classes_argument(parser)
     add("--upsampling", choices=UPSAMPLING, default="transpose", help="decoder up-sampling")
     add("--dropout", type=float, default=0.0, help="dropout rate at the bottleneck")
-    add("--batch-norm", choices=BATCH_NORMS, default="fused", help="batch normalization layer")
+    add("--no-batch-norm", action="store_true", help="no batch normalization")
     add("--no-skip", action="store_true", help="no skip connections (ablation)")
     add("--quiet", action="store_true", help="no layer-by-layer summary")
     args = parser.parse_args()
@@ -339,7 +336,7 @@ def main() -> None:
             args.base_filters,
             args.depth,
             1 if binary else args.num_classes,
-            args.batch_norm,
+            None if args.no_batch_norm else layers.BatchNormalization,
             args.dropout,
             args.upsampling,
             not args.no_skip,

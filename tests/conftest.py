@@ -1,13 +1,11 @@
 import os
 import shutil
-from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import conv3d
-import geometry
-import memory
 import unet
+from tp4.images import geometry
+from tp4.perf import memory
 
 
 @pytest.mark.parametrize("k, c_in, c_out", [(3, 1, 8), (3, 16, 32), (2, 4, 4)])

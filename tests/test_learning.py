@@ -7,8 +7,8 @@ import pytest
 import data
 import losses
 import metrics
-import speed
 import unet
+from tp4.perf import speed
 
 
 def _train(precision="float32"):

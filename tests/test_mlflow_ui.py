@@ -12,11 +12,11 @@ import time
 import urllib.request
 
 import pytest
+from helpers import TINY
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
-from test_train import TINY
 
 import train
 

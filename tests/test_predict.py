@@ -7,18 +7,16 @@ import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import AFFINE, run_predict
 from PIL import Image
 
 import data
-import geometry
 import losses
 import predict
-import speed
 import unet
-
-AFFINE = np.array(
-    [[0.0, -0.8, 0.0, 20.0], [0.9, 0.0, 0.0, -15.0], [0.0, 0.0, 2.5, 7.0], [0.0, 0.0, 0.0, 1.0]]
-)
+from tp4.images import geometry
+from tp4.models import batchnorm
+from tp4.perf import speed
 
 
 def _save(model, path):
@@ -56,20 +54,6 @@ def _volume(path, shape, seed=0):
     return array
 
 
-def _run(args, capsys):
-    """predict.main -> (exit code, stdout lines, stderr lines); float32 without XLA unless `args`
-    say otherwise (no speed probe)."""
-    if "--precision" not in args:
-        args = [*args, "--precision", "float32", "--xla", "off"]
-    try:
-        predict.main(args)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
-
-
 def _binary(path, values):
     mask = np.asarray(Image.open(path))
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= set(values), path
@@ -91,7 +75,9 @@ def test_png_jpeg_tiff_folder_gives_masks_of_each_input_size(model_2d, tmp_path,
         Image.fromarray(
             _grey((h, w), dtype=np.uint16 if deep else np.uint8, high=60000 if deep else 256)
         ).save(inputs / name)
-    code, out, err = _run([model_2d[1], str(inputs), "--output", str(tmp_path / "out")], capsys)
+    code, out, err = run_predict(
+        [model_2d[1], str(inputs), "--output", str(tmp_path / "out")], capsys
+    )
     assert (
         code == 0
         and err == []
@@ -126,7 +112,10 @@ def test_a_png_mask_is_the_models_output_on_the_normalized_image(model_2d, tmp_p
     model, path = model_2d
     image = _grey(shape, seed=3)
     Image.fromarray(image).save(tmp_path / "x.png")
-    assert _run([path, str(tmp_path / "x.png"), "--output", str(tmp_path / "out")], capsys)[0] == 0
+    assert (
+        run_predict([path, str(tmp_path / "x.png"), "--output", str(tmp_path / "out")], capsys)[0]
+        == 0
+    )
     mask = _binary(tmp_path / "out" / "x_mask.png", (0, 255))
     fitted, transform = geometry.fit(
         data.normalize_intensity(image.astype(np.float32))[..., None], (32, 32)
@@ -144,7 +133,7 @@ def test_a_bfloat16_model_with_fused_batch_norm_predicts_at_the_precision_chosen
 ):
     keras.utils.set_random_seed(1)
     with speed.policy_scope("bfloat16"):
-        trained = unet.build_unet((32, 32, 1), 8, 3)  # fused batch norm: unet.py's default
+        trained = unet.build_unet((32, 32, 1), 8, 3, batch_norm=batchnorm.FusedBatchNormalization)
     path = _save(trained, tmp_path / "bf16.keras")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     bfloat16_cpu = {"kind": "cpu", "device": "a CPU", "flags": ["amx_bf16"], "tensorflow": "2"}
@@ -159,7 +148,7 @@ def test_a_bfloat16_model_with_fused_batch_norm_predicts_at_the_precision_chosen
     image = _grey((32, 32), seed=5)
     Image.fromarray(image).save(tmp_path / "x.png")
     args = [path, str(tmp_path / "x.png"), "--output", str(tmp_path / "out"), "--precision", "auto"]
-    code, out, _ = _run(args, capsys)
+    code, out, _ = run_predict(args, capsys)
     assert code == 0 and asked == [("float32", 8, "infer")]
     assert out[-2].startswith("precision and XLA for this machine: float32, XLA on (measured now")
     # The bfloat16 model's weights, predicting in float32: its mask.
@@ -175,7 +164,7 @@ def test_threshold_moves_the_foreground(model_2d, tmp_path, capsys):
     Image.fromarray(_grey((32, 32), seed=4)).save(tmp_path / "x.png")
     fractions = []
     for threshold in ("0.1", "0.9"):
-        _run(
+        run_predict(
             [
                 model_2d[1],
                 str(tmp_path / "x.png"),
@@ -198,7 +187,7 @@ def test_a_2d_model_segments_a_nifti_slice_by_slice_with_its_affine(
     model_2d, tmp_path, capsys, name, shape
 ):
     _volume(tmp_path / name, shape)
-    code, out, _ = _run(
+    code, out, _ = run_predict(
         [model_2d[1], str(tmp_path / name), "--output", str(tmp_path / "out")], capsys
     )
     assert code == 0 and len(out) == 1
@@ -219,7 +208,7 @@ def test_a_2d_model_on_a_volume_normalizes_per_volume_then_predicts_each_slice(
         10  # a bright slice: per-slice normalization would hide it, per-volume keeps it
     )
     nib.save(nib.Nifti1Image(volume, AFFINE), tmp_path / "scan.nii.gz")
-    _run([path, str(tmp_path / "scan.nii.gz"), "--output", str(tmp_path / "out")], capsys)
+    run_predict([path, str(tmp_path / "scan.nii.gz"), "--output", str(tmp_path / "out")], capsys)
     mask = np.asarray(nib.load(tmp_path / "out" / "scan_mask.nii.gz").dataobj)
     slices = np.moveaxis(data.normalize_intensity(volume), -1, 0)[..., None]  # (Z, X, Y, 1)
     probabilities = np.moveaxis(model.predict(slices, verbose=0)[..., 0], 0, -1)
@@ -233,7 +222,7 @@ def test_a_2d_model_on_a_volume_normalizes_per_volume_then_predicts_each_slice(
 def test_a_3d_model_segments_through_the_sliding_window(model_3d, tmp_path, capsys, shape):
     _volume(tmp_path / "vol.nii.gz", shape)
     assert (
-        _run(
+        run_predict(
             [model_3d[1], str(tmp_path / "vol.nii.gz"), "--output", str(tmp_path / "out")], capsys
         )[0]
         == 0
@@ -249,7 +238,7 @@ def test_a_3d_prediction_keeps_the_slice_axis_last(model_3d, tmp_path, capsys):
     volume = _volume(
         tmp_path / "vol.nii.gz", (16, 16, 8)
     )  # (X, Y, Z): exactly one patch (D, H, W) = (Z, X, Y)
-    _run([path, str(tmp_path / "vol.nii.gz"), "--output", str(tmp_path / "out")], capsys)
+    run_predict([path, str(tmp_path / "vol.nii.gz"), "--output", str(tmp_path / "out")], capsys)
     mask = np.asarray(nib.load(tmp_path / "out" / "vol_mask.nii.gz").dataobj)
     direct = model.predict(
         np.moveaxis(data.normalize_intensity(volume), -1, 0)[None, ..., None], verbose=0
@@ -274,11 +263,11 @@ def test_mlflow_model_uris(model_2d, store, tmp_path, capsys):
     uris = [f"runs:/{run.info.run_id}/model", "models:/tiny-unet/1", info.model_uri]
     for i, uri in enumerate(uris):
         output = str(tmp_path / f"out{i}")
-        code, out, err = _run([uri, str(tmp_path / "x.png"), "--output", output], capsys)
+        code, out, err = run_predict([uri, str(tmp_path / "x.png"), "--output", output], capsys)
         assert code == 0 and err == [], (uri, err)
         _binary(tmp_path / f"out{i}" / "x_mask.png", (0, 255))
     missing = "runs:/0123456789abcdef/model"
-    code, _, err = _run(
+    code, _, err = run_predict(
         [missing, str(tmp_path / "x.png"), "--output", str(tmp_path / "bad")], capsys
     )
     assert code == 2 and len(err) == 1
@@ -291,7 +280,7 @@ def test_mlflow_model_uris(model_2d, store, tmp_path, capsys):
 
 def test_a_missing_model_is_one_line_and_nothing_written(tmp_path, capsys):
     Image.fromarray(_grey((32, 32))).save(tmp_path / "x.png")
-    code, out, err = _run(
+    code, out, err = run_predict(
         [str(tmp_path / "nope.keras"), str(tmp_path / "x.png"), "--output", str(tmp_path / "out")],
         capsys,
     )
@@ -313,7 +302,7 @@ def test_bad_files_are_reported_one_line_each_and_the_good_ones_still_done(
     (inputs / "broken.png").write_bytes((inputs / "broken.png").read_bytes()[:60])
     Image.fromarray(_grey((32, 32, 3))).save(inputs / "colour.png")
     missing = str(tmp_path / "missing.png")
-    code, out, err = _run(
+    code, out, err = run_predict(
         [model_2d[1], str(inputs), missing, "--output", str(tmp_path / "out")], capsys
     )
     assert code == 2 and len(out) == 1 and out[0].startswith(str(inputs / "good.png"))
@@ -323,7 +312,7 @@ def test_bad_files_are_reported_one_line_each_and_the_good_ones_still_done(
     assert err[2] == f"predict.py: error: no such file: {missing}"
     assert sorted(os.listdir(tmp_path / "out")) == ["good_mask.png", "good_overlay.png"]
 
-    code, _, err = _run(
+    code, _, err = run_predict(
         [model_3d[1], str(inputs / "good.png"), "--output", str(tmp_path / "out3d")], capsys
     )
     assert code == 2 and len(err) == 1 and "a 3D model segments NIfTI volumes" in err[0]
@@ -338,7 +327,7 @@ def test_a_failure_while_writing_leaves_no_partial_file(model_2d, tmp_path, caps
         raise OSError("No space left on device")
 
     monkeypatch.setattr(predict, "save_mask", full_disk)
-    code, out, err = _run(
+    code, out, err = run_predict(
         [model_2d[1], str(tmp_path / "scan.nii.gz"), "--output", str(tmp_path / "out")], capsys
     )
     assert code == 2 and out == [] and err == ["predict.py: error: No space left on device"]
@@ -358,7 +347,7 @@ def test_two_inputs_that_would_write_the_same_mask_are_refused_before_anything(
 ):
     Image.fromarray(_grey((32, 32))).save(tmp_path / "a.png")
     Image.fromarray(_grey((32, 32))).convert("RGB").save(tmp_path / "a.jpg")
-    code, _, err = _run(
+    code, _, err = run_predict(
         [
             model_2d[1],
             str(tmp_path / "a.png"),
@@ -393,7 +382,7 @@ def test_tta_mask_is_the_thresholded_mean_of_the_four_flips(model_2d, tmp_path, 
     model, path = model_2d
     image = _grey((20, 24), seed=6)
     Image.fromarray(image).save(tmp_path / "x.png")
-    code, _, err = _run(
+    code, _, err = run_predict(
         [path, str(tmp_path / "x.png"), "--output", str(tmp_path / "out"), "--tta"], capsys
     )
     assert code == 0 and err == []
@@ -420,7 +409,7 @@ def test_a_model_of_three_classes_writes_label_maps(model_3_classes, tmp_path, c
     image = _grey((20, 24), seed=7)
     Image.fromarray(image).save(tmp_path / "x.png")
     _volume(tmp_path / "scan.nii.gz", (32, 32, 3))
-    code, _, err = _run(
+    code, _, err = run_predict(
         [
             path,
             str(tmp_path / "x.png"),
@@ -451,10 +440,10 @@ def test_swapped_arguments_and_a_mistyped_input_are_one_line_before_any_loading(
     Image.fromarray(_grey((32, 32))).save(tmp_path / "scan.png")
     broken_model = tmp_path / "unet.keras"
     broken_model.write_bytes(b"not a model")  # loading it would fail: the inputs are checked first
-    code, _, err = _run([str(tmp_path / "scan.png"), str(broken_model)], capsys)
+    code, _, err = run_predict([str(tmp_path / "scan.png"), str(broken_model)], capsys)
     assert code == 2 and err == [
         f"predict.py: error: {tmp_path / 'scan.png'} is not a model: give a .keras file, an "
         "MLflow model folder, or a runs:/ or models:/ URI (the model comes first, then the images)"
     ]
-    code, _, err = _run([str(broken_model), str(tmp_path / "scna.png")], capsys)
+    code, _, err = run_predict([str(broken_model), str(tmp_path / "scna.png")], capsys)
     assert code == 2 and err == [f"predict.py: error: no such file: {tmp_path / 'scna.png'}"]

@@ -8,11 +8,11 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import run_predict
 from PIL import Image
-from test_predict import _run
 
-import cli
 import unet
+from tp4 import cli
 
 
 @pytest.fixture()
@@ -58,7 +58,7 @@ def test_an_unreachable_tracking_server_fails_in_seconds(
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue(server))
     start = time.perf_counter()
-    code, out, err = _run(["runs:/0123456789abcdef/model", image, "--output", "out"], capsys)
+    code, out, err = run_predict(["runs:/0123456789abcdef/model", image, "--output", "out"], capsys)
     elapsed = time.perf_counter() - start
     assert code == 2 and out == [] and len(err) == 1, err
     assert err[0].startswith("predict.py: error: cannot load the model runs:/0123456789abcdef")
@@ -98,7 +98,7 @@ LINUX_ONLY = pytest.mark.skipif(sys.platform != "linux", reason="/sys is Linux's
 def test_a_bad_output_is_refused_before_the_model_is_loaded(case, image, tmp_path, capsys):
     output, expected = BAD_OUTPUTS[case](tmp_path)
     before = sorted(os.listdir(tmp_path))
-    code, out, err = _run(["not-loaded.keras", image, "--output", str(output)], capsys)
+    code, out, err = run_predict(["not-loaded.keras", image, "--output", str(output)], capsys)
     assert code == 2 and out == [] and len(err) == 1, err
     assert err[0].startswith(f"predict.py: error: --output {output}: ") and expected in err[0]
     assert sorted(os.listdir(tmp_path)) == before
@@ -118,7 +118,9 @@ def test_a_model_with_non_finite_outputs_is_refused_and_writes_nothing(
             nib.save(
                 nib.Nifti1Image(array.astype(np.float32), np.eye(4)), inputs / f"{name}{suffix}"
             )
-    code, out, err = _run([nan_model, str(inputs), "--output", str(tmp_path / "out")], capsys)
+    code, out, err = run_predict(
+        [nan_model, str(inputs), "--output", str(tmp_path / "out")], capsys
+    )
     assert code == 2 and out == [] and len(err) == 1, (
         err
     )  # one line for the batch, not one per file

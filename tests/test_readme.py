@@ -11,12 +11,11 @@ import shlex
 import sys
 
 import pytest
-from conftest import REPO
-from test_realdata import write_png_folder
+from helpers import REPO, write_png_folder
 
 README = (REPO / "README.md").read_text()
-RUN = {"unet.py", "metrics.py", "data.py", "datasets.py"}  # quick: run them
-PARSE = {"train.py", "conv3d.py", "predict.py", "bench.py", "report.py", "tracking_server.py"}
+RUN = {"unet", "metrics", "data", "tp4.images.datasets"}  # quick: run them
+PARSE = {"train", "conv3d", "predict", "tools.bench", "report", "tools.tracking_server"}
 
 
 def _commands():
@@ -31,7 +30,18 @@ def _commands():
 
 
 COMMANDS = _commands()
-SCRIPTS = [words for words in COMMANDS if words[0] == "python" and words[1].endswith(".py")]
+SCRIPTS = [
+    words
+    for words in COMMANDS
+    if words[0] == "python" and (words[1].endswith(".py") or words[1] == "-m")
+]
+
+
+def _module_and_argv(words):
+    """`python train.py ...` or `python -m tools.bench ...`: (module name, arguments)."""
+    if words[1] == "-m":
+        return words[2], words[3:]
+    return words[1].removesuffix(".py"), words[2:]
 
 
 def test_the_test_command_is_what_ci_runs_and_the_main_command_installs_the_same_way():
@@ -48,7 +58,7 @@ def test_the_test_command_is_what_ci_runs_and_the_main_command_installs_the_same
 def test_every_other_command_is_the_activation_or_mlflow_ui():
     others = [words for words in COMMANDS[2:] if words not in SCRIPTS]
     assert others == [["source", ".venv/bin/activate"], ["mlflow", "ui"]]
-    assert {words[1] for words in SCRIPTS} <= RUN | PARSE  # each one run or parsed below
+    assert {_module_and_argv(words)[0] for words in SCRIPTS} <= RUN | PARSE  # run or parsed below
 
 
 @pytest.fixture()
@@ -60,13 +70,14 @@ def dataset(tmp_path):
 
 @pytest.mark.parametrize("words", SCRIPTS, ids=[shlex.join(words[1:]) for words in SCRIPTS])
 def test_a_readme_command_runs_or_parses(words, dataset, store, monkeypatch, capsys):
-    script, argv = words[1], [str(dataset) if word == "DIR" else word for word in words[2:]]
-    module = importlib.import_module(script.removesuffix(".py"))
-    if script in RUN:
-        monkeypatch.setattr(sys, "argv", [script, *argv])
+    name, argv = _module_and_argv(words)
+    argv = [str(dataset) if word == "DIR" else word for word in argv]
+    module = importlib.import_module(name)
+    if name in RUN:
+        monkeypatch.setattr(sys, "argv", [name, *argv])
         module.main()
         assert capsys.readouterr().out.strip()
-    elif script == "report.py":
+    elif name == "report":
         module._parser().parse_args(argv)
     else:
         module.parse_args(argv)  # its checks too; a bad flag exits 2

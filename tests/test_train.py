@@ -3,21 +3,17 @@
 import mlflow
 import numpy as np
 import pytest
+from helpers import TINY
 
 import conv3d
 import data
-import figures
 import losses
 import metrics
-import recipe
-import speed
-import tracking
 import train
-
-TINY = (
-    "--n-images 40 --image-size 32 --base-filters 8 --depth 3 --epochs 3 --batch-size 8 "
-    "--patience 5 --foreground 0.1 --seed 1 --experiment tiny --precision float32 --xla off"
-).split()
+from tp4.images import figures
+from tp4.perf import speed
+from tp4.tracking import runs
+from tp4.training import recipe
 
 
 def _only_run(client):
@@ -172,14 +168,14 @@ def test_auto_precision_and_xla_are_measured_once_printed_and_logged(
 
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed_and_keeps_its_metrics(store, monkeypatch):
-    log_epoch = tracking.EpochLogger.on_epoch_end
+    log_epoch = runs.EpochLogger.on_epoch_end
 
     def interrupt_after_two_epochs(self, epoch, logs=None):
         log_epoch(self, epoch, logs)
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_end", interrupt_after_two_epochs)
+    monkeypatch.setattr(runs.EpochLogger, "on_epoch_end", interrupt_after_two_epochs)
     with pytest.raises(SystemExit) as exit_info:
         train.main(TINY)
     assert exit_info.value.code == 130
@@ -193,7 +189,7 @@ def test_an_exception_marks_the_run_failed(store, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_begin", broken)  # before any training step
+    monkeypatch.setattr(runs.EpochLogger, "on_epoch_begin", broken)  # before any training step
     with pytest.raises(RuntimeError, match="disk full"):
         train.main(TINY + ["--epochs", "1"])
     assert _only_run(store).info.status == "FAILED"

@@ -6,7 +6,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 import unet
 
@@ -76,8 +76,8 @@ def test_3d_unet_from_a_volume_shape():
     [
         dict(upsampling="bilinear"),
         dict(upsampling="nearest"),
-        dict(batch_norm="none"),
-        dict(batch_norm="keras"),
+        dict(batch_norm=None),
+        dict(batch_norm=keras.layers.BatchNormalization),
         dict(dropout=0.5),
     ],
 )

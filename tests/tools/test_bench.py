@@ -1,0 +1,148 @@
+"""bench.py: FLOPs counted by hand, the cells the flags ask for, the paste into Markdown; the quick
+benchmark runs end to end (timings unchecked)."""
+
+import argparse
+import json
+
+import keras
+import pytest
+
+import unet
+from tools import bench, bench_runs
+from tp4.perf import speed, throughput
+
+
+def test_forward_flops_of_convolutions_by_hand():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)  # 16*16 outputs x 9*3*8 weights
+    x = keras.layers.MaxPooling2D(2)(x)  # not counted
+    x = keras.layers.Conv2DTranspose(4, 2, strides=2)(x)  # 8*8 inputs x 4*8*4 weights
+    volume = keras.Input((4, 8, 8, 1))
+    y = keras.layers.Conv3D(2, 3, padding="same")(volume)  # 4*8*8 outputs x 27*1*2 weights
+    assert throughput.forward_flops(keras.Model(inputs, x)) == 2 * (
+        16 * 16 * 9 * 3 * 8 + 8 * 8 * 4 * 8 * 4
+    )
+    assert throughput.forward_flops(keras.Model(volume, y)) == 2 * 4 * 8 * 8 * 27 * 2
+
+
+def test_split_epochs_by_hand():
+    # 4 epochs of 100 images: training took 25, 18, 19, 18 s (the first compiles), the rest of each
+    # is validation.
+    seconds, rates = [30, 20, 22, 21], [100 / 25, 100 / 18, 100 / 19, 100 / 18]
+    steps, validation, first_extra = bench_runs.split_epochs(seconds, rates, 100)
+    assert steps == pytest.approx(
+        18 + 18 + 19 + 18
+    )  # the first epoch's steps at the median of the others
+    assert validation == pytest.approx(5 + 2 + 3 + 3)
+    assert first_extra == pytest.approx(30 - 21)
+    assert bench_runs.split_epochs([30], [4], 100) == pytest.approx(
+        (25, 5, 0)
+    )  # one epoch: nothing to compare with
+
+
+def test_the_matrix_cells_follow_the_flags():
+    auto = speed.Choice("bfloat16", False)
+
+    def cells(precision, xla, supported=("float32", "bfloat16")):
+        flags = argparse.Namespace(precision=precision, xla=xla)
+        return [(c.precision, c.xla) for c in bench.cells_to_measure(flags, supported, auto)]
+
+    assert cells("all", "all") == [
+        ("float32", False),
+        ("float32", True),
+        ("bfloat16", False),
+        ("bfloat16", True),
+    ]
+    assert cells("all", "all", ("float32",)) == [("float32", False), ("float32", True)]
+    assert cells("auto", "auto") == [("bfloat16", False)]
+    assert cells("float32", "on") == [("float32", True)]
+
+
+def test_paste_replaces_the_marked_blocks_with_the_runs_printed_output(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a.json").write_text(json.dumps({"printed": "line 1\nline 2\n"}))
+    (tmp_path / "b.json").write_text(json.dumps({"printed": "other"}))
+    page = tmp_path / "PERFORMANCE.md"
+    page.write_text(
+        "# Title\n<!-- bench.py output: runs/a.json -->\nPASTE HERE\n<!-- end bench.py output -->\n"
+        "text\n<!-- bench.py output: b.json -->\n```\nold\n```\n<!-- end bench.py output -->\n"
+    )
+    assert bench_runs.paste(str(page)) == ["runs/a.json", "b.json"]
+    assert page.read_text() == (
+        "# Title\n<!-- bench.py output: runs/a.json -->\n```\nline 1\nline 2\n```\n"
+        "<!-- end bench.py output -->\ntext\n<!-- bench.py output: b.json -->\n```\nother\n```\n"
+        "<!-- end bench.py output -->\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--paste", "{tmp}/missing.md"],
+            "[Errno 2] No such file or directory: '{tmp}/missing.md'",
+        ),
+        (["--output", "{tmp}"], "--output {tmp}: is a folder, not a file"),
+        (["--output", "{tmp}/no/b.json"], "--output {tmp}/no/b.json: {tmp}/no is not a folder"),
+    ],
+)
+def test_bad_paths_are_one_line_before_any_measuring(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([flag.format(tmp=tmp_path) for flag in flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"bench.py: error: {message.format(tmp=tmp_path)}")
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_its_report(tmp_path, capsys, monkeypatch):
+    # A fake probe picks float32 without XLA and caches it (the real probe: tests/test_speed.py):
+    # the train.py run reads the same cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        speed,
+        "measure_candidates",
+        lambda candidates, *_: {c: 2.0 if c == ("float32", False) else 1.0 for c in candidates},
+    )
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--output", str(out)])
+    report = json.loads(out.read_text())
+    supported = speed.supported_precisions(speed.machine())
+    assert set(report["peak_gflops"]) == set(supported)
+    assert (
+        report["printed"].startswith("machine: ") and report["printed"] in capsys.readouterr().out
+    )
+    for model in ("unet2d", "conv3d"):
+        cells = report[model]["cells"]
+        assert [(c["precision"], c["xla"]) for c in cells] == [
+            (p, x) for p in supported for x in (False, True)
+        ]
+        assert all(c["train_examples_per_s"] > 0 and c["infer_examples_per_s"] > 0 for c in cells)
+        assert set(report[model]["auto"]) == {"train", "infer"}
+        assert all(report[model]["peak_rss_mb"][p] > 0 for p in supported)
+    e2e = report["train_py"]
+    assert (
+        e2e["wall_seconds"] >= e2e["fit_seconds"] > 0
+        and 0 < e2e["mlflow_seconds"] < e2e["wall_seconds"]
+    )
+    assert (
+        0 < e2e["validation_seconds"] < e2e["fit_seconds"] and e2e["first_epoch_extra_seconds"] == 0
+    )  # 1 epoch
+    assert 0 < e2e["run_steps_seconds"] < e2e["fit_seconds"]
+    assert report["unet2d"]["auto"]["train"] == {"precision": "float32", "xla": False}
+    assert (e2e["precision"], e2e["xla"]) == ("float32", False)
+
+
+@pytest.mark.slow
+def test_the_pytorch_unet_has_the_keras_unets_parameters_and_runs(tmp_path):
+    torch = pytest.importorskip("torch")  # optional: not in requirements.txt
+    bench_pytorch = pytest.importorskip("bench_pytorch")
+    model = bench_pytorch.UNet(8, 3)
+    count = sum(p.numel() for p in model.parameters())
+    count += sum(b.numel() for name, b in model.named_buffers() if name.endswith(("mean", "var")))
+    assert count == unet.build_unet((32, 32, 1), 8, 3).count_params()
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+    rates = bench_runs.pytorch(
+        dict(size=32, filters=8, depth=3, batch=2, steps=1, repeats=1), ["float32"]
+    )
+    assert rates["rates"]["float32"]["train_examples_per_s"] > 0

@@ -1,0 +1,299 @@
+"""tracking_server.py on 127.0.0.1: logins, train.py runs recorded, concurrent clients, restarts.
+
+One server (PostgreSQL + mlflow server) for the module; every process it starts is stopped at the
+end, even when a test fails.
+"""
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import REPO
+from mlflow import MlflowClient
+from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+from tools import postgres, tracking_server
+from tp4.tracking import runs
+
+TINY = (
+    "--n-images 40 --image-size 32 --base-filters 8 --depth 3 --epochs 1 --batch-size 8 "
+    "--foreground 0.1 --seed 1 --precision float32 --xla off"
+).split()
+READY = "Ctrl-C stops the server."
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """tracking_server.py run as a process: its DIR, URL, printed lines, and a clean stop."""
+
+    def __init__(self, lab):
+        self.lab, self.port = lab, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process, self.children = None, []
+
+    def start(self):
+        self.output = self.lab.parent / f"server-{time.monotonic_ns()}.out"
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"}
+        command = [
+            sys.executable,
+            "-m",
+            "tools.tracking_server",
+            self.lab,
+            "--port",
+            str(self.port),
+        ]
+        with self.output.open("w") as out:
+            self.process = subprocess.Popen(
+                [*command, "--workers", "2"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
+        deadline = time.monotonic() + 300
+        while READY not in self.text() and self.process.poll() is None:
+            assert time.monotonic() < deadline, self.text()
+            time.sleep(0.5)
+        assert self.process.poll() is None, self.text()
+
+    def text(self):
+        return self.output.read_text()
+
+    def credentials(self):
+        password = (self.lab / "admin_password").read_text().strip()
+        return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+
+    def stop(self):
+        """SIGTERM, as a service manager would; then make sure that nothing it started is left.
+        Returns its exit status."""
+        if self.process.poll() is None:
+            # mlflow server and its workers are its children; PostgreSQL is a daemon.
+            self.children = psutil.Process(self.process.pid).children(recursive=True)
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=120)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            for child in self.children:
+                if child.is_running():
+                    child.kill()
+            if (self.lab / "postgres" / "postmaster.pid").exists():
+                postgres.Cluster(postgres.bindir(), self.lab / "postgres").stop()
+
+
+@pytest.fixture(scope="module")
+def server():
+    # Run as root, PostgreSQL runs as `postgres`, which must be able to enter DIR: pytest's own
+    # temporary folders are mode 700.
+    base = Path(tempfile.mkdtemp(prefix="tracking-server-"))
+    base.chmod(0o711)
+    server = Server(base / "lab")
+    try:
+        server.start()
+        yield server
+    finally:
+        if server.process:
+            server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture()
+def client(server, monkeypatch):
+    for name, value in server.credentials().items():
+        monkeypatch.setenv(name, value)
+    return MlflowClient(server.url)
+
+
+def _status(url, user=None, password=None, host=None):
+    request = urllib.request.Request(url)
+    if user:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    if host:
+        request.add_header("Host", host)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _train(server, experiment, *flag_sets):
+    """train.py with the server's credentials, one process per set of flags, all at once; each
+    must succeed. Stops any left when a test fails."""
+    env = {**os.environ, **server.credentials(), "MLFLOW_TRACKING_URI": server.url}
+    command = [sys.executable, REPO / "train.py", *TINY, "--experiment", experiment]
+    processes = [
+        subprocess.Popen(
+            [*command, *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for flags in flag_sets
+    ]
+    try:
+        for process in processes:
+            output = process.communicate(timeout=900)[0]
+            assert process.returncode == 0, output[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _every_run(client):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return {run.info.run_id for run in client.search_runs(experiments, max_results=1000)}
+
+
+@pytest.mark.slow
+def test_the_first_start_prints_the_client_settings_and_the_password_once(server):
+    password = server.credentials()["MLFLOW_TRACKING_PASSWORD"]
+    assert f"export MLFLOW_TRACKING_URI={server.url}\n" in server.text()
+    assert "export MLFLOW_TRACKING_USERNAME=admin\n" in server.text()
+    assert f"export MLFLOW_TRACKING_PASSWORD={password}  # printed once" in server.text()
+    assert (server.lab / "admin_password").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.slow
+def test_requests_without_the_right_login_or_for_another_host_are_refused(server):
+    search = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    password = server.credentials()["MLFLOW_TRACKING_PASSWORD"]
+    assert _status(search) == 401
+    assert _status(search, "admin", password + "x") == 401
+    assert _status(search, "admin", password) == 200
+    assert _status(search, "admin", password, host=f"evil.example:{server.port}") == 403
+
+
+@pytest.mark.slow
+def test_train_py_with_credentials_is_recorded_with_its_artifacts_in_dir(server, client):
+    _train(server, "lab", ["--loss", "dice"])
+    (run,) = client.search_runs([client.get_experiment_by_name("lab").experiment_id])
+    assert (run.info.run_name, run.info.status) == ("UNet_DiceLoss_Adam_32x32", "FINISHED")
+    assert run.data.params["loss"] == "DiceLoss"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [1]
+    assert "config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    stored = list((server.lab / "artifacts").rglob(f"{run.info.run_id}/artifacts/config.json"))
+    assert len(stored) == 1  # served from DIR: the client never wrote there itself
+
+
+@pytest.mark.slow
+def test_four_concurrent_trainings_are_all_recorded(server, client):
+    # Four of the grid's 24 shards at once, one cell each (the first 4: BCE x every optimizer).
+    _train(server, "concurrent", *(["--grid", "--shard", f"{i}/24"] for i in range(4)))
+    runs = client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])
+    names = {f"UNet_BCELoss_{optimizer}_32x32" for optimizer in ("Adam", "AdamW", "RMSprop", "SGD")}
+    assert sorted(run.info.run_name for run in runs) == sorted(names)
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    for run in runs:
+        assert len(client.get_metric_history(run.info.run_id, "val_dice")) == 1
+
+
+@pytest.mark.slow
+def test_a_restart_on_the_same_dir_keeps_every_run_and_stops_every_process(server, client):
+    experiment = client.create_experiment("restart")
+    kept = client.create_run(experiment).info.run_id
+    client.log_metric(kept, "dice", 0.5)
+    client.log_text(kept, "kept", "note.txt")
+    client.set_terminated(kept)
+    before = _every_run(client)
+
+    assert server.stop() == 0
+    assert server.text().splitlines()[-1].startswith("stopped;")
+    assert not any(child.is_running() for child in server.children)
+    assert not (server.lab / "postgres" / "postmaster.pid").exists()
+
+    server.start()
+    assert "# printed once" not in server.text()
+    assert _every_run(client) == before
+    assert client.get_metric_history(kept, "dice")[0].value == 0.5
+    assert client.download_artifacts(kept, "note.txt", str(server.lab.parent)) is not None
+    assert (server.lab.parent / "note.txt").read_text() == "kept"
+
+
+def test_a_run_goes_to_its_experiment_when_another_process_creates_it_at_the_same_time(
+    store, monkeypatch, tmp_path
+):
+    """Four trainings starting at once race to create their experiment: MLflow's set_experiment
+    then returns it without making it active. Here the race is lost on purpose: the experiment
+    appears between set_experiment's lookup and its create."""
+    winner = store.create_experiment("raced")
+    lookup = TrackingServiceClient.get_experiment_by_name
+    lookups = []
+
+    def not_yet_created(self, name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else lookup(self, name)
+
+    monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", not_yet_created)
+    with runs.tracked_run("raced", "late", {}, {}, str(tmp_path / "checkpoints")) as run:
+        pass
+    assert lookups == ["raced", "raced"]  # the race happened
+    assert run.info.experiment_id == winner
+
+
+def test_a_port_in_use_is_one_line_and_creates_nothing(tmp_path, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            tracking_server.main([str(tmp_path / "lab"), "--port", str(port)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"tracking_server.py: error: cannot listen on 127.0.0.1 port {port}: "
+        "Address already in use\n"
+    )
+    assert not (tmp_path / "lab").exists()
+
+
+def test_a_dir_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        tracking_server.main([str(tmp_path / "file" / "lab"), "--port", str(_free_port())])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"tracking_server.py: error: cannot create {tmp_path / 'file' / 'lab'}: Not a directory\n"
+    )
+
+
+def test_a_read_only_dir_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "lab").mkdir(mode=0o500)
+    monkeypatch.setattr(tracking_server.os, "access", lambda path, mode: False)  # root too
+    with pytest.raises(SystemExit) as exit_info:
+        tracking_server.main([str(tmp_path / "lab"), "--port", str(_free_port())])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"tracking_server.py: error: cannot write to {tmp_path / 'lab'}: permission denied\n"
+    )
+
+
+def test_a_missing_postgresql_names_the_package_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(postgres.shutil, "which", lambda name: None)
+    monkeypatch.setattr(postgres.glob, "glob", lambda pattern: [])
+    with pytest.raises(SystemExit) as exit_info:
+        tracking_server.main([str(tmp_path / "lab"), "--port", str(_free_port())])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "tracking_server.py: error: PostgreSQL's server is not installed "
+        "(Debian: apt install postgresql)\n"
+    )
+
+
+def test_the_server_answers_to_the_names_of_the_address_it_listens_on():
+    assert tracking_server.client_names("127.0.0.1") == ["127.0.0.1", "localhost"]
+    assert tracking_server.client_names("10.1.2.3") == ["10.1.2.3"]

@@ -1,0 +1,73 @@
+"""Runs whose process died without a word are marked KILLED by the next command; live ones stay."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import psutil
+import pytest
+
+import report
+from tp4.tracking import liveness
+
+
+def _running_run(name, host, pid, heartbeat):
+    mlflow.set_experiment("e")
+    tags = {"host": host, "pid": str(pid), "heartbeat": f"{heartbeat:.0f}"}
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        pass
+    mlflow.MlflowClient().set_terminated(run.info.run_id, "RUNNING")
+    return run.info.run_id
+
+
+def _dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    assert not psutil.pid_exists(process.pid)  # reused this fast: run the test again
+    return process.pid
+
+
+def test_dead_runs_are_marked_killed_and_live_ones_left_alone(store):
+    here, now = socket.gethostname(), time.time()
+    dead = _running_run("dead", here, _dead_pid(), now)
+    # A live process, but one that started after the run's last heartbeat: its pid was reused.
+    reused = _running_run("reused", here, psutil.Process().pid, psutil.Process().create_time() - 5)
+    stale = _running_run("stale", "elsewhere", 1, now - liveness.STALE_SECONDS - 60)
+    alive = _running_run("alive", here, psutil.Process().pid, now)
+    late = _running_run("late", "elsewhere", 1, now - liveness.STALE_SECONDS / 2)
+    lines = liveness.mark_dead_runs(store)
+    assert len(lines) == 3
+    for run_id in (dead, reused, stale):
+        run = store.get_run(run_id)
+        assert run.info.status == "KILLED"
+        assert run.data.tags["failure"].startswith("ended without a word: ")
+        assert run.info.end_time == int(float(run.data.tags["heartbeat"]) * 1000)
+    for run_id in (alive, late):
+        assert store.get_run(run_id).info.status == "RUNNING"
+    assert sorted(line.split()[2] for line in lines) == ["(dead)", "(reused)", "(stale)"]
+    assert "no heartbeat from elsewhere for 11 min" in "".join(lines)
+
+
+def test_report_marks_dead_runs_and_says_how_to_resume(store, capsys):
+    run_id = _running_run("dead", socket.gethostname(), _dead_pid(), time.time())
+    with pytest.raises(SystemExit):
+        report.main(["e"])  # no finished run: exit 2, after the sweep
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run ")]
+    assert line.startswith(f"run {run_id} (dead) ended without a word (process ")
+    assert "marked KILLED; continue it with: python " in line
+    assert line.endswith(f" --resume {run_id}")
+    assert store.get_run(run_id).info.status == "KILLED"
+
+
+def test_the_heartbeat_thread_refreshes_its_tag(store):
+    mlflow.set_experiment("e")
+    with mlflow.start_run() as run:
+        heartbeat = liveness.Heartbeat(store, run.info.run_id, seconds=0.05)
+        try:
+            time.sleep(0.3)
+        finally:
+            heartbeat.stop()
+        beat = float(store.get_run(run.info.run_id).data.tags["heartbeat"])
+        assert time.time() - 2 < beat <= time.time()

@@ -1,0 +1,70 @@
+"""What the scripts tell a user: progress while they run, and what to do next when they are done."""
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from helpers import TINY
+
+import data
+import train
+from tp4 import cli
+from tp4.tracking import runs
+
+
+def test_time_left_is_the_median_epoch_times_the_epochs_left():
+    assert runs.time_left([9.0, 2.0, 3.0, 2.5], 10) == "0m25s left"  # first epoch compiles
+    assert runs.time_left([40.0], 3) == "2m00s left"  # one epoch: the only measure there is
+    assert runs.time_left([9.0, 2.0], 0) == "done"
+
+
+def test_the_ui_address_opens_the_run_in_the_model_training_view():
+    page = "#/experiments/7/runs/abc?workflowType=machine_learning"
+    assert cli.ui_address("http://lab:5000/", "7", "abc") == f"open http://lab:5000/{page}"
+    assert cli.ui_address("sqlite:///mlflow.db", "7", "abc") == (
+        f"mlflow ui   then open http://127.0.0.1:5000/{page}"
+    )
+    assert cli.ui_address("sqlite:////srv/runs.db", "7", "abc").startswith(
+        "mlflow ui --backend-store-uri sqlite:////srv/runs.db   then open"
+    )
+
+
+@pytest.mark.slow
+def test_a_run_prints_its_progress_and_what_to_do_next_and_saves_its_model(store, capsys, tmp_path):
+    path = tmp_path / "unet.keras"
+    train.main(TINY + ["--epochs", "2", "--save-model", str(path)])
+    out = capsys.readouterr().out.splitlines()
+    run = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])[0]
+    model_uri = run.data.tags["model_uri"]
+    assert out[0] == "generating 40 synthetic 32x32 scans (seed 1)"
+    assert any(line.startswith("training: up to 2 epochs") for line in out)
+    epochs = [line for line in out if line.startswith("epoch ")]
+    assert epochs[0].endswith("s left") and epochs[1].endswith("done")
+    assert f"run {run.info.run_id}, model {model_uri}" in out
+    assert f"model file: {path}" in out
+    assert (
+        f"  segment images:  python predict.py {path} IMAGE_OR_FOLDER --output predictions/" in out
+    )
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    see = f"  see the run:     mlflow ui   then open http://127.0.0.1:5000/{page}"
+    assert f"{see}?workflowType=machine_learning" in out  # the store is ./mlflow.db
+    # The saved file is the logged model: same predictions.
+    images = data.make_synthetic_2d(4, 32, seed=5)[0]
+    saved = keras.models.load_model(path)
+    logged = mlflow.keras.load_model(model_uri)
+    np.testing.assert_allclose(saved.predict(images, verbose=0), logged.predict(images, verbose=0))
+    assert not list(tmp_path.glob("*.partial.keras"))
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [("unet.h5", "must end in .keras"), ("missing/unet.keras", "is not a folder")],
+)
+def test_a_model_path_that_cannot_be_written_is_refused_before_any_run(
+    store, capsys, path, message
+):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--save-model", path])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
+    assert store.search_runs([e.experiment_id for e in store.search_experiments()]) == []

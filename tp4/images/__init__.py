@@ -1,0 +1,1 @@
+"""Image and volume files, their fit to the network, real datasets, figures."""

@@ -1,0 +1,1 @@
+"""Layers that the exercise modules take as arguments."""

@@ -1,0 +1,1 @@
+"""Speed and memory: precision and XLA for the machine, throughput, memory of a training step."""

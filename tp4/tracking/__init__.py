@@ -1,0 +1,1 @@
+"""MLflow tracking: the run and its status, the outbox, the heartbeat, the store."""

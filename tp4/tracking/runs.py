@@ -1,0 +1,292 @@
+"""MLflow conventions shared by train.py (2D) and conv3d.py (3D): one logging path for all runs.
+
+- `tracked_run(...)`: a run that always ends with the right status: FINISHED, FAILED on an
+  exception (tag `failure`: why), KILLED on Ctrl-C, SIGTERM or SIGHUP (never left RUNNING), with
+  the metrics logged so far kept; the resolved configuration is logged first (it also checks that
+  the artifact store can be written, before any training); `run_id` continues a run (--resume);
+- `TrackedRun`: what the run logs goes through it. Epoch metrics go through a background sender
+  (outbox.py: a tracking server that goes away does not stop training), a heartbeat thread tells
+  other commands the run is alive (liveness.py), and it counts the seconds the training waited on
+  MLflow, logged at the end as `tracking_seconds` (bench.py reads it: MLflow's share of a run);
+- `EpochLogger`: one printed line, one checkpoint and one MLflow value per metric and epoch
+  (`step` = epoch, from 1);
+- `TrackedRun.log_results(...)`: final metrics, figures and the model (Keras flavor, with signature
+  and input example); if the store does not answer any more, the model is saved in the run's folder
+  instead, with a line saying how to send it all later.
+
+The store is MLflow's default (SQLite `mlflow.db` in the working directory) unless
+MLFLOW_TRACKING_URI says otherwise (store.py makes it ready).
+"""
+
+import contextlib
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+import types
+
+import keras
+import mlflow
+import mlflow.keras
+import numpy as np
+import requests
+import tensorflow as tf
+from mlflow import MlflowClient
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, infer_signature
+
+from tp4 import cli
+from tp4.tracking import liveness, outbox, store
+
+EPOCH_METRICS = ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou")
+# At a run's end, the unsent epochs may wait for the store ten times as long as one request may
+# take (30 s with cli.py's 3 s: a server restarts in about 25 s); after Ctrl-C or SIGTERM, once
+# as long: the process must end soon.
+SEND_REQUESTS, INTERRUPTED_SEND_REQUESTS = 10, 1
+STORE_ERRORS = (MlflowException, requests.RequestException, OSError)
+
+
+class TrackedRun:
+    """The active MLflow run, its folder (checkpoint, and the model if the store goes away), and the
+    seconds the training has waited on MLflow for it."""
+
+    def __init__(self, run, folder):
+        self.info = run.info
+        self.folder = folder
+        self.seconds = 0.0
+        self.unreachable = False  # the store stopped answering: no more calls to it
+        client = MlflowClient()
+        self.outbox = outbox.Outbox(client, run.info.run_id)
+        self.heartbeat = liveness.Heartbeat(client, run.info.run_id)
+
+    @contextlib.contextmanager
+    def timed(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def log_metrics(self, values, step):
+        """One epoch's values, queued for the background sender."""
+        with self.timed():
+            self.outbox.put(values, step)
+            self.heartbeat.beat()
+
+    def log_missing_epochs(self, history):
+        """Log the epochs of `history` (metrics of epochs 1, 2, ...) that the store lacks: those a
+        kill, or an unreachable store, kept from it."""
+        if not history:
+            return
+        logged = {m.step for m in MlflowClient().get_metric_history(self.info.run_id, "loss")}
+        for step, values in enumerate(history, 1):
+            if step not in logged:
+                self.log_metrics(values, step)
+
+    def close(self, seconds):
+        """Stop the heartbeat and send the queued epochs (waiting up to `seconds`); returns how
+        many were not sent."""
+        self.heartbeat.stop()
+        return self.outbox.close(seconds)
+
+    def log_results(self, model, results, example, figures, tables=None, registered_name=None):
+        """Final metrics (those not logged yet), figures, JSON tables ({name: document}), model;
+        TrackingError if the store does not answer, after saving the model in the run's folder.
+
+        `example`: (input, output) of the model for one example, for its signature and input
+        example.
+        """
+        try:
+            with self.timed():
+                unsent = self.close(SEND_REQUESTS * MLFLOW_HTTP_REQUEST_TIMEOUT.get())
+                if unsent:
+                    raise store.TrackingError(
+                        f"{unsent} epochs unsent: {cli.first_line(self.outbox.last_error)}"
+                    )
+                logged = MlflowClient().get_run(self.info.run_id).data.metrics
+                mlflow.log_metrics({k: v for k, v in results.items() if k not in logged})
+                mlflow.log_text(model.to_json(indent=2), "model_config.json")
+                for name, figure in figures.items():
+                    mlflow.log_figure(figure, name)
+                for name, table in (tables or {}).items():
+                    mlflow.log_dict(table, name)
+                info = log_keras_model(model, example, registered_name)
+                mlflow.set_tag("model_uri", info.model_uri)
+        except STORE_ERRORS as error:
+            self.unreachable = True
+            os.makedirs(self.folder, exist_ok=True)
+            path = os.path.join(self.folder, "model.keras")
+            model.save(path)
+            raise store.TrackingError(
+                f"the tracking store {mlflow.get_tracking_uri()} does not answer "
+                f"({cli.first_line(error)}): the model is saved in {path} and the run's "
+                f"metrics in {self.folder}; send them with: {_resume_command(self.info.run_id)}"
+            ) from None
+        return info
+
+
+def _resume_command(run_id):
+    return f"python {os.path.basename(sys.argv[0])} --resume {run_id}"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
+    """Start a run in `experiment` (or continue `run_id`), log `params` and the JSON `artifacts`
+    ({name: document}), yield a TrackedRun whose folder is `folder`/<run id>; end with FINISHED,
+    FAILED or KILLED."""
+    uri = mlflow.get_tracking_uri()
+    start = time.perf_counter()
+    try:
+        experiment_id = mlflow.set_experiment(experiment).experiment_id
+        # By id: when another process creates the experiment at the same moment, MLflow 3.17's
+        # set_experiment returns it without making it active, and start_run() alone would log to
+        # the Default experiment (set_experiment races: mlflow/mlflow#12259, #10334).
+        run = mlflow.start_run(
+            run_id, experiment_id=experiment_id, run_name=run_name, tags=liveness.process_tags()
+        )
+    except Exception as error:  # MLflow raises many types here (HTTP, SQL, permissions)
+        raise store.TrackingError(
+            f"cannot use the MLflow tracking store {uri}: {cli.first_line(error)}"
+        ) from None
+    tracked = TrackedRun(run, os.path.join(folder, run.info.run_id))
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handled = (signal.SIGTERM, signal.SIGHUP) if in_main_thread else ()
+    previous_handlers = {s: signal.signal(s, _interrupt) for s in handled}
+    status = "FAILED"
+    try:
+        if run_id is None:
+            try:
+                mlflow.log_params(params)
+                for name, document in artifacts.items():
+                    mlflow.log_dict(document, name)
+            except STORE_ERRORS as error:
+                raise store.TrackingError(
+                    f"cannot write the run's artifacts to {run.info.artifact_uri}: "
+                    f"{cli.first_line(error)}"
+                ) from None
+        tracked.seconds += time.perf_counter() - start
+        yield tracked
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            print(
+                f"run {run.info.run_id} marked KILLED, its metrics so far kept; continue it with: "
+                f"{_resume_command(run.info.run_id)}",
+                flush=True,
+            )
+        raise
+    except Exception as error:
+        if not tracked.unreachable:
+            with contextlib.suppress(*STORE_ERRORS):
+                mlflow.set_tag("failure", cli.first_line(error))
+        raise
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        tracked.close(INTERRUPTED_SEND_REQUESTS * MLFLOW_HTTP_REQUEST_TIMEOUT.get())
+        try:
+            if status == "FINISHED":
+                mlflow.log_metric("tracking_seconds", tracked.seconds)
+            mlflow.end_run(status)
+        except STORE_ERRORS as error:
+            if status == "FINISHED":  # else the run's own error says more
+                raise store.TrackingError(
+                    f"the run could not be ended in {uri} ({cli.first_line(error)}); "
+                    f"end it with: {_resume_command(run.info.run_id)}"
+                ) from None
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """At each epoch's end: saves the checkpoint, then logs loss, dice, iou, their val_ twins, lr
+    (the learning rate of the epoch's first step), epoch_seconds and images_per_second (training
+    examples per second of training, validation excluded) with step=epoch, and prints one line.
+    Saved before logged: an epoch in the store is always in the checkpoint, and --resume logs the
+    epochs of the checkpoint the store lacks. Place it last, after the callbacks whose state the
+    checkpoint keeps.
+    """
+
+    def __init__(self, run: TrackedRun, checkpoint, n_train, epochs, unit="img"):
+        super().__init__()
+        self.run, self.checkpoint = run, checkpoint
+        self.n_train, self.epochs, self.unit = n_train, epochs, unit
+        self.durations = []  # of this process's epochs, for the time left
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start, self.train_end = time.perf_counter(), None
+        # The rate the epoch starts with: read at its end, it would be the next epoch's (the
+        # schedule has moved on, ReduceLROnPlateau has acted).
+        self.learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_test_begin(self, logs=None):
+        self.train_end = self.train_end or time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        values = {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
+        values["lr"] = self.learning_rate
+        values["epoch_seconds"] = now - self.start
+        values["images_per_second"] = self.n_train / ((self.train_end or now) - self.start)
+        self.checkpoint.save(epoch + 1, values)
+        self.run.log_metrics(values, step=epoch + 1)
+        shown = "  ".join(f"{key} {values[key]:.4f}" for key in EPOCH_METRICS if key in values)
+        self.durations.append(values["epoch_seconds"])
+        print(
+            f"epoch {epoch + 1:>3}/{self.epochs}  {shown}  lr {values['lr']:.1e}  "
+            f"{values['epoch_seconds']:.1f}s  {values['images_per_second']:.1f} {self.unit}/s  "
+            f"{time_left(self.durations, self.epochs - epoch - 1)}",
+            flush=True,
+        )
+
+
+def time_left(durations, epochs_left):
+    """The time `epochs_left` take at the median epoch's pace, as "2m05s left" (the first epoch,
+    which compiles, counts only when it is the only one); early stopping may end sooner."""
+    typical = statistics.median(durations[1:] or durations)
+    seconds = round(typical * epochs_left)
+    return f"{seconds // 60}m{seconds % 60:02d}s left" if epochs_left else "done"
+
+
+def log_keras_model(model, example, registered_name=None):
+    """Log `model` in the Keras flavor, with its signature and input example; returns MLflow's
+    ModelInfo.
+
+    The public `mlflow.keras.log_model(..., input_example=...)` fails (MLflow issue #16183, still
+    open in MLflow 3.17: its save_model writes the example before creating the model's folder), so
+    the model goes through `Model.log` with a flavor whose save_model creates the folder first.
+    tests/test_structure.py fails once MLflow fixes it: then call mlflow.keras.log_model here.
+
+    Requirements are explicit (inferring them would load the model again in a subprocess), and
+    MLflow's serving check of the input example is off (it reloads the model and predicts, and only
+    warns on failure): tests/test_train.py loads the logged model back and predicts instead.
+    """
+
+    def save_model(path, validate_serving_input=None, **kwargs):  # that option is Model.log's
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+    flavor = types.ModuleType("mlflow.keras")  # Model.log records the flavor's module name
+    flavor.save_model = save_model
+    requirements = [
+        f"keras=={keras.__version__}",
+        f"tensorflow=={tf.__version__}",
+        f"numpy=={np.__version__}",
+    ]
+    return Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=flavor,
+        model=model,
+        signature=infer_signature(*example),
+        input_example=example[0],
+        pip_requirements=requirements,
+        registered_model_name=registered_name,
+        validate_serving_input=False,
+    )
