@@ -15,6 +15,8 @@ import losses
 import predict
 import unet
 from tp4.images import geometry
+from tp4.images.imagefiles import DataError
+from tp4.inference import outputs
 from tp4.models import batchnorm
 from tp4.perf import speed
 
@@ -326,7 +328,7 @@ def test_a_failure_while_writing_leaves_no_partial_file(model_2d, tmp_path, caps
             f.write(b"half a mask")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(predict, "save_mask", full_disk)
+    monkeypatch.setattr(outputs, "save_mask", full_disk)
     code, out, err = run_predict(
         [model_2d[1], str(tmp_path / "scan.nii.gz"), "--output", str(tmp_path / "out")], capsys
     )
@@ -335,11 +337,9 @@ def test_a_failure_while_writing_leaves_no_partial_file(model_2d, tmp_path, caps
 
 
 def test_inputs_that_would_share_an_overlay_are_refused_too(tmp_path):
-    predict.refuse_shared_outputs(["x/a.png", "x/b.png", "y/c.nii.gz"], str(tmp_path))
-    with pytest.raises(
-        predict.DataError, match=r"x/a.png and y/a.nii.gz would both write .*a_overlay.png"
-    ):
-        predict.refuse_shared_outputs(["x/a.png", "y/a.nii.gz"], str(tmp_path))
+    outputs.refuse_shared_outputs(["x/a.png", "x/b.png", "y/c.nii.gz"], str(tmp_path))
+    with pytest.raises(DataError, match=r"x/a.png and y/a.nii.gz would both write .*a_overlay.png"):
+        outputs.refuse_shared_outputs(["x/a.png", "y/a.nii.gz"], str(tmp_path))
 
 
 def test_two_inputs_that_would_write_the_same_mask_are_refused_before_anything(
@@ -371,11 +371,11 @@ def test_two_inputs_that_would_write_the_same_mask_are_refused_before_anything(
 
 def _by_hand_mirrored(model, image):
     """The mean of the model's outputs over the 4 flips of one (H, W, C) image, each undone."""
-    outputs = []
+    unflipped = []
     for axes in ((), (0,), (1,), (0, 1)):
         flipped = np.flip(image, axes)[None].copy()
-        outputs.append(np.flip(model.predict(flipped, verbose=0)[0], axes))
-    return np.mean(outputs, axis=0)
+        unflipped.append(np.flip(model.predict(flipped, verbose=0)[0], axes))
+    return np.mean(unflipped, axis=0)
 
 
 def test_tta_mask_is_the_thresholded_mean_of_the_four_flips(model_2d, tmp_path, capsys):

@@ -1,0 +1,1 @@
+"""Inference: models applied to images and volumes, and the files written from them."""

@@ -1,0 +1,150 @@
+"""Inference: a saved model applied to one image or volume, the preprocessing of training replayed.
+
+What this module teaches:
+- a model is only half of a prediction: the preprocessing of training is replayed exactly (per-file
+  percentile normalization, then shrink to fit and pad: tp4/images) and undone on the output
+  (geometry.unfit), so that the mask lies pixel for pixel over the input, whatever its size;
+- a 2D model segments a volume slice by slice along its last axis; a 3D model (input of rank 5) goes
+  through geometry.sliding_window_predict, a volume smaller than the patch being padded first and
+  cropped back after;
+- test-time mirroring (`tta`, nnU-Net's): the probabilities are averaged over the flips of every
+  combination of spatial axes (4 in 2D, 8 in 3D, each sliding window mirrored), each flip undone;
+- probabilities that are not finite are refused (`finite`): thresholding would turn them into an
+  empty mask that looks like a result.
+
+predict.py runs it over files; the model's own serving (tp4/serving) shares it.
+"""
+
+import os
+
+import keras
+import mlflow.keras
+import numpy as np
+
+import data
+import losses  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
+import metrics
+from tp4 import cli
+from tp4.images import figures, geometry, imagefiles
+from tp4.images.imagefiles import DataError
+from tp4.models import batchnorm  # noqa: F401 (registers the fused batch norm, for saved models)
+from tp4.perf import speed
+
+# Images per predict call (2D), patches per call (3D sliding windows): the batch the speed probe
+# measures.
+BATCH_2D, BATCH_3D = 8, 4
+
+
+class ModelError(ValueError):
+    """The model, not one input, is unusable: the batch stops."""
+
+
+def load_model(location):
+    """A Keras model from a .keras file (keras.models.load_model) or an MLflow URI
+    (mlflow.keras.load_model)."""
+    is_uri = location.startswith(("runs:/", "models:/")) or "://" in location
+    if not is_uri and not os.path.exists(location):
+        raise ValueError(f"no such model file: {location}")
+    if not (is_uri or os.path.isdir(location) or location.endswith((".keras", ".h5"))):
+        raise ValueError(
+            f"{location} is not a model: give a .keras file, an MLflow model folder, or a runs:/ "
+            "or models:/ URI (the model comes first, then the images)"
+        )
+    try:
+        # A folder: an MLflow model saved locally (it holds an MLmodel file).
+        if is_uri or os.path.isdir(location):
+            model = mlflow.keras.load_model(location)
+        else:
+            model = keras.models.load_model(location)
+    # MLflow and Keras raise many types (missing run, bad zip...): one line for all
+    except Exception as error:
+        raise ValueError(f"cannot load the model {location}: {cli.first_line(error)}") from None
+    if len(model.input_shape) not in (4, 5) or None in model.input_shape[1:]:
+        raise ValueError(
+            f"{location}: expected a segmentation model with a fixed input (N, H, W, C) or "
+            f"(N, D, H, W, C), got {model.input_shape} -> {model.output_shape}"
+        )
+    return model
+
+
+def at_speed(model, precision="auto", xla="auto"):
+    """`model` rebuilt at the precision and XLA setting chosen for this machine (speed.choose, on
+    inference at predict's batch), with the same weights."""
+    batch = BATCH_2D if len(model.input_shape) == 4 else BATCH_3D
+    choice = speed.choose(precision, xla, lambda: speed.recast(model), batch, mode="infer")
+    with speed.policy_scope(choice.precision):
+        fast = speed.recast(model)
+    fast.jit_compile = choice.xla
+    return fast
+
+
+def predict_images(model, images, batch_size=BATCH_2D, tta=False):
+    """Probabilities (H, W, classes) at each image's own size: each normalized (H, W, C) image is
+    fitted to the network, predicted (mirrored with tta), and the fit undone on the probabilities
+    (linear interpolation, thresholded later)."""
+    fitted = [geometry.fit(image, model.input_shape[1:3]) for image in images]
+    batch = np.stack([array for array, _ in fitted])
+
+    def predict(inputs):
+        return model.predict(inputs, batch_size=batch_size, verbose=0)
+
+    probabilities = geometry.predict_mirrored(predict, batch) if tta else predict(batch)
+    return [geometry.unfit(p, transform) for p, (_, transform) in zip(probabilities, fitted)]
+
+
+def predict_volume(model, volume, overlap=0.5, tta=False):
+    """Probabilities (X, Y, Z, classes) of a normalized (X, Y, Z) volume: slice by slice along Z for
+    a 2D model, or by sliding windows over (D, H, W) = (Z, X, Y) for a 3D model, the volume padded
+    to at least one patch; tta: test-time mirroring of each slice or window."""
+    if len(model.input_shape) == 4:
+        slices = [volume[..., z, None] for z in range(volume.shape[-1])]
+        return np.stack(predict_images(model, slices, tta=tta), axis=2)
+    padded, transform = geometry.fit(
+        np.moveaxis(volume, -1, 0)[..., None], model.input_shape[1:4], shrink=False
+    )
+    probabilities = geometry.unfit(
+        geometry.sliding_window_predict(model, padded, overlap, batch_size=BATCH_3D, tta=tta),
+        transform,
+    )
+    return np.moveaxis(probabilities, 0, 2)
+
+
+def finite(probabilities, path):
+    """The probabilities, or ModelError if any is NaN or infinite: thresholding would turn them into
+    background without a word (NaN >= 0.5 is False), an empty mask that looks like a result."""
+    bad = int(np.count_nonzero(~np.isfinite(probabilities)))
+    if bad:
+        raise ModelError(
+            f"the model's output on {path} is not finite ({bad} of {probabilities.size} values NaN "
+            "or infinite): its weights are broken (a training that diverged?); no mask written"
+        )
+    return probabilities
+
+
+def segment(model, path, threshold=0.5, overlap=0.5, tta=False):
+    """(labels, overlay RGB, nibabel image or None) of one file: uint8 labels (0/1 for a binary
+    model, 0..C-1) in the input's geometry."""
+    channels = model.input_shape[-1]
+    if not imagefiles.suffix(path) and os.path.isfile(path):
+        raise DataError(f"{path}: unsupported file type (PNG, JPEG, TIFF or NIfTI)")
+    if not imagefiles.is_nifti(path):
+        if len(model.input_shape) == 5:
+            raise DataError(f"{path} is a 2D image: a 3D model segments NIfTI volumes")
+        image = data.normalize_intensity(imagefiles.read_image(path, channels))
+        probabilities = finite(predict_images(model, [image], tta=tta)[0], path)
+        labels = metrics.label_map(probabilities, threshold)
+        return labels, figures.overlay(image, labels), None
+    volume, nifti = imagefiles.read_volume(path)
+    if channels != 1:
+        raise DataError(f"{path} is a single-channel volume, the model takes {channels} channels")
+    volume = data.normalize_intensity(
+        volume.astype(np.float32)
+    )  # per volume, as in training (datasets.py)
+    probabilities = finite(predict_volume(model, volume, overlap, tta), path)
+    labels = metrics.label_map(probabilities, threshold)
+    found = labels > 0
+    z = int(np.argmax(found.sum(axis=(0, 1)))) if found.any() else volume.shape[-1] // 2
+    # rot90: array rows are X; in RAS storage this shows anterior up and the patient's right on the
+    # right
+    picture = figures.overlay(np.rot90(volume[..., z])[..., None], np.rot90(labels[..., z]))
+    return labels, picture, nifti
