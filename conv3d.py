@@ -5,19 +5,21 @@ What this script teaches:
   (27 vs 9 for k=3), so it sees the structure across slices that a 2D network, slice by slice,
   cannot;
 - the price is memory: every activation has a depth axis too. The levers the TP names (kernel
-  3x3x3 vs 2x2x2, fewer filters, fewer slices, mixed precision) are measured (memory.py), not
-  asserted: bfloat16 halves the activations everywhere, and is also faster where the CPU has
-  bfloat16 arithmetic;
+  3x3x3 vs 2x2x2, fewer filters, fewer slices, mixed precision) are measured (`--levers`:
+  tp4/perf/memory.py), not asserted: bfloat16 halves the activations everywhere, and is also
+  faster where the CPU has bfloat16 arithmetic;
 - a volume larger than the training patch is segmented by overlapping patches whose outputs are
   blended (geometry.sliding_window_predict, which predict.py uses), as in MONAI and nnU-Net;
-- training follows the same recipe as train.py (recipe.py) and is tracked in MLflow the same way:
-  experiment `tp4-conv3d`.
+- training follows the same recipe as train.py (tp4/training/recipe.py) and is tracked in MLflow
+  the same way: experiment `tp4-conv3d`, runs `Conv3D_Baseline` (float32) or
+  `Conv3D_MixedPrecision`, and `UNet2D_Slices` for the 2D U-Net on the same volumes' slices.
 
 The 3D U-Net is unet.build_unet3d: unet.py's blocks with Conv3D layers.
 
-    python conv3d.py                       # summary, Conv2D vs Conv3D, memory levers, training
+    python conv3d.py                       # training on synthetic volumes, tracked in MLflow
+    python conv3d.py --summary --levers    # first the layers, Conv2D vs Conv3D, memory levers
     python conv3d.py --precision bfloat16  # the same training in mixed bfloat16 (auto: fastest)
-    python conv3d.py --skip-training       # only the architecture and the memory tables
+    python conv3d.py --skip-training       # the Exercise 3 demo: architecture and memory tables
     python conv3d.py --dataset mni-wm      # white matter in 3D patches of a real T1 MRI (MNI152)
 """
 
@@ -27,6 +29,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import argparse
+import dataclasses
 import sys
 
 import keras
@@ -34,249 +37,291 @@ import mlflow
 import numpy as np
 
 import data
+import losses
 import unet
 from tp4 import cli
-from tp4.distributed import distribute, multiworker
+from tp4.distributed import distribute
 from tp4.images import datasets, figures
 from tp4.perf import memory, speed
-from tp4.tracking import store
-from tp4.training import recipe, resume
-
-DEFAULT_SHAPE = (32, 64, 64)  # (D, H, W) of the synthetic volumes and of the training patch
-# The recipe's defaults for conv3d.py (recipe.add_arguments has the others): a few epochs of 3D.
-RECIPE_DEFAULTS = dict(batch_size=2, epochs=8, patience=4, unit="volumes", experiment="tp4-conv3d")
+from tp4.tracking import runs, store
+from tp4.training import checkpoint, config, divergence, recipe, resume
+from tp4.training.config import default_of, option
 
 
-# ------------------------------------------------------------------------------------------------
-# Tracked training on synthetic volumes.
+@dataclasses.dataclass(frozen=True)
+class Config(config.Recipe):
+    """conv3d.py's settings. With the recipe's (tp4/training/config.py), whose defaults change here
+    for a few epochs of a small 3D U-Net."""
 
-
-def parse_args(argv=None):
-    parser = cli.argument_parser("conv3d.py", __doc__)
-    add = parser.add_argument
-    datasets.add_arguments(parser)
-    add("--n-volumes", type=cli.at_least(1), default=40, help="synthetic volumes (split 70/15/15)")
-    add(
-        "--shape",
+    n_volumes: int = option(40, "synthetic volumes (split 70/15/15)", type=cli.at_least(1))
+    shape: tuple[int, int, int] = option(
+        (32, 64, 64),
+        "patch size: the synthetic volumes, or the patches real volumes are cut into",
         type=cli.at_least(1),
         nargs=3,
-        default=DEFAULT_SHAPE,
         metavar=("D", "H", "W"),
-        help="patch size: the synthetic volumes, or the patches real volumes are cut into",
     )
-    add(
-        "--foreground",
-        type=float,
-        default=data.FOREGROUND,
-        help="mean lesion fraction of the voxels",
+    foreground: float = option(data.FOREGROUND, "mean lesion fraction of the voxels")
+    kernel_size: int = option(3, "Conv3D kernel size k (k x k x k)", type=cli.at_least(1))
+    summary: bool = option(False, "print the layers of the 3D U-Net and Conv2D vs Conv3D first")
+    levers: bool = option(
+        False, "measure the memory levers first (a fresh process per lever: about a minute)"
     )
-    unet.add_arguments(parser, base_filters=8, depth=3)
-    add("--kernel-size", type=int, default=3, help="Conv3D kernel size k (k x k x k)")
-    names = "Conv3D_Baseline_{D}x{H}x{W}, or Conv3D_MixedPrecision_... below float32"
-    recipe.add_arguments(parser, **RECIPE_DEFAULTS, run_names=names)
-    add(
-        "--skip-training", action="store_true", help="only print the architecture and memory tables"
+    no_peak_memory: bool = option(False, "--levers without the peak memory of fresh processes")
+    skip_training: bool = option(
+        False, "the Exercise 3 demo: only the architecture and memory tables, no training"
     )
-    add(
-        "--compare-2d",
-        action="store_true",
-        help="also train a 2D U-Net on the slices of the same volumes",
-    )
-    add(
-        "--slice-batch-size",
+    compare_2d: bool = option(False, "also train a 2D U-Net on the slices of the same volumes")
+    slice_batch_size: int = option(
+        16,
+        "--compare-2d: slices per step (16 slices: about the compute of one 3D step)",
         type=cli.at_least(1),
-        default=16,
-        help="--compare-2d: slices per step (16 slices: about the compute of one 3D step)",
     )
-    add(
-        "--slice-xla",
+    slice_xla: str | bool = option(
+        "auto",
+        "--compare-2d: XLA for the 2D U-Net (its precision is --precision's)",
         choices=speed.XLA_SETTINGS,
-        default="auto",
-        help="--compare-2d: XLA for the 2D U-Net (its precision is --precision's)",
     )
-    add(
-        "--no-peak-memory",
-        action="store_true",
-        help="skip the subprocess measurement of peak memory",
-    )
-    args = parser.parse_args(argv)
-    distribute.check_arguments(parser, args, ("xla", "slice_xla"))
-    return args, parser
+    slices: bool = option(False, "this run is the 2D U-Net on slices", flag=False)
+    batch_size: int = default_of(config.Recipe, "batch_size", 2)
+    epochs: int = default_of(config.Recipe, "epochs", 8)
+    patience: int = default_of(config.Recipe, "patience", 4)
+    base_filters: int = default_of(config.Recipe, "base_filters", 8)
+    depth: int = default_of(config.Recipe, "depth", 3)
+    experiment: str = default_of(config.Recipe, "experiment", "tp4-conv3d")
 
 
-def load_volumes(args):
+def command_line() -> argparse.ArgumentParser:
+    return config.parser(Config, "conv3d.py", __doc__)
+
+
+def parse_args(argv=None) -> Config:
+    """The configuration of a command line; a contradiction is refused by argparse (exit 2)."""
+    parser = command_line()
+    settings = config.parse(Config, parser, argv)
+    distribute.check_arguments(parser, settings, ("xla", "slice_xla"))
+    return settings
+
+
+def load_volumes(config: Config):
     """(splits, description, test cases): synthetic volumes (test cases None), or real ones
-    (--data-dir, --dataset) cut into --shape patches."""
-    if datasets.source(args):
-        splits, description, cases = datasets.load_split(
-            datasets.source(args), tuple(args.shape), args.seed
-        )
+    (--data-dir, --dataset) cut into --shape patches, a padding of shallow volumes said."""
+    source = config.data_dir or (None if config.dataset == "synthetic" else config.dataset)
+    if source:
+        splits, description, cases = datasets.load_split(source, config.shape, config.seed)
+        if "data_padded" in description:
+            print(f"{source}: {description['data_padded']} (--shape {config.shape})")
     else:
         images, masks = data.make_synthetic_3d(
-            args.n_volumes, tuple(args.shape), args.seed, foreground=args.foreground
+            config.n_volumes, config.shape, config.seed, foreground=config.foreground
         )
-        splits = data.split(images, masks, seed=args.seed)
+        splits = data.split(images, masks, seed=config.seed)
         description, cases = data.describe(images, masks, "synthetic-3d", splits), None
     data.require_foreground(splits, description["data_source"])
     return splits, description, cases
 
 
-def train3d(args, memory_rows=None, loaded=None):
-    """A tracked 3D training run (same MLflow conventions as train.py); `loaded`: load_volumes(args)
-    if done."""
-    splits, description, test_cases = loaded or load_volumes(args)
-
-    def build(output_bias=0.0):
-        return unet.build_unet3d(
-            (*args.shape, 1),
-            args.base_filters,
-            args.depth,
-            args.kernel_size,
-            output_bias,
-            batch_norm=distribute.batch_norm(args),
-        )
-
-    args = recipe.choose_speed(distribute.with_replicas(args), build)
-    keras.utils.set_random_seed(args.seed)
-    with speed.policy_scope(args.precision), distribute.strategy(args).scope():
-        model = build(recipe.prior_bias(args, float(splits["train"][1].mean())))
-        recipe.compile_model(model, args, len(splits["train"][0]))
-    kind = "Baseline" if args.precision == "float32" else "MixedPrecision"
-    run_name = args.run_name or f"Conv3D_{kind}_{recipe.size_text(model)}"
-    run_params = {
-        **unet.describe(model),
-        "output_bias": args.output_bias,
-        **recipe.params(args),
-        **description,
-    }
-    print(
-        f"\n{run_name}: {description['data_split']} train/val/test volumes "
-        f"of {description['data_shape']}, "
-        f"foreground {description['data_foreground_fraction']:.1%} of voxels, "
-        f"{model.count_params():,} parameters, {args.precision}, XLA {'on' if args.xla else 'off'}"
-        f"{distribute.describe(args)}"
-    )
-    tables = {"memory_levers.json": {"rows": memory_rows}} if memory_rows else None
-    return recipe.fit_and_log(
-        model,
-        args,
-        splits,
-        run_name,
-        run_params,
-        figures.orthogonal_slices_figure,
-        "vol",
-        tables,
-        test_cases,
+def build_3d(config: Config, output_bias=0.0) -> keras.Model:
+    """The 3D U-Net of the configuration, at the global dtype policy, with the fused batch norm."""
+    return unet.build_unet3d(
+        (*config.shape, 1),
+        config.base_filters,
+        config.depth,
+        config.kernel_size,
+        output_bias,
+        batch_norm=distribute.batch_norm(config),
     )
 
 
-def train_on_slices(args, loaded=None):
+def build_2d(config: Config, output_bias=0.0) -> keras.Model:
+    """A 2D U-Net of the same filters, depth and kernel, for the volumes' slices."""
+    return unet.build_unet(
+        (*config.shape[1:], 1),
+        config.base_filters,
+        config.depth,
+        kernel_size=config.kernel_size,
+        batch_norm=distribute.batch_norm(config),
+        output_bias=output_bias,
+        name="UNet2D",
+    )
+
+
+def train3d(config: Config, memory_rows=None, loaded=None) -> dict:
+    """A tracked 3D training run (same MLflow conventions as train.py); `loaded`: load_volumes'
+    result if done already."""
+    splits, description, test_cases = loaded or load_volumes(config)
+    tables = {"memory_levers.json": {"rows": memory_rows}} if memory_rows else {}
+    return fit_and_log(config, build_3d, splits, description, test_cases, tables)
+
+
+def train_on_slices(config: Config, loaded=None) -> dict:
     """The 2D side of Conv2D vs Conv3D: a 2D U-Net (same filters and depth) trained on the slices of
-    the same volumes, same split. Its global test Dice pools all test voxels, so it compares with
-    the 3D run's directly."""
-    volumes, description, volume_cases = loaded or load_volumes(args)
+    the same volumes, same split, its own batch (--slice-batch-size) and XLA (--slice-xla). Its
+    global test Dice pools all test voxels, so it compares with the 3D run's directly."""
+    volumes, description, volume_cases = loaded or load_volumes(config)
     splits = {
         name: (x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:]))
         for name, (x, y) in volumes.items()
     }
     slice_cases = None  # real data: each test volume's slices, with their in-plane voxel size
     if volume_cases:
-        depth = args.shape[0]
+        depth = config.shape[0]
         slice_cases = data.Cases(
             [f"{case} slice {z}" for case in volume_cases.ids for z in range(depth)],
             np.repeat(volume_cases.spacing[:, 1:], depth, axis=0),
         )
     description = {**description, "data_slices": "2D slices of the volumes"}
-    # Its own batch (--slice-batch-size), XLA (--slice-xla); --save-model is the 3D model's.
-    own = {"batch_size": args.slice_batch_size, "xla": args.slice_xla, "save_model": None}
-    slice_args = argparse.Namespace(**{**vars(args), **own, "slices": True})
+    own = dict(batch_size=config.slice_batch_size, xla=config.slice_xla, save_model=None)
+    slice_config = dataclasses.replace(config, **own, slices=True)
+    return fit_and_log(slice_config, build_2d, splits, description, slice_cases)
 
-    def build(output_bias=0.0):
-        return unet.build_unet(
-            (*args.shape[1:], 1),
-            args.base_filters,
-            args.depth,
-            kernel_size=args.kernel_size,
-            batch_norm=distribute.batch_norm(args),
-            output_bias=output_bias,
-            name="UNet2D",
+
+def fit_and_log(config: Config, build, splits, description, test_cases, tables=None) -> dict:
+    """Train the model `build(config, bias)` makes on `splits` in one tracked MLflow run; returns
+    the test metrics and where the run is (run_id, experiment_id, model_uri)."""
+    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
+    # Precision and XLA for this machine (measured once, cached); then everything seeded. The 2D
+    # run records its resolved XLA as slice_xla, so that --resume does not choose again.
+    config = recipe.choose_speed(config, lambda: build(config))
+    config = dataclasses.replace(config, slice_xla=config.xla) if config.slices else config
+    keras.utils.set_random_seed(config.seed)
+    with speed.policy_scope(config.precision), distribute.strategy(config).scope():
+        model = build(config, recipe.prior_bias(config, y_train))
+        model.compile(
+            optimizer=recipe.optimizer(config, len(x_train)),
+            loss=losses.get_loss(config.loss),
+            metrics=losses.overlap_metrics(model),
+            jit_compile=config.xla,
+        )
+    kind = "Baseline" if config.precision == "float32" else "MixedPrecision"
+    name = config.run_name or ("UNet2D_Slices" if config.slices else f"Conv3D_{kind}")
+    unit = "slices" if config.slices else "volumes"
+    print(
+        f"\n{name}: {len(x_train)}/{len(splits['val'][0])}/{len(x_test)} train/val/test {unit} of "
+        f"{'x'.join(map(str, x_train.shape[1:]))}, foreground {y_train.mean():.1%} of voxels, "
+        f"{model.count_params():,} parameters, batch {config.batch_size}, {config.precision}, "
+        f"XLA {'on' if config.xla else 'off'}{distribute.describe(config)}"
+    )
+
+    if config.resume:  # on the data it started with, or not at all
+        resume.check_same_data(config.resume, description)
+    with runs.tracked_run(config.experiment, name, config.checkpoint_dir, config.resume) as run:
+        if not config.resume:  # a resumed run logged them when it started
+            architecture = {"architecture": "UNet2D on slices"} if config.slices else {}
+            mlflow.log_params({**unet.describe(model), **architecture, **recipe.params(config)})
+            mlflow.log_params({"output_bias": config.output_bias, **description})
+            mlflow.log_input(runs.dataset(description, splits, config.seed), context="training")
+            resolved = dataclasses.replace(
+                config, lr=recipe.peak_learning_rate(config), run_name=name
+            )
+            for document, artifact in (
+                (resolved.to_json(), "config.json"),
+                *(tables or {}).items(),
+            ):
+                mlflow.log_dict(document, artifact)
+
+        # Training, with a checkpoint after every epoch: a resumed run continues from its last one.
+        train_set, val_set, eval_batch = recipe.datasets(config, splits)
+        stopping = recipe.stopping(config)
+        saved = checkpoint.Checkpoint(run.folder, stopping)
+        saved.restore(model, train_set, config.epochs)
+        run.log_missing_epochs(saved.history)
+        per_epoch = recipe.epoch_size(len(x_train), config)[1]
+        logger = runs.EpochLogger(
+            run, saved, per_epoch, config.epochs, "img" if config.slices else "vol"
+        )
+        validation = distribute.validation(config, splits["val"], eval_batch)
+        guard = divergence.DivergenceGuard(saved)
+        model.fit(
+            train_set,
+            validation_data=val_set,
+            initial_epoch=saved.epoch,
+            epochs=saved.last_epoch(config.epochs),
+            callbacks=[*validation, guard, *stopping, saved, logger],
+            shuffle=False,  # the pipeline shuffles, from the seed
+            verbose=0,
         )
 
-    slice_args = recipe.choose_speed(distribute.with_replicas(slice_args), build)
-    slice_args.slice_xla = slice_args.xla  # resolved in config.json: --resume keeps this choice
-    keras.utils.set_random_seed(args.seed)
-    with speed.policy_scope(slice_args.precision), distribute.strategy(args).scope():
-        model = build(recipe.prior_bias(args, float(splits["train"][1].mean())))
-        recipe.compile_model(model, slice_args, len(splits["train"][0]))
-    run_params = {
-        **unet.describe(model),
-        "architecture": "UNet2D on slices",
-        "output_bias": args.output_bias,
-        **recipe.params(slice_args),
-        **description,
+        # Evaluation on the test volumes (or slices), never seen by early stopping; then logging.
+        results, probabilities, table = recipe.evaluate(
+            model, x_test, y_test, eval_batch, config.tta, test_cases, config.nsd_tolerance
+        )
+        results.update(recipe.fit_results(saved.history, saved.state["fit_seconds"]))
+        draw = figures.prediction_figure if config.slices else figures.orthogonal_slices_figure
+        with run.results(model):
+            mlflow.log_metrics(run.not_logged(results))
+            curves = figures.training_curves(saved.history, results["best_epoch"])
+            mlflow.log_figure(curves, "training_curves.png")
+            mlflow.log_figure(draw(x_test, y_test, probabilities), "test_predictions.png")
+            mlflow.log_dict(table, "test_cases.json")
+            mlflow.log_text(model.to_json(indent=2), "model_config.json")
+            logged_model = runs.log_keras_model(
+                model, (x_test[:1], probabilities[:1]), config.register
+            )
+    saved.remove()  # the run is FINISHED: all of it is in MLflow
+    if config.save_model:
+        cli.save_model(model, config.save_model)
+    recipe.print_results(name, results, len(x_test), config.nsd_tolerance)
+    where = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
+    return {
+        **results,
+        **where,
+        "model_uri": logged_model.model_uri,
+        "tracking_seconds": run.seconds,
     }
-    run_name = f"UNet2D_Slices_{recipe.size_text(model)}"
-    print(
-        f"\n{run_name}: the same volumes as {len(splits['train'][0])} training slices, "
-        f"batch {slice_args.batch_size}, {slice_args.precision}, "
-        f"XLA {'on' if slice_args.xla else 'off'}{distribute.describe(slice_args)}"
+
+
+def print_tables(config: Config) -> list | None:
+    """The Exercise 3 tables: the 3D U-Net's layers and Conv2D vs Conv3D (--summary), the memory
+    levers measured (--levers); both with --skip-training. Returns the levers' rows, if measured."""
+    demo = config.skip_training
+    if config.summary or demo:
+        model = unet.build_unet3d(
+            (*config.shape, 1), config.base_filters, config.depth, config.kernel_size
+        )
+        model.summary(line_length=100)
+        memory.print_comparison(config.shape, config.base_filters, config.depth, config.kernel_size)
+    if not (config.levers or demo):
+        return None
+    rows = memory.measure_levers(
+        config.shape,
+        config.base_filters,
+        config.depth,
+        config.batch_size,
+        not config.no_peak_memory,
     )
-    return recipe.fit_and_log(
-        model,
-        slice_args,
-        splits,
-        run_name,
-        run_params,
-        figures.prediction_figure,
-        test_cases=slice_cases,
-    )
+    memory.print_levers(rows, config.batch_size)
+    return rows
 
 
 def main(argv=None):
-    args, parser = parse_args(argv)
+    settings = parse_args(argv)
     cli.setup()
-    with cli.command_line_errors(parser), multiworker.lost_workers():
-        # Under multiworker, the chief is the only process that talks to MLflow.
-        chief = multiworker.is_chief(args)
-        if chief and (args.resume or not args.skip_training):
+    with cli.command_line_errors(command_line()), distribute.lost_workers(settings):
+        chief = distribute.is_chief(settings)  # under multiworker, the one that talks to MLflow
+        if chief and (settings.resume or not settings.skip_training):
             store.open_store()
-            if args.resume:
-                args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
-        args = distribute.setup(args)  # multiworker: the chief's configuration, on every worker
-        if args.resume:  # only the interrupted run (its config.json says which of the two)
-            resumed = train_on_slices(args) if getattr(args, "slices", False) else train3d(args)
-            if chief:
-                cli.print_next_steps(resumed, mlflow.get_tracking_uri(), args.save_model)
-            distribute.wait_for_the_chief(args)
-            return
-        # Bad data is refused now, not after the tables.
-        loaded = None if args.skip_training else load_volumes(args)
-        rows = None
-        if chief:  # the tables are the chief's to print
-            model = unet.build_unet3d(
-                (*args.shape, 1), args.base_filters, args.depth, args.kernel_size
-            )
-            model.summary(line_length=100)
-            memory.print_comparison(args.shape, args.base_filters, args.depth, args.kernel_size)
-            rows = memory.measure_levers(
-                tuple(args.shape),
-                args.base_filters,
-                args.depth,
-                args.batch_size,
-                not args.no_peak_memory,
-            )
-            memory.print_levers(rows, args.batch_size)
-        if not args.skip_training:
-            results3d = train3d(args, rows, loaded)
-            if args.compare_2d:
-                results2d = train_on_slices(args, loaded)
+            if settings.resume:
+                argv = sys.argv[1:] if argv is None else argv
+                settings = resume.configuration(settings, command_line(), argv)
+        settings = distribute.setup(settings)  # multiworker: the chief's configuration everywhere
+        if settings.resume:  # only the interrupted run (its config.json says which of the two)
+            outcome = train_on_slices(settings) if settings.slices else train3d(settings)
+        else:
+            loaded = None if settings.skip_training else load_volumes(settings)  # bad data: now
+            rows = print_tables(settings) if chief else None
+            if settings.skip_training:
+                return
+            outcome = train3d(settings, rows, loaded)
+            if settings.compare_2d:
+                slices = train_on_slices(settings, loaded)
                 print(
-                    f"\nsame test volumes, global Dice: Conv3D {results3d['test_dice']:.4f}, "
-                    f"2D U-Net on slices {results2d['test_dice']:.4f}"
+                    f"\nsame test volumes, global Dice: Conv3D {outcome['test_dice']:.4f}, "
+                    f"2D U-Net on slices {slices['test_dice']:.4f}"
                 )
-            if chief:
-                cli.print_next_steps(results3d, mlflow.get_tracking_uri(), args.save_model)
-        distribute.wait_for_the_chief(args)
+        if chief:
+            cli.print_next_steps(outcome, mlflow.get_tracking_uri(), settings.save_model)
+        distribute.wait_for_the_chief(settings)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,19 @@ What this script teaches:
   the model itself, in MLflow's local store (`mlflow.db` here; `MLFLOW_TRACKING_URI` to use
   another). See them with `mlflow ui` run from this directory;
 - speed chosen for the machine: `--precision auto --xla auto` (the defaults) measure once which
-  precision and XLA setting train fastest here, and keep it (speed.py, PERFORMANCE.md).
+  precision and XLA setting train fastest here, and keep it (tp4/perf/speed.py, PERFORMANCE.md).
+
+The script reads top to bottom as the exercise: its settings (one frozen dataclass: `Config`, with
+the recipe's settings in tp4/training/config.py), then in `train`: the data, the model, `compile`,
+the MLflow run and its params, `fit` with its callbacks (checkpoint, divergence guard, one line and
+one MLflow value per epoch), the test evaluation, and its metrics, figures and model logged.
 
     python train.py                               # the main job: the TP's setting
     python train.py --loss dice --optimizer sgd   # one cell of the loss x optimizer comparison
     python train.py --grid --image-size 64 --foreground 0.015 --contrast 0.2   # all the cells
     python train.py --dataset mni-wm              # white matter in a real T1 MRI (MNI152)
     python train.py --data-dir DIR                # images/ + masks/, or imagesTr/ + labelsTr/
-    python train.py --strategy mirrored           # every GPU of the machine (distribute.py)
+    python train.py --strategy mirrored           # every GPU of the machine (tp4/distributed)
 """
 
 import os
@@ -25,79 +30,26 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import argparse
+import dataclasses
 import itertools
 import sys
 
 import keras
 import mlflow
-import numpy as np
 
 import data
 import losses
 import unet
 from tp4 import cli
-from tp4.distributed import distribute, multiworker
+from tp4.distributed import distribute
 from tp4.images import datasets, figures
 from tp4.perf import speed
-from tp4.tracking import store
-from tp4.training import recipe, resume
-
-# The recipe's defaults for train.py (recipe.add_arguments has the others): the TP's main job.
-RECIPE_DEFAULTS = dict(batch_size=8, epochs=30, patience=8, unit="images", experiment="tp4-unet")
+from tp4.tracking import runs, store
+from tp4.training import checkpoint, config, divergence, recipe, resume
+from tp4.training.config import option
 
 
-def parse_args(argv=None):
-    parser = cli.argument_parser("train.py", __doc__)
-    add = parser.add_argument
-    recipe.add_arguments(parser, **RECIPE_DEFAULTS, run_names="UNet_{Loss}_{Optimizer}_{H}x{W}")
-    datasets.add_arguments(parser)
-    add(
-        "--image-size",
-        type=cli.at_least(1),
-        default=128,
-        help="height and width of the network's input (and of the "
-        "synthetic images); real images are shrunk to fit and padded (geometry.py)",
-    )
-    add("--n-images", type=cli.at_least(1), default=200, help="synthetic images (split 70/15/15)")
-    add("--foreground", type=float, default=data.FOREGROUND, help="mean lesion share of the pixels")
-    add("--contrast", type=float, default=data.CONTRAST, help="lesion brightness above the tissue")
-    add("--noise", type=float, default=data.NOISE, help="Rician noise level")
-    unet.add_classes_argument(parser)
-    unet.add_arguments(parser, base_filters=32, depth=4)
-    add(
-        "--no-skip",
-        action="store_true",
-        help="U-Net without skip connections (ablation; run name UNetNoSkip_...)",
-    )
-    add(
-        "--grid",
-        action="store_true",
-        help="run every loss x optimizer as separate runs and print a table",
-    )
-    add(
-        "--shard",
-        type=parse_shard,
-        default="0/1",  # argparse parses a default given as text
-        metavar="I/N",
-        help="with --grid: run only its cells I, I+N, I+2N, ... (I from 0 to N-1), so that N "
-        "machines or processes share the grid, logging to one tracking server",
-    )
-    args = parser.parse_args(argv)
-    if args.shard != (0, 1) and not args.grid:
-        parser.error("--shard goes with --grid")
-    if args.grid and args.save_model:
-        parser.error("--save-model saves one model: it does not go with --grid")
-    if not grid_cells(args.shard):
-        parser.error(
-            f"--shard {args.shard[0]}/{args.shard[1]}: the grid has {len(grid_cells())} cells"
-        )
-    if args.num_classes < 2:
-        parser.error("--num-classes must be at least 2 (background included)")
-    distribute.check_arguments(parser, args)
-    return args, parser
-
-
-def parse_shard(text):
+def parse_shard(text: str) -> tuple[int, int]:
     """--shard I/N as (I, N), with 0 <= I < N: the I-th of N shares of the grid, from 0."""
     try:
         index, count = (int(number) for number in text.split("/"))
@@ -108,6 +60,62 @@ def parse_shard(text):
     return index, count
 
 
+@dataclasses.dataclass(frozen=True)
+class Config(config.Recipe):
+    """train.py's settings. With the recipe's (tp4/training/config.py: loss, optimizer, epochs,
+    seed, precision, the MLflow run...), their defaults are the TP's main job."""
+
+    image_size: int = option(
+        128,
+        "height and width of the network's input (and of the synthetic images); real images are "
+        "shrunk to fit and padded",
+        type=cli.at_least(1),
+    )
+    n_images: int = option(200, "synthetic images (split 70/15/15)", type=cli.at_least(1))
+    foreground: float = option(data.FOREGROUND, "mean lesion share of the pixels")
+    contrast: float = option(data.CONTRAST, "lesion brightness above the tissue")
+    noise: float = option(data.NOISE, "Rician noise level")
+    num_classes: int = option(
+        2,
+        "classes, background included: 2 is a binary mask (one sigmoid output), C >= 3 a softmax "
+        "over C classes (synthetic data: C-1 kinds of lesion; real masks: labels 0..C-1)",
+        type=cli.at_least(2),
+    )
+    no_skip: bool = option(False, "U-Net without skip connections (ablation: UNetNoSkip_...)")
+    grid: bool = option(False, "run every loss x optimizer as separate runs and print a table")
+    shard: tuple[int, int] = option(
+        (0, 1),
+        "with --grid: run only its cells I, I+N, I+2N, ... (I from 0 to N-1), so that N machines "
+        "or processes share the grid, logging to one tracking server",
+        type=parse_shard,
+        metavar="I/N",
+        text_default="0/1",
+    )
+
+
+def command_line() -> argparse.ArgumentParser:
+    return config.parser(Config, "train.py", __doc__)
+
+
+def parse_args(argv=None) -> Config:
+    """The configuration of a command line; a contradiction is refused by argparse (exit 2)."""
+    parser = command_line()
+    settings = config.parse(Config, parser, argv)
+    if settings.shard != (0, 1) and not settings.grid:
+        parser.error("--shard goes with --grid")
+    if settings.grid and settings.save_model:
+        parser.error("--save-model saves one model: it does not go with --grid")
+    if not grid_cells(settings.shard):
+        shard = "/".join(map(str, settings.shard))
+        parser.error(f"--shard {shard}: the grid has {len(grid_cells())} cells")
+    if settings.save_model:
+        try:  # checked now, not after the training
+            cli.check_output_file("--save-model", settings.save_model, ".keras")
+        except ValueError as error:
+            parser.error(str(error))
+    return settings
+
+
 def grid_cells(shard=(0, 1)):
     """The (loss, optimizer) cells of the grid in a fixed order, every N-th from the I-th for
     shard (I, N): N shards cover each cell once."""
@@ -115,104 +123,161 @@ def grid_cells(shard=(0, 1)):
     return list(itertools.product(losses.LOSSES, recipe.OPTIMIZERS))[index::count]
 
 
-def load_data(args):
+def load_data(config: Config):
     """(splits, description, test cases): synthetic scans (test cases None: named by position,
     pixels of 1), or real data (--data-dir, --dataset), checked before any run."""
-    if datasets.source(args):
-        print(f"reading and checking {datasets.source(args)}", flush=True)
+    source = config.data_dir or (None if config.dataset == "synthetic" else config.dataset)
+    if source:
+        print(f"reading and checking {source}", flush=True)
+        size = (config.image_size, config.image_size)
         splits, description, cases = datasets.load_split(
-            datasets.source(args), (args.image_size, args.image_size), args.seed, args.num_classes
+            source, size, config.seed, config.num_classes
         )
     else:
-        size = f"{args.image_size}x{args.image_size}"
-        print(f"generating {args.n_images} synthetic {size} scans (seed {args.seed})", flush=True)
-        images, masks = data.make_synthetic_2d(
-            args.n_images,
-            args.image_size,
-            args.seed,
-            foreground=args.foreground,
-            contrast=args.contrast,
-            noise=args.noise,
-            num_classes=args.num_classes,
+        size = f"{config.image_size}x{config.image_size}"
+        print(
+            f"generating {config.n_images} synthetic {size} scans (seed {config.seed})", flush=True
         )
-        splits = data.split(images, masks, seed=args.seed)
+        images, masks = data.make_synthetic_2d(
+            config.n_images,
+            config.image_size,
+            config.seed,
+            foreground=config.foreground,
+            contrast=config.contrast,
+            noise=config.noise,
+            num_classes=config.num_classes,
+        )
+        splits = data.split(images, masks, seed=config.seed)
         description, cases = data.describe(images, masks, "synthetic-2d", splits), None
-        description.update(data_contrast=args.contrast, data_noise=args.noise)
+        description.update(data_contrast=config.contrast, data_noise=config.noise)
     data.require_foreground(splits, description["data_source"])
     return splits, description, cases
 
 
-def params(args, model, description):
-    """Everything needed to know what a run did, as flat MLflow params."""
+def build_model(config: Config, output_bias=0.0) -> keras.Model:
+    """The U-Net of the configuration, at the global dtype policy, with the fused batch norm."""
+    return unet.build_unet(
+        (config.image_size, config.image_size, 1),
+        config.base_filters,
+        config.depth,
+        num_classes=1 if config.num_classes == 2 else config.num_classes,
+        batch_norm=distribute.batch_norm(config),
+        skip_connections=not config.no_skip,
+        output_bias=output_bias,
+        name="UNetNoSkip" if config.no_skip else "UNet",
+    )
+
+
+def train(config: Config) -> dict:
+    """One tracked U-Net training run on 2D images.
+
+    Returns:
+        The test metrics, and where the run is: run_id, experiment_id, model_uri.
+    """
+    # Data: synthetic scans or a folder, checked before anything else starts.
+    splits, description, test_cases = load_data(config)
+    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
+
+    # Precision and XLA for this machine (measured once, cached); then everything seeded.
+    config = recipe.choose_speed(config, lambda: build_model(config))
+    keras.utils.set_random_seed(config.seed)
+
+    # The model and its recipe: loss, optimizer and schedule, exact Dice and IoU over each epoch.
+    with speed.policy_scope(config.precision), distribute.strategy(config).scope():
+        model = build_model(config, recipe.prior_bias(config, y_train, config.num_classes))
+        model.compile(
+            optimizer=recipe.optimizer(config, len(x_train)),
+            loss=losses.get_loss(config.loss),
+            metrics=losses.overlap_metrics(model),
+            jit_compile=config.xla,
+        )
+    name = recipe.run_name(model, config)
+    print(
+        f"{name}: {description['data_split']} train/val/test images of "
+        f"{description['data_shape']}, foreground {description['data_foreground_fraction']:.1%} "
+        f"of pixels, {model.count_params():,} parameters, {config.precision}, "
+        f"XLA {'on' if config.xla else 'off'}{distribute.describe(config)}"
+    )
+
+    # The MLflow run: it ends FINISHED, FAILED or KILLED, never left RUNNING.
+    if config.resume:  # on the data it started with, or not at all
+        resume.check_same_data(config.resume, description)
+    with runs.tracked_run(config.experiment, name, config.checkpoint_dir, config.resume) as run:
+        if not config.resume:  # a resumed run logged them when it started
+            classes = {"num_classes": config.num_classes, "output_bias": config.output_bias}
+            mlflow.log_params({**unet.describe(model), **classes, **recipe.params(config)})
+            mlflow.log_params(description)  # the data: source, split, shape, hash...
+            mlflow.log_input(runs.dataset(description, splits, config.seed), context="training")
+            resolved = dataclasses.replace(
+                config, lr=recipe.peak_learning_rate(config), run_name=name
+            )
+            mlflow.log_dict(resolved.to_json(), "config.json")  # what --resume reads back
+
+        # Training, with a checkpoint after every epoch: a resumed run continues from its last one.
+        train_set, val_set, eval_batch = recipe.datasets(config, splits)
+        stopping = recipe.stopping(config)
+        saved = checkpoint.Checkpoint(run.folder, stopping)
+        saved.restore(model, train_set, config.epochs)
+        run.log_missing_epochs(saved.history)
+        examples_per_epoch = recipe.epoch_size(len(x_train), config)[1]
+        model.fit(
+            train_set,
+            validation_data=val_set,
+            initial_epoch=saved.epoch,
+            epochs=saved.last_epoch(config.epochs),
+            callbacks=[
+                *distribute.validation(config, splits["val"], eval_batch),
+                divergence.DivergenceGuard(saved),
+                *stopping,
+                saved,
+                runs.EpochLogger(run, saved, examples_per_epoch, config.epochs),
+            ],
+            shuffle=False,  # the pipeline shuffles, from the seed
+            verbose=0,
+        )
+
+        # Evaluation on the test set, never seen by early stopping.
+        results, probabilities, table = recipe.evaluate(
+            model, x_test, y_test, eval_batch, config.tta, test_cases, config.nsd_tolerance
+        )
+        results.update(recipe.fit_results(saved.history, saved.state["fit_seconds"]))
+
+        # Logging: test metrics, figures, the per-case table and the model.
+        with run.results(model):
+            mlflow.log_metrics(run.not_logged(results))
+            curves = figures.training_curves(saved.history, results["best_epoch"])
+            mlflow.log_figure(curves, "training_curves.png")
+            pictures = figures.prediction_figure(x_test, y_test, probabilities)
+            mlflow.log_figure(pictures, "test_predictions.png")
+            mlflow.log_dict(table, "test_cases.json")
+            mlflow.log_text(model.to_json(indent=2), "model_config.json")
+            example = (x_test[:1], probabilities[:1])
+            logged_model = runs.log_keras_model(model, example, config.register)
+    saved.remove()  # the run is FINISHED: all of it is in MLflow
+    if config.save_model:
+        cli.save_model(model, config.save_model)
+    recipe.print_results(name, results, len(x_test), config.nsd_tolerance)
+    where = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
     return {
-        **unet.describe(model),
-        "num_classes": args.num_classes,
-        "output_bias": args.output_bias,
-        **recipe.params(args),
-        **description,
+        **results,
+        **where,
+        "model_uri": logged_model.model_uri,
+        "tracking_seconds": run.seconds,
     }
 
 
-def build_model(args, output_bias=0.0):
-    """The U-Net of the command line, at the global dtype policy."""
-    return unet.build_unet(
-        (args.image_size, args.image_size, 1),
-        args.base_filters,
-        args.depth,
-        num_classes=1 if args.num_classes == 2 else args.num_classes,
-        batch_norm=distribute.batch_norm(args),
-        skip_connections=not args.no_skip,
-        output_bias=output_bias,
-        name="UNetNoSkip" if args.no_skip else "UNet",
-    )
-
-
-def train(args):
-    """One tracked U-Net training run on 2D images; returns the final metrics and the model."""
-    splits, description, test_cases = load_data(args)  # bad data is refused before the speed probe
-    args = recipe.choose_speed(distribute.with_replicas(args), lambda: build_model(args))
-    keras.utils.set_random_seed(args.seed)
-    labels = splits["train"][1]
-    # The prior: the foreground fraction (sigmoid), or the fraction of each class (softmax).
-    if args.num_classes == 2:
-        prior = float(labels.mean())
-    else:
-        prior = [np.mean(labels == c) for c in range(args.num_classes)]
-    with speed.policy_scope(args.precision), distribute.strategy(args).scope():
-        model = build_model(args, recipe.prior_bias(args, prior))
-        recipe.compile_model(model, args, len(splits["train"][0]))
-    recipe_name = f"{losses.LOSSES[args.loss].label}_{recipe.OPTIMIZERS[args.optimizer].label}"
-    run_name = args.run_name or f"{model.name}_{recipe_name}_{recipe.size_text(model)}"
-    print(
-        f"{run_name}: {description['data_split']} train/val/test images "
-        f"of {description['data_shape']}, foreground {description['data_foreground_fraction']:.1%} "
-        f"of pixels, {model.count_params():,} parameters, {args.precision}, "
-        f"XLA {'on' if args.xla else 'off'}{distribute.describe(args)}"
-    )
-    run_params = params(args, model, description)
-    results = recipe.fit_and_log(
-        model, args, splits, run_name, run_params, figures.prediction_figure, test_cases=test_cases
-    )
-    return results, model
-
-
-def run_grid(args):
+def run_grid(config: Config) -> None:
     """Every loss x optimizer of the shard as a separate run of the same experiment, then a
     Markdown table of their results."""
     rows = []
-    for loss, optimizer in grid_cells(args.shard):
-        cell = {"loss": loss, "optimizer": optimizer, "run_name": None, "grid": False}
-        rows.append(
-            (
-                losses.LOSSES[loss].label,
-                recipe.OPTIMIZERS[optimizer].label,
-                train(argparse.Namespace(**{**vars(args), **cell}))[0],
-            )
+    for loss, optimizer in grid_cells(config.shard):
+        cell = dataclasses.replace(
+            config, loss=loss, optimizer=optimizer, run_name=None, grid=False
         )
-    if args.shard != (0, 1):
-        print(
-            f"\nshard {args.shard[0]}/{args.shard[1]}: {len(rows)} of the {len(grid_cells())} cells"
-        )
+        rows.append((losses.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)))
+    if config.shard != (0, 1):
+        index, count = config.shard
+        print(f"\nshard {index}/{count}: {len(rows)} of the {len(grid_cells())} cells")
     print(
         "\n| loss | optimizer | test Dice | test IoU | per-image Dice | best epoch |"
         "\n|---|---|---|---|---|---|"
@@ -225,24 +290,25 @@ def run_grid(args):
 
 
 def main(argv=None):
-    args, parser = parse_args(argv)
+    settings = parse_args(argv)
     cli.setup()
-    with cli.command_line_errors(parser), multiworker.lost_workers():
-        chief = multiworker.is_chief(args)  # under multiworker, the only one that talks to MLflow
+    with cli.command_line_errors(command_line()), distribute.lost_workers(settings):
+        chief = distribute.is_chief(settings)  # under multiworker, the one that talks to MLflow
         if chief:
             store.open_store()
-            if args.resume:
-                args = resume.configuration(args, parser, sys.argv[1:] if argv is None else argv)
-        args = distribute.setup(args)  # multiworker: the chief's configuration, on every worker
-        if args.grid:
-            run_grid(args)
+            if settings.resume:
+                argv = sys.argv[1:] if argv is None else argv
+                settings = resume.configuration(settings, command_line(), argv)
+        settings = distribute.setup(settings)  # multiworker: the chief's configuration everywhere
+        if settings.grid:
+            run_grid(settings)
             if chief:
-                print(f"\nnext: python report.py {args.experiment} --params loss,optimizer")
+                print(f"\nnext: python report.py {settings.experiment} --params loss,optimizer")
         else:
-            outcome = train(args)[0]
+            outcome = train(settings)
             if chief:
-                cli.print_next_steps(outcome, mlflow.get_tracking_uri(), args.save_model)
-        distribute.wait_for_the_chief(args)
+                cli.print_next_steps(outcome, mlflow.get_tracking_uri(), settings.save_model)
+        distribute.wait_for_the_chief(settings)
 
 
 if __name__ == "__main__":

@@ -118,13 +118,13 @@ def test_sliding_window_refuses_bad_volumes(small_model):
 
 @pytest.mark.slow
 def test_tracked_3d_training_learns_and_logs_like_train_py(store):
-    args, _ = conv3d.parse_args(
+    args = conv3d.parse_args(
         "--n-volumes 24 --shape 8 32 32 --depth 2 --base-filters 8 --foreground 0.1 --epochs 6 "
         "--patience 6 --batch-size 2 --seed 3 --precision float32 --xla off".split()
     )
     results = conv3d.train3d(args, memory_rows=[{"lever": "baseline", "params": 1}])
     run = store.search_runs([store.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
-    assert run.info.run_name == "Conv3D_Baseline_8x32x32" and run.info.status == "FINISHED"
+    assert run.info.run_name == "Conv3D_Baseline" and run.info.status == "FINISHED"
     params = run.data.params
     assert params["architecture"] == "UNet3D" and params["data_shape"] == "8x32x32x1"
     dice = [m.value for m in store.get_metric_history(run.info.run_id, "dice")]
@@ -138,13 +138,13 @@ def test_tracked_3d_training_learns_and_logs_like_train_py(store):
 
 @pytest.mark.slow
 def test_2d_slices_baseline_uses_the_same_volumes_and_split(store):
-    args, _ = conv3d.parse_args(
+    args = conv3d.parse_args(
         "--n-volumes 12 --shape 8 32 32 --depth 2 --epochs 2 --seed 3 --precision float32 "
         "--slice-xla off".split()
     )
     results = conv3d.train_on_slices(args)
     run = store.search_runs([store.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
-    assert run.info.run_name == "UNet2D_Slices_32x32"
+    assert run.info.run_name == "UNet2D_Slices"
     assert run.data.params["architecture"] == "UNet2D on slices"
     assert (
         run.data.params["data_split"] == "8/2/2"

@@ -12,7 +12,6 @@ from PIL import Image
 
 import data
 import losses
-import predict
 import unet
 from tp4.images import geometry
 from tp4.images.imagefiles import DataError

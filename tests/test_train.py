@@ -24,11 +24,9 @@ def _only_run(client):
 
 @pytest.mark.slow
 def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(store):
-    results, model = train.train(
-        train.parse_args(TINY + ["--loss", "dice", "--optimizer", "sgd"])[0]
-    )
+    results, model = train.train(train.parse_args(TINY + ["--loss", "dice", "--optimizer", "sgd"]))
     run = _only_run(store)
-    assert run.info.run_name == "UNet_DiceLoss_SGD_32x32" and run.info.status == "FINISHED"
+    assert run.info.run_name == "UNet_DiceLoss_SGD" and run.info.status == "FINISHED"
     p = run.data.params
     assert (p["architecture"], p["loss"], p["optimizer"], p["learning_rate"]) == (
         "UNet",
@@ -76,7 +74,7 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
     } <= artifacts
     config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/config.json")
     # The configuration as resolved: sgd's usual learning rate, the run's name, no "auto" left.
-    assert (config["lr"], config["run_name"]) == (0.01, "UNet_DiceLoss_SGD_32x32")
+    assert (config["lr"], config["run_name"]) == (0.01, "UNet_DiceLoss_SGD")
     # Epoch 1 starts at the cosine schedule's peak.
     assert store.get_metric_history(run.info.run_id, "lr")[0].value == pytest.approx(0.01)
     assert (config["precision"], config["xla"]) == ("float32", False)
@@ -119,7 +117,7 @@ def test_a_three_class_run_logs_per_class_metrics_and_learns(store):
         "--patience",
         "12",
     ]
-    args = train.parse_args(TINY + extra)[0]
+    args = train.parse_args(TINY + extra)
     results, model = train.train(args)
     run = _only_run(store)
     assert model.output_shape == (None, 32, 32, 3) and run.data.params["num_classes"] == "3"
@@ -205,7 +203,7 @@ def test_a_size_the_network_cannot_take_is_refused_before_any_run(store, capsys)
 
 def test_an_epoch_under_xla_takes_full_batches_only():
     xla, eager = (
-        recipe.choose_speed(train.parse_args(["--precision", "float32", "--xla", xla])[0], None)
+        recipe.choose_speed(train.parse_args(["--precision", "float32", "--xla", xla]), None)
         for xla in ("on", "off")
     )
     assert (xla.xla, eager.xla) == (True, False)
@@ -258,7 +256,7 @@ def test_prediction_figure_shows_the_images_with_the_most_foreground():
 
 
 def test_shard_1_of_3_runs_every_third_cell_from_the_second_and_3_shards_cover_the_grid():
-    cells = train.grid_cells(train.parse_args(["--grid", "--shard", "1/3"])[0].shard)
+    cells = train.grid_cells(train.parse_args(["--grid", "--shard", "1/3"]).shard)
     # The grid in order: bce x (adam, adamw, sgd, rmsprop), dice x (...), ...: cells 1, 4, ..., 22.
     assert cells == [
         ("bce", "adamw"),
@@ -317,8 +315,8 @@ def test_a_grid_shard_runs_its_cells_each_as_its_own_run_and_prints_their_table(
     train.main(TINY + ["--epochs", "1", "--grid", "--shard", "11/12"])
     runs = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])
     names = {
-        "UNet_CombinedLoss_RMSprop_32x32",
-        "UNet_GeneralizedDiceLoss_RMSprop_32x32",
+        "UNet_CombinedLoss_RMSprop",
+        "UNet_GeneralizedDiceLoss_RMSprop",
     }  # cells 11 and 23
     assert {run.info.run_name for run in runs} == names
     assert {run.info.status for run in runs} == {"FINISHED"}

@@ -63,12 +63,6 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
-def from_json(config: dict, like: dict) -> dict:
-    """A command line's values read back from JSON, which has no tuples: a list becomes a tuple
-    again where `like` (values argparse gave) has one (--shard's (I, N), say)."""
-    return {k: tuple(v) if isinstance(like.get(k), tuple) else v for k, v in config.items()}
-
-
 def argument_parser(prog, doc, epilog=None):
     """The scripts' argument parser: the first paragraph of the module's docstring as the
     description, defaults in --help."""

@@ -20,6 +20,8 @@ What this module teaches:
 """
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 from typing import Literal, get_args
 
@@ -28,7 +30,6 @@ import numpy as np
 import tensorflow as tf
 
 import losses
-from tp4 import cli
 from tp4.distributed import keras_multiworker, multiworker
 from tp4.models import batchnorm
 
@@ -36,26 +37,8 @@ Strategy = Literal["none", "mirrored", "multiworker"]
 STRATEGIES = get_args(Strategy)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--strategy and --devices (train.py, conv3d.py); `replicas` is set once the strategy is."""
-    parser.add_argument(
-        "--strategy",
-        choices=STRATEGIES,
-        default="none",
-        help="data-parallel training: mirrored (every GPU here, or --devices N CPU devices) or "
-        "multiworker (the processes TF_CONFIG names); --batch-size is then per replica",
-    )
-    parser.add_argument(
-        "--devices",
-        type=int,
-        metavar="N",
-        help="with --strategy mirrored: N logical devices of the CPU instead of the GPUs",
-    )
-    parser.set_defaults(replicas=1)
-
-
 def check_arguments(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, xla_flags: tuple[str, ...] = ("xla",)
+    parser: argparse.ArgumentParser, args, xla_flags: tuple[str, ...] = ("xla",)
 ) -> None:
     """Refuse (parser.error) what a strategy cannot take: --devices without mirrored, XLA on."""
     if args.devices is not None and (args.strategy != "mirrored" or args.devices < 1):
@@ -95,53 +78,73 @@ def _logical_cpus(count):
     return [f"/cpu:{i}" for i in range(count)]
 
 
-def strategy(args: argparse.Namespace) -> tf.distribute.Strategy:
+def strategy(args) -> tf.distribute.Strategy:
     """The process's strategy for --strategy/--devices (made once: TensorFlow's devices and
     collectives are set up once per process); TensorFlow's default one for `none`."""
     return _strategy(args.strategy, args.devices)
 
 
-def setup(args: argparse.Namespace) -> argparse.Namespace:
+def setup(config):
     """Start the strategy (before anything else starts TensorFlow: --devices splits the CPU first),
     and return the configuration to run: under multiworker, every worker takes the chief's (the same
-    run, --resume included, whatever the other workers were given besides --strategy)."""
-    started = strategy(args)
-    if args.strategy != "multiworker":
-        return args
-    config = multiworker.from_chief(started, lambda: vars(args))
-    return argparse.Namespace(**cli.from_json(config, vars(args)))
+    run, --resume included, whatever the other workers were given besides --strategy), and the
+    others follow it (multiworker.follow)."""
+    started = strategy(config)
+    if config.strategy != "multiworker":
+        return config
+    config = type(config).from_json(multiworker.from_chief(started, config.to_json))
+    return config if multiworker.is_chief(config) else multiworker.follow(config)
 
 
-def wait_for_the_chief(args: argparse.Namespace) -> None:
+def is_chief(config) -> bool:
+    """Whether this process talks to MLflow: always, but under multiworker only the chief."""
+    return config.strategy != "multiworker" or multiworker.is_chief(config)
+
+
+def lost_workers(config):
+    """Under multiworker, a worker that stops is one line (multiworker.lost_workers); elsewhere
+    nothing."""
+    return (
+        multiworker.lost_workers() if config.strategy == "multiworker" else contextlib.nullcontext()
+    )
+
+
+def validation(config, split: tuple[np.ndarray, np.ndarray], batch: int) -> list:
+    """The validation callback under several replicas (`Validation`), none on one device (fit's
+    own validation_data does it)."""
+    return [Validation(*split, batch)] if config.replicas > 1 else []
+
+
+def wait_for_the_chief(args) -> None:
     """Under multiworker, every worker waits here until the chief has ended its runs: TensorFlow
     reports a worker that leaves first as crashed."""
     if args.strategy == "multiworker":
         multiworker.from_chief(strategy(args), lambda: None)
 
 
-def with_replicas(args: argparse.Namespace) -> argparse.Namespace:
-    """`args` with `replicas` set from the strategy; a resumed run must keep its number."""
-    replicas = strategy(args).num_replicas_in_sync
-    if args.resume and args.replicas != replicas:
+def with_replicas(config):
+    """`config` with `replicas` set from the strategy; a resumed run must keep its number."""
+    replicas = strategy(config).num_replicas_in_sync
+    if config.resume and config.replicas != replicas:
         raise ValueError(
-            f"run {args.resume} trained on {args.replicas} replicas and would continue on "
+            f"run {config.resume} trained on {config.replicas} replicas and would continue on "
             f"{replicas}: resume it with as many (GPUs, --devices, or TF_CONFIG's workers)"
         )
-    return argparse.Namespace(**{**vars(args), "replicas": replicas})
+    return dataclasses.replace(config, replicas=replicas)
 
 
-def batch_norm(args: argparse.Namespace):
+def batch_norm(args):
     """unet.build_unet's batch_norm: the fused kernel, or statistics over every replica's examples
     under a strategy."""
     return batchnorm.layer("fused" if args.strategy == "none" else "synchronized")
 
 
-def global_batch(args: argparse.Namespace) -> int:
+def global_batch(args) -> int:
     """Examples per step: --batch-size on each replica."""
     return args.batch_size * args.replicas
 
 
-def params(args: argparse.Namespace) -> dict[str, object]:
+def params(args) -> dict[str, object]:
     """strategy, replicas and global_batch_size, for MLflow."""
     return {
         "strategy": args.strategy,
@@ -150,7 +153,7 @@ def params(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def describe(args: argparse.Namespace) -> str:
+def describe(args) -> str:
     """', mirrored on 2 replicas, global batch 16' (empty without a strategy)."""
     if args.strategy == "none":
         return ""

@@ -4,27 +4,30 @@ What this module teaches: TensorFlow's MultiWorkerMirroredStrategy runs one proc
 described by TF_CONFIG as TensorFlow defines it (the cluster's workers, and this process's task).
 Every worker runs the same program and meets the others at each collective (an all-reduce of the
 gradients at every step). Here:
-- the chief (task "chief", or worker 0 when there is none) alone talks to MLflow, keeps the
-  checkpoint and saves the model;
+- the chief (task "chief", or worker 0 when there is none) alone talks to the MLflow store, keeps
+  the checkpoint and saves the model;
 - the other workers take what they need from the chief over the strategy's own collectives
   (`from_chief`): the run's configuration (--resume included, whatever else they were given), the
-  speed choice, the checkpoint to continue from (`share_checkpoint`). They keep nothing on disk, log
-  nothing (`FollowerRun`), and wait for the chief to end its runs before they exit 0;
+  speed choice, the checkpoint to continue from (`share_checkpoint`). They run the same script,
+  logging into a scratch store of their own that is thrown away (`follow`), and wait for the chief
+  to end its runs before they exit 0;
 - a worker that stops (killed, crashed) stops sending heartbeats: the others' collectives abort
   within seconds, and the chief's run ends FAILED, to be resumed by starting every worker again
   (`lost_workers`). At most the epoch in progress is lost.
 """
 
-import argparse
+import atexit
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 
+import mlflow
 import numpy as np
 import tensorflow as tf
-
-from tp4.training import checkpoint
 
 TF_CONFIG_EXAMPLE = (
     '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
@@ -55,7 +58,7 @@ def task() -> tuple[str, int, dict]:
     return kind, index, cluster
 
 
-def is_chief(args: argparse.Namespace) -> bool:
+def is_chief(args) -> bool:
     """Whether this process logs to MLflow: always, but under multiworker only the chief."""
     if args.strategy != "multiworker":
         return True
@@ -100,43 +103,30 @@ def from_chief(started: tf.distribute.Strategy, compute: Callable[[], object]) -
     return json.loads(_bytes_of_replica_zero(started, data))
 
 
-def share_checkpoint(started: tf.distribute.Strategy, saved: checkpoint.Checkpoint) -> None:
-    """Give every worker the chief's checkpoint, read from its folder: the other workers keep none
-    of their own (folder None), and one started again continues from the chief's."""
+def share_checkpoint(started: tf.distribute.Strategy, saved) -> None:
+    """Give every worker the chief's checkpoint (a checkpoint.Checkpoint), read from its folder: a
+    worker started again continues from the chief's, whatever its own folder holds."""
     if not _multi_worker(started):
         return
     data = b""
-    if saved.folder and os.path.exists(saved.path):
+    if started.extended.should_checkpoint and os.path.exists(saved.path):
         with open(saved.path, "rb") as file:
             data = file.read()
     data = _bytes_of_replica_zero(started, data)
-    if data and not saved.folder:
+    if data and not started.extended.should_checkpoint:
         saved.load(data)
 
 
-class FollowerRun:
-    """What a worker other than the chief has in place of the MLflow run (tracking.TrackedRun):
-    nothing is logged, the checkpoint is kept in memory (folder None)."""
-
-    folder = None
-    seconds = 0.0
-
-    def log_metrics(self, values, step):
-        pass
-
-    def log_missing_epochs(self, history):
-        pass
-
-    def log_results(self, *args, **kwargs):
-        pass
-
-
-def tracked_on_chief(
-    args: argparse.Namespace, tracked_run: contextlib.AbstractContextManager
-) -> contextlib.AbstractContextManager:
-    """`tracked_run` (tracking.tracked_run, not entered yet) on the chief; on the other workers, a
-    FollowerRun in its place."""
-    return tracked_run if is_chief(args) else contextlib.nullcontext(FollowerRun())
+def follow(config):
+    """A worker other than the chief: the same configuration, logging into a scratch store of its
+    own (thrown away at exit), with no run to resume in it, no model file to save, no model to
+    register: the chief does those."""
+    scratch = tempfile.mkdtemp(prefix="tp4-worker-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    mlflow.set_tracking_uri(f"sqlite:///{scratch}/mlflow.db")
+    return dataclasses.replace(
+        config, resume=None, save_model=None, register=None, checkpoint_dir=scratch
+    )
 
 
 @contextlib.contextmanager

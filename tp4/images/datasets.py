@@ -74,29 +74,6 @@ class Examples:
     spacing_unit: str = "px"  # "mm" (NIfTI) or "px" (pixels of the image files)
 
 
-def add_arguments(parser):
-    """--data-dir and --dataset, the same for train.py and conv3d.py."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="train on the images in DIR: images/ + masks/ (PNG, "
-        "JPEG, TIFF) or imagesTr/ + labelsTr/ (NIfTI, MSD / nnU-Net)",
-    )
-    group.add_argument(
-        "--dataset",
-        choices=("synthetic", *BUILTIN),
-        default="synthetic",
-        help="built-in data: synthetic scans, or white matter in the MNI152 T1 template (nilearn)",
-    )
-
-
-def source(args):
-    """The real-data source named by the arguments (a folder or a built-in name), None for synthetic
-    data."""
-    return args.data_dir or (None if args.dataset == "synthetic" else args.dataset)
-
-
 def find_pairs(folder):
     """(layout, [(image path, mask path), ...]) of a dataset folder, or DataError naming what is
     missing."""
@@ -332,6 +309,15 @@ def describe(examples, splits=None, assignment=None):
             "data_split_unit": _unit(examples),
         }
     )
+    if examples.images.ndim == 5:  # patches (D, H, W) of volumes stored (X, Y, Z)
+        patch = examples.images.shape[1:4]
+        small = [s for s in examples.original_shapes if any(np.less((s[2], s[0], s[1]), patch))]
+        if small:
+            sizes = ", ".join(sorted({imagefiles.shape_text(s) for s in small}))
+            description["data_padded"] = (
+                f"{len(small)} of {len(examples.original_shapes)} volumes ({sizes}) are smaller "
+                "than the patch along an axis: zero-padded to it"
+            )
     if examples.spacing is not None:
         description["data_spacing"] = data.spacing_text(examples.spacing, examples.spacing_unit)
     for name in ("val", "test") if assignment else ():

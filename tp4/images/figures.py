@@ -35,10 +35,11 @@ def _zoomed(ax, curves):
     ax.set_ylim(max(0.0, low - 0.1 * (1 - low) - 0.01), 1.0)
 
 
-def training_curves(history: dict, best_epoch: int) -> Figure:
+def training_curves(logged: list[dict[str, float]], best_epoch: int) -> Figure:
     """Loss (log scale) and overlap metrics (zoomed on their range) per epoch, training vs
-    validation, best epoch marked."""
-    epochs = np.arange(1, len(history["loss"]) + 1)
+    validation, best epoch marked; `logged`: each epoch's metrics (the checkpoint's history)."""
+    history = {key: [epoch[key] for epoch in logged] for key in logged[0]}
+    epochs = np.arange(1, len(logged) + 1)
     fig = Figure(figsize=(11, 4), layout="tight")
     left, right = fig.subplots(1, 2)
     left.plot(epochs, history["loss"], label="train")

@@ -10,9 +10,12 @@
   MLflow, logged at the end as `tracking_seconds` (bench.py reads it: MLflow's share of a run);
 - `EpochLogger`: one printed line, one checkpoint and one MLflow value per metric and epoch
   (`step` = epoch, from 1);
-- `TrackedRun.log_results(...)`: final metrics, figures and the model (Keras flavor, with signature
-  and input example); if the store does not answer any more, the model is saved in the run's folder
-  instead, with a line saying how to send it all later.
+- `TrackedRun.results(model)`: the block where the script logs its final metrics, figures and the
+  model (`log_keras_model`: Keras flavor, with signature and input example); if the store does not
+  answer any more, the model is saved in the run's folder instead, with a line saying how to send
+  it all later;
+- `dataset(...)`: the data a run trained on as an MLflow dataset (`mlflow.log_input`): the runs
+  table's Dataset column tells runs of the same recipe on other data apart.
 
 The store is MLflow's default (SQLite `mlflow.db` in the working directory) unless
 MLFLOW_TRACKING_URI says otherwise (store.py makes it ready).
@@ -26,14 +29,17 @@ import sys
 import threading
 import time
 import types
+import warnings
 
 import keras
 import mlflow
+import mlflow.data
 import mlflow.keras
 import numpy as np
 import requests
 import tensorflow as tf
 from mlflow import MlflowClient
+from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
@@ -92,13 +98,11 @@ class TrackedRun:
         self.heartbeat.stop()
         return self.outbox.close(seconds)
 
-    def log_results(self, model, results, example, figures, tables=None, registered_name=None):
-        """Final metrics (those not logged yet), figures, JSON tables ({name: document}), model;
-        TrackingError if the store does not answer, after saving the model in the run's folder.
-
-        `example`: (input, output) of the model for one example, for its signature and input
-        example.
-        """
+    @contextlib.contextmanager
+    def results(self, model: keras.Model):
+        """The block that logs a run's results: the queued epochs are sent first (waiting for a
+        store that restarts), and a store that does not answer raises TrackingError after saving
+        the model in the run's folder, with a line saying how to send it all later (--resume)."""
         try:
             with self.timed():
                 unsent = self.close(SEND_REQUESTS * MLFLOW_HTTP_REQUEST_TIMEOUT.get())
@@ -106,15 +110,7 @@ class TrackedRun:
                     raise store.TrackingError(
                         f"{unsent} epochs unsent: {cli.first_line(self.outbox.last_error)}"
                     )
-                logged = MlflowClient().get_run(self.info.run_id).data.metrics
-                mlflow.log_metrics({k: v for k, v in results.items() if k not in logged})
-                mlflow.log_text(model.to_json(indent=2), "model_config.json")
-                for name, figure in figures.items():
-                    mlflow.log_figure(figure, name)
-                for name, table in (tables or {}).items():
-                    mlflow.log_dict(table, name)
-                info = log_keras_model(model, example, registered_name)
-                mlflow.set_tag("model_uri", info.model_uri)
+                yield
         except STORE_ERRORS as error:
             self.unreachable = True
             os.makedirs(self.folder, exist_ok=True)
@@ -125,7 +121,12 @@ class TrackedRun:
                 f"({cli.first_line(error)}): the model is saved in {path} and the run's "
                 f"metrics in {self.folder}; send them with: {_resume_command(self.info.run_id)}"
             ) from None
-        return info
+
+    def not_logged(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The metrics the run lacks: a resumed run whose results were partly logged before the
+        store went away logs the rest, and nothing twice."""
+        logged = MlflowClient().get_run(self.info.run_id).data.metrics
+        return {key: value for key, value in metrics.items() if key not in logged}
 
 
 def _resume_command(run_id):
@@ -137,10 +138,10 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
-    """Start a run in `experiment` (or continue `run_id`), log `params` and the JSON `artifacts`
-    ({name: document}), yield a TrackedRun whose folder is `folder`/<run id>; end with FINISHED,
-    FAILED or KILLED."""
+def tracked_run(experiment, run_name, folder, run_id=None):
+    """Start a run in `experiment` (or continue `run_id`) and yield a TrackedRun whose folder is
+    `folder`/<run id>; end it FINISHED, FAILED or KILLED. A store error inside the block (MLflow's
+    many kinds) becomes one line: a TrackingError."""
     uri = mlflow.get_tracking_uri()
     start = time.perf_counter()
     try:
@@ -161,18 +162,21 @@ def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
     previous_handlers = {s: signal.signal(s, _interrupt) for s in handled}
     status = "FAILED"
     try:
-        if run_id is None:
-            try:
-                mlflow.log_params(params)
-                for name, document in artifacts.items():
-                    mlflow.log_dict(document, name)
-            except STORE_ERRORS as error:
-                raise store.TrackingError(
-                    f"cannot write the run's artifacts to {run.info.artifact_uri}: "
-                    f"{cli.first_line(error)}"
-                ) from None
         tracked.seconds += time.perf_counter() - start
-        yield tracked
+        try:
+            yield tracked
+        except OSError as error:  # a file of the run's artifacts: say where they go
+            artifacts, path = run.info.artifact_uri.removeprefix("file://"), error.filename
+            if not (path and (artifacts.startswith(str(path)) or str(path).startswith(artifacts))):
+                raise
+            raise store.TrackingError(
+                f"cannot write the run's artifacts to {run.info.artifact_uri}: "
+                f"{cli.first_line(error)}"
+            ) from None
+        except (MlflowException, requests.RequestException) as error:
+            raise store.TrackingError(
+                f"the tracking store {uri} refused a write: {cli.first_line(error)}"
+            ) from None
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -202,6 +206,33 @@ def tracked_run(experiment, run_name, params, artifacts, folder, run_id=None):
                     f"the run could not be ended in {uri} ({cli.first_line(error)}); "
                     f"end it with: {_resume_command(run.info.run_id)}"
                 ) from None
+
+
+def dataset(description: dict, splits: dict, seed: int):
+    """The data of a run as an MLflow dataset, for `mlflow.log_input`: named after its source
+    ("synthetic-2d seed 42", a folder's name, "mni-wm"), its digest the content hash of the examples
+    (data.describe's `data_hash`: same digest, same data), its source the folder or the generator.
+
+    Args:
+        description: data.describe's params (data_source, data_hash, ...).
+        splits: the examples as the network sees them: {"train": (images, masks), "val": ...}.
+        seed: the seed of synthetic data.
+    """
+    images = np.concatenate([images for images, _ in splits.values()])
+    masks = np.concatenate([masks for _, masks in splits.values()])
+    source = description["data_source"]
+    if os.path.isdir(source):
+        name, where = os.path.basename(os.path.abspath(source)), os.path.abspath(source)
+    else:  # generated (synthetic-2d, synthetic-3d) or built in (mni-wm)
+        synthetic = source.startswith("synthetic")
+        name = f"{source} seed {seed}" if synthetic else source
+        where = CodeDatasetSource({"data": source, **({"seed": str(seed)} if synthetic else {})})
+    # A local path matches two registered source types that are one: MLflow warns, and picks it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_numpy(
+            images, targets=masks, name=name, source=where, digest=description["data_hash"]
+        )
 
 
 class EpochLogger(keras.callbacks.Callback):

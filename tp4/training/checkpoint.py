@@ -28,6 +28,8 @@ import time
 import keras
 import numpy as np
 
+from tp4.distributed import multiworker
+
 FILE = "checkpoint.npz"
 # Keras's fit opens two iterators of the training set per epoch: one when the epoch starts, and one
 # when it ends, which the next epoch's start replaces unused (keras/src/trainers/epoch_iterator.py).
@@ -84,9 +86,23 @@ class Checkpoint(keras.callbacks.Callback):
         """Whether training is over: early stopping said so, or `epochs` are done."""
         return self.state["stopped"] or self.epoch >= epochs
 
+    def last_epoch(self, epochs: int) -> int:
+        """fit's `epochs`: --epochs, or the epochs done when training is over (fit then only builds
+        the model's steps, and the run goes on to its evaluation)."""
+        return self.epoch if self.finished(epochs) else epochs
+
     def restore(self, model: keras.Model, train_set, epochs: int) -> None:
         """Put the saved weights and optimizer state back into `model` and, unless training is
-        over, draw the done epochs' data orders from `train_set`."""
+        over, draw the done epochs' data orders from `train_set`; say where training starts."""
+        multiworker.share_checkpoint(
+            model.distribute_strategy, self
+        )  # the chief's, on every worker
+        if not self.finished(epochs):
+            if self.epoch:
+                print(f"resuming after epoch {self.epoch} (its checkpoint), up to {epochs}")
+            else:
+                plural = "s" if epochs > 1 else ""
+                print(f"training: up to {epochs} epoch{plural} (the first also builds the steps)")
         if not self.epoch:
             return
         model.set_weights(self._arrays("weights"))

@@ -25,8 +25,13 @@ class Diverged(ValueError):
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Raises Diverged as soon as the loss or the weights show that training has blown up. Put it
+    """Raises Diverged as soon as the loss or the weights show that training has blown up, after
+    deleting the run's checkpoint (`checkpoint.remove()`: resumed, it would diverge again). Put it
     first among the callbacks: nothing else sees the diverged epoch."""
+
+    def __init__(self, checkpoint=None):
+        super().__init__()
+        self.checkpoint = checkpoint
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1
@@ -44,4 +49,6 @@ class DivergenceGuard(keras.callbacks.Callback):
             self._stop("weights not finite")
 
     def _stop(self, what):
+        if self.checkpoint is not None:
+            self.checkpoint.remove()
         raise Diverged(f"{DIVERGED} at epoch {self.epoch} ({what}); try a lower --lr")

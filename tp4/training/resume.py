@@ -9,8 +9,7 @@ The configuration is the run's own: the config.json it logged when it started. A
 (checkpoint.py); the resumed run logs the epochs the store lacks, trains on, and ends FINISHED.
 """
 
-import argparse
-import copy
+import dataclasses
 import json
 import os
 
@@ -18,55 +17,38 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tp4 import cli
-from tp4.training import checkpoint, divergence
+from tp4.training import checkpoint, config, divergence
 
-NEWEST = "newest"  # --resume without a run id
 PLACE_FLAGS = {"resume", "experiment", "checkpoint_dir"}  # where and which, not what is computed
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--resume [RUN_ID] and --checkpoint-dir, shared by train.py and conv3d.py."""
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=NEWEST,
-        metavar="RUN_ID",
-        help="continue an interrupted run from its checkpoint, with the run's configuration: "
-        "RUN_ID, or the newest unfinished run of --experiment",
-    )
-    parser.add_argument(
-        "--checkpoint-dir",
-        default="checkpoints",
-        help="where each run keeps its checkpoint: DIR/<run id>/, removed when the run finishes",
-    )
-
-
-def configuration(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]
-) -> argparse.Namespace:
+def configuration(given, command_line, argv: list[str]):
     """The configuration of the run to continue, with `resume` set to its run id.
 
     Args:
-        args: the parsed command line (`resume` set); `argv` is that command line.
-        parser: the script's parser, for its defaults and to tell which flags were given.
+        given: the configuration of the command line (`resume` set: a run id or config.NEWEST).
+        command_line: the script's parser, to tell which flags `argv` gives.
+        argv: the command line.
+
+    Returns:
+        The run's logged configuration (its config.json), of the same class as `given`.
 
     Raises:
         ValueError: no run to resume, or a given flag would change its configuration.
     """
     client = MlflowClient()
-    if args.resume == NEWEST:
-        run = _newest(client, args.experiment)
+    if given.resume == config.NEWEST:
+        run = _newest(client, given.experiment)
     else:
         try:
-            run = client.get_run(args.resume)
+            run = client.get_run(given.resume)
         except MlflowException as error:
-            raise ValueError(f"no run {args.resume} in the tracking store: {error}") from None
+            raise ValueError(f"no run {given.resume} in the tracking store: {error}") from None
     run_id = run.info.run_id
     reason = _not_resumable(run)
     if reason:
         raise ValueError(f"run {run_id} cannot be resumed: {reason}")
-    folder = os.path.join(args.checkpoint_dir, run_id)
+    folder = os.path.join(given.checkpoint_dir, run_id)
     if not os.path.exists(os.path.join(folder, checkpoint.FILE)) and client.get_metric_history(
         run_id, "loss"
     ):
@@ -74,24 +56,21 @@ def configuration(
             f"run {run_id} has no checkpoint in {folder} (it ran on {run.data.tags.get('host')})"
         )
     try:
-        config = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
+        logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
     except Exception as error:
         raise ValueError(f"run {run_id} has no readable config.json: {error}") from None
-    defaults = vars(parser.parse_args([]))
     changed = [
-        f"--{name.replace('_', '-')} {getattr(args, name)} (the run has {config.get(name)})"
-        for name in sorted(_given(parser, argv, defaults) - PLACE_FLAGS)
-        if json.loads(json.dumps(getattr(args, name))) != config.get(name)
+        f"--{name.replace('_', '-')} {getattr(given, name)} (the run has {logged.get(name)})"
+        for name in sorted(config.given(command_line, argv) - PLACE_FLAGS)
+        if json.loads(json.dumps(getattr(given, name))) != logged.get(name)
     ]
     if changed:
         raise ValueError(
             f"--resume continues run {run_id} as it was configured: {', '.join(changed)} would "
             "change it"
         )
-    config = cli.from_json(config, defaults)
-    return argparse.Namespace(
-        **{**defaults, **config, "resume": run_id, "checkpoint_dir": args.checkpoint_dir}
-    )
+    resumed = type(given).from_json(logged)
+    return dataclasses.replace(resumed, resume=run_id, checkpoint_dir=given.checkpoint_dir)
 
 
 def _newest(client, experiment):
@@ -122,9 +101,21 @@ def _not_resumable(run):
     return None
 
 
-def _given(parser, argv, defaults):
-    """The destinations of the flags given in `argv`: parsed again with every default unset."""
-    unset = object()
-    probe = copy.deepcopy(parser)
-    probe.set_defaults(**dict.fromkeys(defaults, unset))
-    return {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset}
+def check_same_data(run_id: str, description: dict) -> None:
+    """Refuse to resume run `run_id` on other data than it started with: its logged data_hash (the
+    content of every example, as the network sees it) and data_count against `description`'s.
+
+    Raises:
+        ValueError: one line, naming what changed.
+    """
+    logged = MlflowClient().get_run(run_id).data.params
+    keys = ("data_hash", "data_count")
+    if all(logged.get(key) in (None, str(description[key])) for key in keys):
+        return
+    raise ValueError(
+        f"run {run_id} trained on {logged.get('data_count')} examples of "
+        f"{logged.get('data_source')} "
+        f"(data_hash {logged.get('data_hash')}); they are now {description['data_count']} "
+        f"(data_hash {description['data_hash']}): files changed since, so it cannot be resumed; "
+        "start a new run"
+    )

@@ -4,6 +4,7 @@ The runs with 2 logical CPU devices are processes of their own: TensorFlow split
 starts its devices, which this test process has long done. Multi-worker: tests/test_multiworker.py.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -110,8 +111,8 @@ CLUSTER = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
 )
 def test_the_chief_is_tensorflows(cluster, task, chief, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
-    assert multiworker.is_chief(train.parse_args(_argv("multiworker"))[0]) is chief
-    assert multiworker.is_chief(train.parse_args([])[0])  # without a strategy, always
+    assert multiworker.is_chief(train.parse_args(_argv("multiworker"))) is chief
+    assert multiworker.is_chief(train.parse_args([]))  # without a strategy, always
 
 
 @pytest.mark.parametrize(
@@ -139,10 +140,10 @@ def test_a_wrong_tf_config_is_one_clear_error(tf_config, message, monkeypatch, s
 
 
 def test_epochs_are_made_of_full_global_batches():
-    args = train.parse_args(["--batch-size", "8", "--precision", "float32", "--xla", "off"])[0]
-    two = recipe.choose_speed(distribute.with_replicas(args), None)  # no strategy: 1 replica
-    assert two.replicas == 1 and recipe.epoch_size(140, two) == (18, 140)
-    two.replicas = 2
+    args = train.parse_args(["--batch-size", "8", "--precision", "float32", "--xla", "off"])
+    one = recipe.choose_speed(args, None)  # no strategy: 1 replica
+    assert one.replicas == 1 and recipe.epoch_size(140, one) == (18, 140)
+    two = dataclasses.replace(one, replicas=2)
     assert distribute.global_batch(two) == 16
     assert recipe.epoch_size(140, two) == (8, 128)  # 140 = 8 x 16 + 12
     with pytest.raises(ValueError, match="--batch-size 8 x 2 replicas is larger than the 15"):
@@ -151,8 +152,7 @@ def test_epochs_are_made_of_full_global_batches():
 
 
 def test_a_resumed_run_keeps_its_number_of_replicas():
-    args = train.parse_args([])[0]
-    args.resume, args.replicas = "abc", 2
+    args = dataclasses.replace(train.parse_args([]), resume="abc", replicas=2)
     with pytest.raises(ValueError, match="run abc trained on 2 replicas and would continue on 1"):
         distribute.with_replicas(args)
 

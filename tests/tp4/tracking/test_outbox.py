@@ -116,7 +116,7 @@ def test_training_survives_a_server_blip_and_uploads_later_when_it_never_came_ba
         processes.append(_train(server, 10, ["--resume", run_id]))
         output = processes[-1].communicate(timeout=120)[0]
         assert processes[-1].returncode == 0, output[-3000:]
-        assert f"run {run_id} (UNet_CombinedLoss_Adam_32x32) ended without a word" in output
+        assert f"run {run_id} (UNet_CombinedLoss_Adam) ended without a word" in output
         assert _check_complete(client, "gone").info.run_id == run_id
     finally:
         for process in processes:

@@ -51,7 +51,7 @@ def test_a_run_killed_with_sigkill_resumes_as_the_same_run_and_ends_as_if_never_
     train.main(["--resume", "--experiment", "killed"])
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"run {killed.info.run_id} (UNet_CombinedLoss_Adam_32x32) ended without a word "
+        f"run {killed.info.run_id} (UNet_CombinedLoss_Adam) ended without a word "
         f"(process {process.pid} is gone): marked KILLED; continue it with: "
         f"python train.py --resume {killed.info.run_id}"
     ]
@@ -88,17 +88,16 @@ def test_sighup_marks_the_run_killed(store):
 
 def _crafted_run(experiment, argv, status, tags=None):
     """A run as train.py starts one (params skipped), ended with `status`; no training."""
-    args = train.parse_args(argv + ["--experiment", experiment])[0]
+    args = train.parse_args(argv + ["--experiment", experiment])
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="crafted", tags=tags) as run:
-        mlflow.log_dict(vars(args), "config.json")
+        mlflow.log_dict(args.to_json(), "config.json")
     mlflow.MlflowClient().set_terminated(run.info.run_id, status)
-    return run.info.run_id, vars(args)
+    return run.info.run_id, args.to_json()
 
 
 def _configuration(argv):
-    args, parser = train.parse_args(argv)
-    return resume.configuration(args, parser, argv)
+    return resume.configuration(train.parse_args(argv), train.command_line(), argv)
 
 
 def test_resume_alone_takes_the_newest_interrupted_run_and_its_configuration(store):
@@ -169,7 +168,7 @@ def test_conv3d_resumes_its_3d_run_and_its_2d_slices_run(store, monkeypatch):
         patch.setattr(runs.EpochLogger, "on_epoch_end", interrupt_after_one_epoch)
         for train_one in (conv3d.train3d, conv3d.train_on_slices):
             with pytest.raises(KeyboardInterrupt):
-                train_one(conv3d.parse_args(argv)[0])
+                train_one(conv3d.parse_args(argv))
     killed = store.search_runs([store.get_experiment_by_name("tp4-conv3d").experiment_id])
     assert sorted(r.info.status for r in killed) == ["KILLED", "KILLED"]
     for run in killed:
