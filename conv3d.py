@@ -188,24 +188,28 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
     with speed.policy_scope(config.precision), distribute.strategy(config).scope():
         model = build(config, recipe.prior_bias(config, y_train))
         model.compile(
-            optimizer=recipe.optimizer(config, len(x_train)),
             loss=losses.get_loss(config.loss),
-            metrics=losses.overlap_metrics(model),
+            optimizer=recipe.optimizer(config, len(x_train)),
             jit_compile=config.xla,
+            metrics=losses.overlap_metrics(model),
         )
     kind = "Baseline" if config.precision == "float32" else "MixedPrecision"
     name = config.run_name or ("UNet2D_Slices" if config.slices else f"Conv3D_{kind}")
     unit = "slices" if config.slices else "volumes"
+    split = "/".join(str(len(x)) for x, _ in splits.values())
+    shape = "x".join(map(str, x_train.shape[1:]))
     print(
-        f"\n{name}: {len(x_train)}/{len(splits['val'][0])}/{len(x_test)} train/val/test {unit} of "
-        f"{'x'.join(map(str, x_train.shape[1:]))}, foreground {y_train.mean():.1%} of voxels, "
-        f"{model.count_params():,} parameters, batch {config.batch_size}, {config.precision}, "
-        f"XLA {'on' if config.xla else 'off'}{distribute.describe(config)}"
+        f"\n{name}: {split} train/val/test {unit} of {shape}, {model.count_params():,} parameters"
     )
+    xla = "on" if config.xla else "off"
+    speed_line = f"batch {config.batch_size}, {config.precision}, XLA {xla}"
+    print(f"  foreground {y_train.mean():.1%} of voxels, {speed_line}{distribute.describe(config)}")
 
-    if config.resume:  # on the data it started with, or not at all
-        resume.check_same_data(config.resume, description)
-    with runs.tracked_run(config.experiment, name, config.checkpoint_dir, config.resume) as run:
+    # The MLflow run: it ends FINISHED, FAILED or KILLED, never left RUNNING.
+
+    with runs.tracked_run(
+        config.experiment, name, config.checkpoint_dir, config.resume, data=description
+    ) as run:
         if not config.resume:  # a resumed run logged them when it started
             architecture = {"architecture": "UNet2D on slices"} if config.slices else {}
             mlflow.log_params({**unet.describe(model), **architecture, **recipe.params(config)})
@@ -225,7 +229,6 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
         stopping = recipe.stopping(config)
         saved = checkpoint.Checkpoint(run.folder, stopping)
         saved.restore(model, train_set, config.epochs)
-        run.log_missing_epochs(saved.history)
         per_epoch = recipe.epoch_size(len(x_train), config)[1]
         logger = runs.EpochLogger(
             run, saved, per_epoch, config.epochs, "img" if config.slices else "vol"
@@ -234,12 +237,12 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
         guard = divergence.DivergenceGuard(saved)
         model.fit(
             train_set,
-            validation_data=val_set,
-            initial_epoch=saved.epoch,
             epochs=saved.last_epoch(config.epochs),
+            initial_epoch=saved.epoch,
             callbacks=[*validation, guard, *stopping, saved, logger],
-            shuffle=False,  # the pipeline shuffles, from the seed
+            validation_data=val_set,
             verbose=0,
+            shuffle=False,  # the pipeline shuffles, from the seed
         )
 
         # Evaluation on the test volumes (or slices), never seen by early stopping; then logging.
@@ -249,26 +252,19 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
         results.update(recipe.fit_results(saved.history, saved.state["fit_seconds"]))
         draw = figures.prediction_figure if config.slices else figures.orthogonal_slices_figure
         with run.results(model):
+            mlflow.log_dict(table, "test_cases.json")
             mlflow.log_metrics(run.not_logged(results))
+            mlflow.log_figure(draw(x_test, y_test, probabilities), "test_predictions.png")
             curves = figures.training_curves(saved.history, results["best_epoch"])
             mlflow.log_figure(curves, "training_curves.png")
-            mlflow.log_figure(draw(x_test, y_test, probabilities), "test_predictions.png")
-            mlflow.log_dict(table, "test_cases.json")
             mlflow.log_text(model.to_json(indent=2), "model_config.json")
             logged_model = runs.log_keras_model(
                 model, (x_test[:1], probabilities[:1]), config.register
             )
-    saved.remove()  # the run is FINISHED: all of it is in MLflow
     if config.save_model:
         cli.save_model(model, config.save_model)
     recipe.print_results(name, results, len(x_test), config.nsd_tolerance)
-    where = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
-    return {
-        **results,
-        **where,
-        "model_uri": logged_model.model_uri,
-        "tracking_seconds": run.seconds,
-    }
+    return {**results, **run.location(logged_model)}
 
 
 def print_tables(config: Config) -> list | None:

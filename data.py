@@ -380,16 +380,22 @@ def samples_figure(images, masks, foreground) -> Figure:
 
 def main():
     parser = argparse.ArgumentParser(
-        prog="data.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = parser.add_argument
-    add("--n-images", type=int, default=200, help="number of synthetic scans (3 at least)")
-    add("--image-size", type=int, default=128, help="height and width in pixels (8 at least)")
-    add("--foreground", type=float, default=FOREGROUND, help="mean lesion fraction of the pixels")
-    add("--seed", type=int, default=42, help="random seed (train.py's: the main job's data)")
-    add(
+    parser.add_argument(
+        "--n-images", type=int, default=200, help="number of synthetic scans (3 at least)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=128, help="height and width in pixels (8 at least)"
+    )
+    parser.add_argument(
+        "--foreground", type=float, default=FOREGROUND, help="mean lesion fraction of the pixels"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=42, help="random seed (train.py's: the main job's data)"
+    )
+    parser.add_argument(
         "--save",
         metavar="PNG",
         help="save a figure of a few images with their mask contours (folders made as needed; "

@@ -2,8 +2,9 @@
 
 What this script teaches: results are queried from the tracking store, never copied by hand. Each
 table row is one finished run (a failed, killed or still running run has no result to show: --all
-lists them too, with their status); the columns are the params that distinguish the runs and their
-final test metrics. Without arguments: the experiments in the store and how many runs each holds.
+lists them too, with their status); the columns are its name, the data it trained on (its MLflow
+dataset), the params that distinguish the runs and their final test metrics. Without arguments:
+the experiments in the store and how many runs each holds.
 
     python report.py                                # the experiments and their run counts
     python report.py tp4-unet                       # the finished runs of train.py's experiment
@@ -76,10 +77,10 @@ def runs_table(experiment, params=(), metrics=METRICS, sort="test_dice", all_run
             f"experiment {experiment!r} has no "
             + ("run" if all_runs else "finished run (--all lists the others)")
         )
-    header = ["run", *(["status"] if all_runs else []), *params, *metrics]
+    header = ["run", "dataset", *(["status"] if all_runs else []), *params, *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        cells = [run.info.run_name] + ([run.info.status] if all_runs else [])
+        cells = [run.info.run_name, _datasets(run)] + ([run.info.status] if all_runs else [])
         cells += [run.data.params.get(p, "") for p in params]
         cells += [_format(name, run.data.metrics.get(name)) for name in metrics]
         lines.append("| " + " | ".join(cells) + " |")
@@ -126,6 +127,13 @@ def cases_table(run_id):
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _datasets(run):
+    """The names of the datasets a run logged (mlflow.log_input): what it trained on."""
+    return (
+        ", ".join(entry.dataset.name for entry in run.inputs.dataset_inputs) if run.inputs else ""
+    )
 
 
 def _items(text):

@@ -200,9 +200,9 @@ def train(config: Config) -> dict:
     )
 
     # The MLflow run: it ends FINISHED, FAILED or KILLED, never left RUNNING.
-    if config.resume:  # on the data it started with, or not at all
-        resume.check_same_data(config.resume, description)
-    with runs.tracked_run(config.experiment, name, config.checkpoint_dir, config.resume) as run:
+    with runs.tracked_run(
+        config.experiment, name, config.checkpoint_dir, config.resume, data=description
+    ) as run:
         if not config.resume:  # a resumed run logged them when it started
             classes = {"num_classes": config.num_classes, "output_bias": config.output_bias}
             mlflow.log_params({**unet.describe(model), **classes, **recipe.params(config)})
@@ -218,7 +218,6 @@ def train(config: Config) -> dict:
         stopping = recipe.stopping(config)
         saved = checkpoint.Checkpoint(run.folder, stopping)
         saved.restore(model, train_set, config.epochs)
-        run.log_missing_epochs(saved.history)
         examples_per_epoch = recipe.epoch_size(len(x_train), config)[1]
         model.fit(
             train_set,
@@ -253,17 +252,10 @@ def train(config: Config) -> dict:
             mlflow.log_text(model.to_json(indent=2), "model_config.json")
             example = (x_test[:1], probabilities[:1])
             logged_model = runs.log_keras_model(model, example, config.register)
-    saved.remove()  # the run is FINISHED: all of it is in MLflow
     if config.save_model:
         cli.save_model(model, config.save_model)
     recipe.print_results(name, results, len(x_test), config.nsd_tolerance)
-    where = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
-    return {
-        **results,
-        **where,
-        "model_uri": logged_model.model_uri,
-        "tracking_seconds": run.seconds,
-    }
+    return {**results, **run.location(logged_model)}
 
 
 def run_grid(config: Config) -> None:

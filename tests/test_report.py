@@ -1,6 +1,8 @@
 """report.py: tables come from the MLflow store; marked tables in Markdown are regenerated."""
 
 import mlflow
+import mlflow.data
+import numpy as np
 import pytest
 
 import report
@@ -8,12 +10,17 @@ import report
 
 @pytest.fixture()
 def demo_runs(store, tmp_path):
-    """Experiment "demo" in the store: two finished runs and a failed one. Returns its folder."""
+    """Experiment "demo" in the store: two finished runs (b on a logged dataset) and a failed one.
+    Returns its folder."""
     mlflow.set_experiment("demo")
+    images = np.zeros((2, 4, 4, 1), np.float32)
     for name, loss, dice in (("a", "DiceLoss", 0.8), ("b", "BCELoss", 0.9)):
         with mlflow.start_run(run_name=name):
             mlflow.log_params({"loss": loss})
             mlflow.log_metrics({"test_dice": dice, "best_epoch": 7})
+            if name == "b":
+                scans = mlflow.data.from_numpy(images, name="scans", source=str(tmp_path))
+                mlflow.log_input(scans, context="training")
     with mlflow.start_run(run_name="crashed"):
         mlflow.log_metrics({"test_dice": 0.99})
         mlflow.end_run("FAILED")
@@ -23,10 +30,10 @@ def demo_runs(store, tmp_path):
 def test_table_lists_finished_runs_best_first(demo_runs):
     table = report.runs_table("demo", ["loss"], ["test_dice", "best_epoch"])
     assert table.splitlines() == [
-        "| run | loss | test_dice | best_epoch |",
-        "|---|---|---|---|",
-        "| b | BCELoss | 0.900 | 7 |",
-        "| a | DiceLoss | 0.800 | 7 |",
+        "| run | dataset | loss | test_dice | best_epoch |",
+        "|---|---|---|---|---|",
+        "| b | scans | BCELoss | 0.900 | 7 |",
+        "| a |  | DiceLoss | 0.800 | 7 |",
     ]
     with pytest.raises(ValueError, match="no experiment 'nope'"):
         report.runs_table("nope")
@@ -39,8 +46,8 @@ def test_update_regenerates_marked_tables_and_leaves_the_rest(demo_runs):
     assert report.update_file(path) == 1
     assert path.read_text() == (
         "intro\n<!-- report.py demo --params loss --metrics test_dice -->\n"
-        "| run | loss | test_dice |\n|---|---|---|\n| b | BCELoss | 0.900 |\n"
-        "| a | DiceLoss | 0.800 |\n<!-- end report -->\nend\n"
+        "| run | dataset | loss | test_dice |\n|---|---|---|---|\n| b | scans | BCELoss | 0.900 |\n"
+        "| a |  | DiceLoss | 0.800 |\n<!-- end report -->\nend\n"
     )
 
 
@@ -57,11 +64,11 @@ def test_update_with_an_unknown_experiment_leaves_the_file_untouched(demo_runs):
 def test_all_shows_every_status_in_a_status_column(demo_runs):
     table = report.runs_table("demo", metrics=["test_dice"], all_runs=True)
     assert table.splitlines() == [
-        "| run | status | test_dice |",
-        "|---|---|---|",
-        "| crashed | FAILED | 0.990 |",
-        "| b | FINISHED | 0.900 |",
-        "| a | FINISHED | 0.800 |",
+        "| run | dataset | status | test_dice |",
+        "|---|---|---|---|",
+        "| crashed |  | FAILED | 0.990 |",
+        "| b | scans | FINISHED | 0.900 |",
+        "| a |  | FINISHED | 0.800 |",
     ]
 
 

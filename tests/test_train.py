@@ -1,6 +1,7 @@
 """train.py end to end on a tiny configuration, checked in MLflow with MlflowClient."""
 
 import mlflow
+import mlflow.keras
 import numpy as np
 import pytest
 from helpers import TINY
@@ -24,7 +25,8 @@ def _only_run(client):
 
 @pytest.mark.slow
 def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(store):
-    results, model = train.train(train.parse_args(TINY + ["--loss", "dice", "--optimizer", "sgd"]))
+    results = train.train(train.parse_args(TINY + ["--loss", "dice", "--optimizer", "sgd"]))
+    model = mlflow.keras.load_model(results["model_uri"])
     run = _only_run(store)
     assert run.info.run_name == "UNet_DiceLoss_SGD" and run.info.status == "FINISHED"
     p = run.data.params
@@ -38,6 +40,9 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
     assert (p["data_split"], p["data_shape"], p["seed"]) == ("28/6/6", "32x32x1", "1")
     images, masks = data.make_synthetic_2d(40, 32, seed=1, foreground=0.1)
     assert p["data_hash"] == data.content_hash(images, masks)
+    (logged,) = mlflow.get_run(run.info.run_id).inputs.dataset_inputs  # the runs table's Dataset
+    assert (logged.dataset.name, logged.dataset.digest) == ("synthetic-2d seed 1", p["data_hash"])
+    assert [tag.value for tag in logged.tags] == ["training"]
 
     epochs = results["epochs_run"]
     for key in (
@@ -118,7 +123,8 @@ def test_a_three_class_run_logs_per_class_metrics_and_learns(store):
         "12",
     ]
     args = train.parse_args(TINY + extra)
-    results, model = train.train(args)
+    results = train.train(args)
+    model = mlflow.keras.load_model(results["model_uri"])
     run = _only_run(store)
     assert model.output_shape == (None, 32, 32, 3) and run.data.params["num_classes"] == "3"
     logged = run.data.metrics

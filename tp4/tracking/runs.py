@@ -23,6 +23,7 @@ MLFLOW_TRACKING_URI says otherwise (store.py makes it ready).
 
 import contextlib
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -122,11 +123,35 @@ class TrackedRun:
                 f"metrics in {self.folder}; send them with: {_resume_command(self.info.run_id)}"
             ) from None
 
+    def location(self, model_info) -> dict[str, object]:
+        """Where the run is: run_id, experiment_id, model_uri (of `model_info`, log_keras_model's),
+        and tracking_seconds (the time the training waited on MLflow)."""
+        return {
+            "run_id": self.info.run_id,
+            "experiment_id": self.info.experiment_id,
+            "model_uri": model_info.model_uri,
+            "tracking_seconds": self.seconds,
+        }
+
     def not_logged(self, metrics: dict[str, float]) -> dict[str, float]:
         """The metrics the run lacks: a resumed run whose results were partly logged before the
         store went away logs the rest, and nothing twice."""
         logged = MlflowClient().get_run(self.info.run_id).data.metrics
         return {key: value for key, value in metrics.items() if key not in logged}
+
+
+def _refuse_other_data(run_id: str, description: dict) -> None:
+    """ValueError (one line) unless run `run_id` logged the data_hash and data_count of
+    `description`: the content of every example as the network sees it, and their number."""
+    logged = MlflowClient().get_run(run_id).data.params
+    if all(logged.get(key) in (None, str(description[key])) for key in ("data_hash", "data_count")):
+        return
+    raise ValueError(
+        f"run {run_id} trained on {logged.get('data_count')} examples of "
+        f"{logged.get('data_source')} (data_hash {logged.get('data_hash')}); they are now "
+        f"{description['data_count']} (data_hash {description['data_hash']}): files changed "
+        "since, so it cannot be resumed; start a new run"
+    )
 
 
 def _resume_command(run_id):
@@ -138,11 +163,14 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def tracked_run(experiment, run_name, folder, run_id=None):
-    """Start a run in `experiment` (or continue `run_id`) and yield a TrackedRun whose folder is
-    `folder`/<run id>; end it FINISHED, FAILED or KILLED. A store error inside the block (MLflow's
-    many kinds) becomes one line: a TrackingError."""
+def tracked_run(experiment, run_name, folder, run_id=None, data=None):
+    """Start a run in `experiment` (or continue `run_id`, on the same `data` as it started with:
+    data.describe's params) and yield a TrackedRun whose folder is `folder`/<run id>, removed once
+    the run is FINISHED; end it FINISHED, FAILED or KILLED. A store error inside the block
+    (MLflow's many kinds) becomes one line: a TrackingError."""
     uri = mlflow.get_tracking_uri()
+    if run_id and data:
+        _refuse_other_data(run_id, data)
     start = time.perf_counter()
     try:
         experiment_id = mlflow.set_experiment(experiment).experiment_id
@@ -200,6 +228,10 @@ def tracked_run(experiment, run_name, folder, run_id=None):
             if status == "FINISHED":
                 mlflow.log_metric("tracking_seconds", tracked.seconds)
             mlflow.end_run(status)
+            if status == "FINISHED":  # all of it is in MLflow: the checkpoint has done its work
+                shutil.rmtree(tracked.folder, ignore_errors=True)
+                with contextlib.suppress(OSError):  # and --checkpoint-dir too, once empty
+                    os.rmdir(folder)
         except STORE_ERRORS as error:
             if status == "FINISHED":  # else the run's own error says more
                 raise store.TrackingError(
@@ -249,6 +281,9 @@ class EpochLogger(keras.callbacks.Callback):
         self.run, self.checkpoint = run, checkpoint
         self.n_train, self.epochs, self.unit = n_train, epochs, unit
         self.durations = []  # of this process's epochs, for the time left
+
+    def on_train_begin(self, logs=None):
+        self.run.log_missing_epochs(self.checkpoint.history)  # those a kill kept from the store
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start, self.train_end = time.perf_counter(), None

@@ -99,23 +99,3 @@ def _not_resumable(run):
     if tags.get("failure", "").startswith(divergence.DIVERGED):
         return "it diverged: start a new run, with a lower --lr"
     return None
-
-
-def check_same_data(run_id: str, description: dict) -> None:
-    """Refuse to resume run `run_id` on other data than it started with: its logged data_hash (the
-    content of every example, as the network sees it) and data_count against `description`'s.
-
-    Raises:
-        ValueError: one line, naming what changed.
-    """
-    logged = MlflowClient().get_run(run_id).data.params
-    keys = ("data_hash", "data_count")
-    if all(logged.get(key) in (None, str(description[key])) for key in keys):
-        return
-    raise ValueError(
-        f"run {run_id} trained on {logged.get('data_count')} examples of "
-        f"{logged.get('data_source')} "
-        f"(data_hash {logged.get('data_hash')}); they are now {description['data_count']} "
-        f"(data_hash {description['data_hash']}): files changed since, so it cannot be resumed; "
-        "start a new run"
-    )

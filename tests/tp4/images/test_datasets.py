@@ -390,9 +390,7 @@ def test_mni_wm_loads_offline_as_3d_patches(offline):
 @pytest.mark.slow
 def test_train_on_an_msd_folder_logs_the_data_description(tmp_path, store):
     write_msd_folder(tmp_path / "msd", n=4)
-    results, model = train.train(
-        train.parse_args(TINY_REAL + ["--data-dir", str(tmp_path / "msd")])
-    )
+    results = train.train(train.parse_args(TINY_REAL + ["--data-dir", str(tmp_path / "msd")]))
     run = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])[0]
     assert run.info.status == "FINISHED" and 0 <= results["test_dice"] <= 1
     params = run.data.params
