@@ -321,8 +321,8 @@ def time_left(durations, epochs_left):
 
 
 def log_keras_model(model, example, registered_name=None):
-    """Log `model` in the Keras flavor, with its signature and input example; returns MLflow's
-    ModelInfo.
+    """Log `model` in the Keras flavor, with its signature and input example, and tag the run with
+    its `model_uri`; returns MLflow's ModelInfo.
 
     The public `mlflow.keras.log_model(..., input_example=...)` fails (MLflow issue #16183, still
     open in MLflow 3.17: its save_model writes the example before creating the model's folder), so
@@ -345,7 +345,7 @@ def log_keras_model(model, example, registered_name=None):
         f"tensorflow=={tf.__version__}",
         f"numpy=={np.__version__}",
     ]
-    return Model.log(
+    info = Model.log(
         artifact_path=None,
         name="model",
         flavor=flavor,
@@ -356,3 +356,5 @@ def log_keras_model(model, example, registered_name=None):
         registered_model_name=registered_name,
         validate_serving_input=False,
     )
+    mlflow.set_tag("model_uri", info.model_uri)  # the run's page names its model
+    return info
