@@ -218,10 +218,7 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
             resolved = dataclasses.replace(
                 config, lr=recipe.peak_learning_rate(config), run_name=name
             )
-            for document, artifact in (
-                (resolved.to_json(), "config.json"),
-                *(tables or {}).items(),
-            ):
+            for artifact, document in {"config.json": resolved.to_json(), **(tables or {})}.items():
                 mlflow.log_dict(document, artifact)
 
         # Training, with a checkpoint after every epoch: a resumed run continues from its last one.

@@ -176,7 +176,7 @@ def test_conv3d_resumes_its_3d_run_and_its_2d_slices_run(store, monkeypatch):
         resumed = store.get_run(run.info.run_id)
         assert resumed.info.status == "FINISHED"
         assert [m.step for m in store.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
-    assert {store.get_run(r.info.run_id).data.params["architecture"] for r in runs} == {
+    assert {store.get_run(r.info.run_id).data.params["architecture"] for r in killed} == {
         "UNet3D",
         "UNet2D on slices",
     }
