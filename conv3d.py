@@ -207,9 +207,10 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
 
     # The MLflow run: it ends FINISHED, FAILED or KILLED, never left RUNNING.
 
-    with runs.tracked_run(
+    tracked = runs.tracked_run(
         config.experiment, name, config.checkpoint_dir, config.resume, data=description
-    ) as run:
+    )
+    with tracked as run, distribute.lost_workers(config):  # a lost worker: one line, run FAILED
         if not config.resume:  # a resumed run logged them when it started
             architecture = {"architecture": "UNet2D on slices"} if config.slices else {}
             mlflow.log_params({**unet.describe(model), **architecture, **recipe.params(config)})

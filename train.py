@@ -200,9 +200,10 @@ def train(config: Config) -> dict:
     )
 
     # The MLflow run: it ends FINISHED, FAILED or KILLED, never left RUNNING.
-    with runs.tracked_run(
+    tracked = runs.tracked_run(
         config.experiment, name, config.checkpoint_dir, config.resume, data=description
-    ) as run:
+    )
+    with tracked as run, distribute.lost_workers(config):  # a lost worker: one line, run FAILED
         if not config.resume:  # a resumed run logged them when it started
             classes = {"num_classes": config.num_classes, "output_bias": config.output_bias}
             mlflow.log_params({**unet.describe(model), **classes, **recipe.params(config)})

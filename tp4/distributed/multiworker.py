@@ -124,6 +124,8 @@ def follow(config):
     scratch = tempfile.mkdtemp(prefix="tp4-worker-")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     mlflow.set_tracking_uri(f"sqlite:///{scratch}/mlflow.db")
+    # Its artifacts in the scratch folder too: by default they would go to ./mlruns.
+    mlflow.create_experiment(config.experiment, artifact_location=f"{scratch}/artifacts")
     return dataclasses.replace(
         config, resume=None, save_model=None, register=None, checkpoint_dir=scratch
     )

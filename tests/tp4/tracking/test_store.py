@@ -17,7 +17,8 @@ from tp4.tracking import store
 
 # What one train.py does with the store, without the training: open it, then one run.
 ONE_RUN = """
-import mlflow, store
+import mlflow
+from tp4.tracking import store
 store.open_store()
 mlflow.set_experiment("together")
 with mlflow.start_run():
