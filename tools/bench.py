@@ -11,11 +11,11 @@ What this script teaches:
 - `--vs-pytorch`: the same U-Net in PyTorch, on its best CPU path (bench_pytorch.py);
 - the end-to-end train.py run and the levers run in processes of their own (bench_runs.py).
 
-    python bench.py                      # the matrix for both models, then train.py end to end
-    python bench.py --only unet2d --skip-end-to-end --vs-pytorch   # the U-Net against PyTorch
-    python bench.py --levers             # each speed lever in a fresh process
-    python bench.py --paste PERFORMANCE.md   # paste the bench.json outputs its marks name
-    python bench.py --quick              # CI-size shapes: checks that the benchmark still runs
+    python -m tools.bench  # the matrix for both models, then train.py end to end
+    python -m tools.bench --only unet2d --skip-end-to-end --vs-pytorch   # the U-Net against PyTorch
+    python -m tools.bench --levers             # each speed lever in a fresh process
+    python -m tools.bench --paste PERFORMANCE.md   # paste the bench.json outputs its marks name
+    python -m tools.bench --quick  # CI-size shapes: checks that the benchmark still runs
 """
 
 import os

@@ -13,8 +13,8 @@ What this script teaches:
 PyTorch is optional, out of requirements.txt: `bench.py --vs-pytorch` runs this script where torch
 is installed (`pip install torch`, a CPU build), and prints one line otherwise.
 
-    python bench_pytorch.py                                  # 128x128, batch 8, float32 and bf16
-    python bench_pytorch.py --size 32 --filters 8 --depth 3 --batch 4 --steps 2 --repeats 2
+    python -m tools.bench_pytorch  # 128x128, batch 8, float32 and bf16
+    python -m tools.bench_pytorch --size 32 --filters 8 --depth 3 --batch 4 --steps 2 --repeats 2
 """
 
 import contextlib

@@ -9,8 +9,8 @@ What this script teaches:
 - a clean life cycle: the first start creates everything in DIR, a later start reuses it and keeps
   every run; Ctrl-C or SIGTERM stops MLflow's workers, then PostgreSQL (a fast, clean shutdown).
 
-    python tracking_server.py ~/mlflow-lab                 # http://127.0.0.1:5000, this machine
-    python tracking_server.py /srv/mlflow --host 0.0.0.0   # every address of the machine: the lab
+    python -m tools.tracking_server ~/mlflow-lab  # http://127.0.0.1:5000, this machine
+    python -m tools.tracking_server /srv/mlflow --host 0.0.0.0  # every address: the lab
 
 It prints what each client sets (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME,
 MLFLOW_TRACKING_PASSWORD) and runs until Ctrl-C or SIGTERM. DIR holds postgres/ (the database

@@ -33,8 +33,8 @@ Built-in dataset `mni-wm`: white matter (probability > 0.5) in the skull-strippe
 This module is the real-data counterpart of data.py's synthetic scans (kept apart to keep both
 readable); train.py and conv3d.py import both, predict.py replays the same preprocessing.
 
-    python datasets.py DIR --size 128          # check a folder, describe it as MLflow would log it
-    python datasets.py mni-wm --size 32 32 32  # the built-in volume, as 3D patches
+    python -m tp4.images.datasets DIR --size 128  # check a folder, as MLflow logs it
+    python -m tp4.images.datasets mni-wm --size 32 32 32  # the built-in volume, as 3D patches
 """
 
 import os

@@ -21,7 +21,7 @@ What this script teaches:
 
 Every function works on 2D (H, W[, C]) and 3D (D, H, W[, C]) arrays: the spatial axes come first.
 
-    python geometry.py      # a worked example: a 300x200 image fitted into 128x128 and back
+    python -m tp4.images.geometry  # a worked example: a 300x200 image fitted into 128x128 and back
 """
 
 import itertools

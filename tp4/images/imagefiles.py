@@ -16,7 +16,7 @@ What this script teaches:
 
 datasets.py (training data) and predict.py (new images) read files through this module only.
 
-    python imagefiles.py FILE...     # what each file holds, as the loaders see it
+    python -m tp4.images.imagefiles FILE...     # what each file holds, as the loaders see it
 """
 
 import os
