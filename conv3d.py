@@ -97,10 +97,7 @@ def command_line() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> Config:
     """The configuration of a command line; a contradiction is refused by argparse (exit 2)."""
-    parser = command_line()
-    settings = config.parse(Config, parser, argv)
-    distribute.check_arguments(parser, settings, ("xla", "slice_xla"))
-    return settings
+    return config.parse(Config, command_line(), argv, xla_flags=("xla", "slice_xla"))
 
 
 def load_volumes(config: Config):

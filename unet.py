@@ -283,7 +283,8 @@ def _batch_norm_kind(model):
 
 
 def add_arguments(parser: argparse.ArgumentParser, base_filters: int, depth: int) -> None:
-    """The U-Net's size on the command line (unet.py, train.py, conv3d.py: defaults differ)."""
+    """The U-Net's size on unet.py's command line (the training scripts have theirs in their
+    configuration)."""
     add = parser.add_argument
     add("--base-filters", type=int, default=base_filters, help="filters at the first level")
     add(

@@ -213,10 +213,11 @@ def parser(cls: type, prog: str, doc: str) -> argparse.ArgumentParser:
     return command_line
 
 
-def parse(cls: type, command_line: argparse.ArgumentParser, argv=None):
-    """The configuration of a command line, checked (what a strategy cannot take is refused)."""
+def parse(cls: type, command_line: argparse.ArgumentParser, argv=None, xla_flags=("xla",)):
+    """The configuration of a command line, checked: what a strategy cannot take is refused (XLA
+    on, for each of `xla_flags`)."""
     config = cls(**vars(command_line.parse_args(argv)))
-    distribute.check_arguments(command_line, config)
+    distribute.check_arguments(command_line, config, xla_flags)
     return config
 
 
