@@ -201,7 +201,12 @@ def train(config: Config) -> dict:
 
     # The MLflow run: it ends FINISHED, FAILED or KILLED, never left RUNNING.
     tracked = runs.tracked_run(
-        config.experiment, name, config.checkpoint_dir, config.resume, data=description
+        config.experiment,
+        name,
+        config.checkpoint_dir,
+        config.resume,
+        data=description,
+        system_metrics=not config.no_system_metrics,
     )
     with tracked as run, distribute.lost_workers(config):  # a lost worker: one line, run FAILED
         if not config.resume:  # a resumed run logged them when it started

@@ -163,11 +163,12 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def tracked_run(experiment, run_name, folder, run_id=None, data=None):
+def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_metrics=True):
     """Start a run in `experiment` (or continue `run_id`, on the same `data` as it started with:
     data.describe's params) and yield a TrackedRun whose folder is `folder`/<run id>, removed once
     the run is FINISHED; end it FINISHED, FAILED or KILLED. A store error inside the block
-    (MLflow's many kinds) becomes one line: a TrackingError."""
+    (MLflow's many kinds) becomes one line: a TrackingError. `system_metrics`: MLflow samples the
+    machine's CPU, memory, disk, network and GPU use into the run's `system/...` metrics."""
     uri = mlflow.get_tracking_uri()
     if run_id and data:
         _refuse_other_data(run_id, data)
@@ -178,7 +179,11 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None):
         # set_experiment returns it without making it active, and start_run() alone would log to
         # the Default experiment (set_experiment races: mlflow/mlflow#12259, #10334).
         run = mlflow.start_run(
-            run_id, experiment_id=experiment_id, run_name=run_name, tags=liveness.process_tags()
+            run_id,
+            experiment_id=experiment_id,
+            run_name=run_name,
+            tags=liveness.process_tags(),
+            log_system_metrics=system_metrics,
         )
     except Exception as error:  # MLflow raises many types here (HTTP, SQL, permissions)
         raise store.TrackingError(

@@ -131,6 +131,11 @@ class Recipe:
     run_name: str | None = option(
         None, "MLflow run name [default: {Architecture}_{Loss}_{Optimizer}]"
     )
+    no_system_metrics: bool = option(
+        False,
+        "do not record the machine's CPU, memory, disk, network (and GPU) use in the run's system "
+        "metrics (MLflow samples them every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, default 10)",
+    )
     register: str | None = option(
         None, "also register the model in the MLflow model registry as NAME", metavar="NAME"
     )

@@ -1,11 +1,15 @@
 """What the scripts tell a user: progress while they run, and what to do next when they are done."""
 
+import time
+
 import keras
 import mlflow
 import numpy as np
+import psutil
 import pytest
 from helpers import TINY
 
+import conv3d
 import data
 import train
 from tp4 import cli
@@ -30,12 +34,16 @@ def test_the_ui_address_opens_the_run_in_the_model_training_view():
 
 
 @pytest.mark.slow
-def test_a_run_prints_its_progress_and_what_to_do_next_and_saves_its_model(store, capsys, tmp_path):
+def test_a_run_prints_its_progress_and_what_to_do_next_and_saves_its_model(
+    store, capsys, tmp_path, monkeypatch
+):
     path = tmp_path / "unet.keras"
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     train.main(TINY + ["--epochs", "2", "--save-model", str(path)])
     out = capsys.readouterr().out.splitlines()
     run = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])[0]
     model_uri = run.data.tags["model_uri"]
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # on by default
     assert out[0] == "generating 40 synthetic 32x32 scans (seed 1)"
     assert any(line.startswith("training: up to 2 epochs") for line in out)
     epochs = [line for line in out if line.startswith("epoch ")]
@@ -68,3 +76,39 @@ def test_a_model_path_that_cannot_be_written_is_refused_before_any_run(
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.splitlines()[-1]
     assert store.search_runs([e.experiment_id for e in store.search_experiments()]) == []
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_run_records_the_machines_use_in_system_metrics_unless_told_not_to(
+    store, tmp_path, monkeypatch, on
+):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    with runs.tracked_run("sys", "run", str(tmp_path / "checkpoints"), system_metrics=on) as run:
+        time.sleep(1.0)  # about ten samples
+    metrics = store.get_run(run.info.run_id).data.metrics
+    system = {key for key in metrics if key.startswith("system/")}
+    if not on:
+        assert system == set()
+        return
+    names = {"cpu_utilization_percentage", "system_memory_usage_megabytes"}
+    assert {f"system/{name}" for name in names} <= system
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    total = psutil.virtual_memory().total / 1e6
+    assert 0 < metrics["system/system_memory_usage_megabytes"] < total
+    history = store.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(history) >= 3  # sampled along the run, one step per sample
+
+
+def test_no_system_metrics_is_a_flag_of_both_scripts_that_reaches_the_run(store, monkeypatch):
+    assert not train.parse_args([]).no_system_metrics
+    assert conv3d.parse_args(["--no-system-metrics"]).no_system_metrics
+    asked = {}
+
+    def stop_at_the_run(*args, **options):
+        asked.update(options)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "tracked_run", stop_at_the_run)
+    with pytest.raises(SystemExit):
+        train.main(TINY + ["--no-system-metrics"])
+    assert asked["system_metrics"] is False
