@@ -28,6 +28,7 @@ from scipy import ndimage
 from sklearn.metrics import f1_score, jaccard_score
 
 Spacing = float | Sequence[float] | None  # voxel size per spatial axis (one number: isotropic)
+NSD_RELATIVE_SLACK = 1e-6  # a distance within tolerance·(1 + slack) is within the tolerance
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,19 +122,36 @@ def label_map(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 # Surface distances, for one image or volume, as MONAI defines them (surface_distances says how).
 
 
-def _binary_pair(y_true, y_pred, threshold):
-    """(truth, prediction) boolean arrays of one image or volume, no trailing channel of 1."""
+def _spatial_rank(shape, spacing, spatial_dims):
+    """The number of spatial axes: `spatial_dims`, else the length of a per-axis `spacing`, else
+    the array's rank, a trailing 1 taken as a channel only where it cannot be an axis (4D)."""
+    if spatial_dims is not None:
+        return spatial_dims
+    if np.size(spacing) > 1:
+        return np.size(spacing)
+    if len(shape) == 3 and shape[-1] == 1:
+        raise ValueError(
+            f"shape {tuple(shape)} is ambiguous: a 2D image with a channel, or a volume of "
+            "width 1; pass spatial_dims (2 or 3) or a spacing per axis"
+        )
+    return 3 if len(shape) == 4 and shape[-1] == 1 else len(shape)
+
+
+def _binary_pair(y_true, y_pred, threshold, spacing, spatial_dims):
+    """(truth, prediction) boolean arrays of one image or volume, the channel axis dropped."""
     truth, pred = np.asarray(y_true), np.asarray(y_pred)
     if truth.shape != pred.shape:
         raise ValueError(f"shape mismatch: y_true {truth.shape} vs y_pred {pred.shape}")
     if not np.isin(truth, (0, 1)).all():
         raise ValueError("y_true must be a binary mask of 0s and 1s")
-    if truth.ndim in (3, 4) and truth.shape[-1] == 1:
+    rank = _spatial_rank(truth.shape, spacing, spatial_dims)
+    if truth.ndim == rank + 1 and truth.shape[-1] == 1:
         truth, pred = truth[..., 0], pred[..., 0]
-    if truth.ndim not in (2, 3):
+    if rank not in (2, 3) or truth.ndim != rank:
         raise ValueError(
             f"expected one image (H, W) or volume (D, H, W), optionally with a trailing channel "
-            f"axis of 1, got shape {np.shape(y_true)}"
+            f"axis of 1, in {rank} spatial axes (spatial_dims, else the spacing's length), got "
+            f"shape {np.shape(y_true)}"
         )
     return truth.astype(bool), pred >= threshold
 
@@ -161,7 +179,11 @@ def surface(mask: ArrayLike) -> np.ndarray:
 
 
 def surface_distances(
-    y_true: ArrayLike, y_pred: ArrayLike, spacing: Spacing = None, threshold: float = 0.5
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    spacing: Spacing = None,
+    threshold: float = 0.5,
+    spatial_dims: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances from each surface voxel of one mask to the nearest surface voxel of the other.
 
@@ -175,23 +197,30 @@ def surface_distances(
       other mask, scaled by the spacing (SciPy's distance_transform_edt(sampling=spacing));
     - `hd95` interpolates percentiles linearly (NumPy's default, torch.quantile's in MONAI).
     Empty masks follow the project's rule for Dice: both empty is a perfect answer (HD95 0, NSD 1,
-    where MONAI gives NaN), exactly one empty the worst (HD95 inf, NSD 0, as in MONAI).
+    where MONAI gives NaN), exactly one empty the worst (HD95 and ASSD inf, NSD 0; `hd95` says
+    why, and where MONAI differs).
+    The spatial rank comes from `spatial_dims` or the spacing's length, never from a trailing axis
+    of 1: a (D, H, 1) volume with a 3-value spacing is 3D (its surface is every voxel), not a 2D
+    image with a channel; a (H, W, 1) array with neither is refused as ambiguous.
 
     Args:
         y_true: binary mask of one image (H, W) or volume (D, H, W), a trailing (…, 1) allowed.
         y_pred: probabilities or a 0/1 mask of the same shape.
         spacing: voxel size per axis (or one number), in the unit the distances come out in;
-            None: 1 (voxels).
+            None: 1 (voxels). A value per axis also fixes the spatial rank.
         threshold: predictions >= threshold count as foreground.
+        spatial_dims: 2 or 3 spatial axes (None: from the spacing's length, else the shape: a
+            trailing axis of 1 is a channel only on a 4D array).
 
     Returns:
         (prediction -> truth, truth -> prediction): 1D float arrays, one distance per surface voxel
         of the first mask (inf where the other mask is empty; empty where the first is).
 
     Raises:
-        ValueError: shapes differ, y_true is not binary, not 2D/3D, or a bad spacing.
+        ValueError: shapes differ, y_true is not binary, not 2D/3D, an ambiguous (H, W, 1), or a
+            bad spacing.
     """
-    truth, pred = _binary_pair(y_true, y_pred, threshold)
+    truth, pred = _binary_pair(y_true, y_pred, threshold, spacing, spatial_dims)
     sampling = _sampling(spacing, truth.ndim)
     edges = {"truth": surface(truth), "pred": surface(pred)}
 
@@ -204,16 +233,27 @@ def surface_distances(
 
 
 def hd95(
-    y_true: ArrayLike, y_pred: ArrayLike, spacing: Spacing = None, threshold: float = 0.5
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    spacing: Spacing = None,
+    threshold: float = 0.5,
+    spatial_dims: int | None = None,
 ) -> float:
     """95th-percentile Hausdorff distance: the larger of the two directed 95th percentiles.
+
+    When exactly one mask is empty (a missed lesion, a false alarm on a healthy case) there is no
+    boundary to measure, and the project returns inf: the worst value, that no mean can absorb
+    unnoticed, so it is counted apart (tp4/training/evaluation.py: `test_one_empty`, and
+    `test_hd95` over the cases where both masks have foreground). MONAI returns NaN there (the
+    percentile of an empty set of distances, with a warning), which its NaN-skipping mean then
+    drops without a word: a model that misses lesions would look better.
 
     Args: as `surface_distances`.
 
     Returns:
         In the unit of `spacing`; 0.0 if both masks are empty, inf if exactly one is.
     """
-    to_truth, to_pred = surface_distances(y_true, y_pred, spacing, threshold)
+    to_truth, to_pred = surface_distances(y_true, y_pred, spacing, threshold, spatial_dims)
     if to_truth.size == 0 or to_pred.size == 0:  # an empty mask has no surface
         return 0.0 if to_truth.size == to_pred.size else float("inf")
     return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
@@ -225,28 +265,38 @@ def surface_dice(
     tolerance: float,
     spacing: Spacing = None,
     threshold: float = 0.5,
+    spatial_dims: int | None = None,
 ) -> float:
     """Normalized surface Dice (NSD, Nikolov et al. 2021): the fraction of the surface voxels of
     both masks that lie within `tolerance` of the other mask's surface.
 
+    A distance equal to the tolerance counts as within it, also when float rounding puts it a hair
+    above (3 voxels of 0.1 mm are 0.30000000000000004 mm): distances are compared to the tolerance
+    with a relative slack of 1e-6 (NSD_RELATIVE_SLACK).
+
     Args:
         tolerance: accepted boundary error, in the unit of `spacing` (>= 0).
-        y_true, y_pred, spacing, threshold: as `surface_distances`.
+        y_true, y_pred, spacing, threshold, spatial_dims: as `surface_distances`.
 
     Returns:
         In [0, 1]; 1.0 if both masks are empty, 0.0 if exactly one is.
     """
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    to_truth, to_pred = surface_distances(y_true, y_pred, spacing, threshold)
+    to_truth, to_pred = surface_distances(y_true, y_pred, spacing, threshold, spatial_dims)
     total = to_truth.size + to_pred.size
     if total == 0:
         return 1.0
-    return float((np.sum(to_truth <= tolerance) + np.sum(to_pred <= tolerance)) / total)
+    limit = tolerance * (1 + NSD_RELATIVE_SLACK)
+    return float((np.sum(to_truth <= limit) + np.sum(to_pred <= limit)) / total)
 
 
 def assd(
-    y_true: ArrayLike, y_pred: ArrayLike, spacing: Spacing = None, threshold: float = 0.5
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    spacing: Spacing = None,
+    threshold: float = 0.5,
+    spatial_dims: int | None = None,
 ) -> float:
     """Average symmetric surface distance: the mean of the distances of both surfaces.
 
@@ -255,7 +305,7 @@ def assd(
     Returns:
         In the unit of `spacing`; 0.0 if both masks are empty, inf if exactly one is.
     """
-    to_truth, to_pred = surface_distances(y_true, y_pred, spacing, threshold)
+    to_truth, to_pred = surface_distances(y_true, y_pred, spacing, threshold, spatial_dims)
     distances = np.concatenate([to_truth, to_pred])
     return float(distances.mean()) if distances.size else 0.0
 

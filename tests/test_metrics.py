@@ -113,7 +113,7 @@ def test_a_square_shifted_by_4_pixels_by_hand():
     assert metrics.surface_dice(truth, pred, tolerance=3) == pytest.approx(68 / 124)  # 2x31 + 6
     assert metrics.surface_dice(truth, pred, tolerance=0) == pytest.approx(56 / 124)  # 2 x 28
     # Probabilities are thresholded, and a trailing channel axis is allowed.
-    assert metrics.hd95(truth[..., None], 0.3 + 0.4 * pred[..., None]) == 4.0
+    assert metrics.hd95(truth[..., None], 0.3 + 0.4 * pred[..., None], spatial_dims=2) == 4.0
     assert metrics.hd95(truth, 0.3 + 0.4 * pred, threshold=0.8) == float("inf")
 
 
@@ -132,6 +132,46 @@ def test_anisotropic_spacing_scales_each_axis():
     assert metrics.hd95(dot, moved, spacing=(0.7, 2.0)) == pytest.approx(2.1)
     assert metrics.surface_dice(dot, moved, 2.0, spacing=(0.7, 2.0)) == 0.0
     assert metrics.surface_dice(dot, moved, 2.1, spacing=(0.7, 2.0)) == 1.0
+
+
+def _block_pair():
+    """A 3x3 block in a (5, 5, 1) array, and the same moved by one along axis 0."""
+    truth = np.zeros((5, 5, 1), np.uint8)
+    truth[1:4, 1:4] = 1
+    return truth, np.roll(truth, 1, axis=0)
+
+
+def test_the_spatial_rank_comes_from_the_spacing_or_spatial_dims_never_a_trailing_1():
+    """As a volume of width 1, every voxel of a block is surface (the width axis erodes it all):
+    each block's 9 voxels, 6 on the other block (distance 0) and 3 one row away (1): ASSD 6/18,
+    NSD@0 12/18. As a 2D image, the rings of 8 pixels: each has 4 at distance 1: ASSD 8/16."""
+    truth, pred = _block_pair()
+    for volume in ({"spacing": (1.0, 1.0, 1.0)}, {"spatial_dims": 3}):
+        assert metrics.assd(truth, pred, **volume) == pytest.approx(1 / 3)
+        assert metrics.surface_dice(truth, pred, 0.0, **volume) == pytest.approx(2 / 3)
+        assert metrics.hd95(truth, pred, **volume) == 1.0
+    assert metrics.assd(truth[..., None], pred[..., None], (1.0, 1.0, 1.0)) == pytest.approx(1 / 3)
+    # Spacing scales the volume's axes in order: the shift is along axis 0 (2 mm).
+    assert metrics.assd(truth, pred, (2.0, 1.0, 5.0)) == pytest.approx(2 / 3)
+    for image in ({"spacing": (1.0, 1.0)}, {"spatial_dims": 2}):
+        assert metrics.assd(truth, pred, **image) == pytest.approx(0.5)
+        assert metrics.surface_dice(truth, pred, 0.0, **image) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="ambiguous"):  # neither says which: refused
+        metrics.assd(truth, pred)
+    with pytest.raises(ValueError, match="spacing"):
+        metrics.assd(truth, pred, spacing=(1.0, 1.0), spatial_dims=3)
+
+
+def test_nsd_counts_a_distance_equal_to_the_tolerance_despite_float_rounding():
+    dot, moved = np.zeros((8, 8)), np.zeros((8, 8))
+    dot[1, 1], moved[4, 1] = 1, 1
+    to_truth, _ = metrics.surface_distances(dot, moved, spacing=0.1)
+    assert to_truth[0] > 0.3  # 3 x 0.1 is 0.30000000000000004 in float64
+    assert metrics.surface_dice(dot, moved, tolerance=0.3, spacing=0.1) == 1.0
+    # The slack is relative and tiny: 2e-6 over the tolerance is outside it.
+    assert metrics.surface_dice(dot, moved, tolerance=0.3, spacing=(0.1000002, 0.1)) == 0.0
+    # A square moved 3 voxels of 0.1 mm: every distance is <= 0.3 mm (exact comparison: 0.53).
+    assert metrics.surface_dice(_square(), _square(shift=3), 0.3, spacing=0.1) == 1.0
 
 
 @pytest.mark.parametrize("seed", range(3))
