@@ -23,11 +23,10 @@ The 3D U-Net is unet.build_unet3d: unet.py's blocks with Conv3D layers.
     python conv3d.py --dataset mni-wm      # white matter in 3D patches of a real T1 MRI (MNI152)
 """
 
-import os
+# First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
+from tp4 import startup  # noqa: F401
 
-# TensorFlow reads this once, when it loads: its INFO lines (CPU features, XLA) off, warnings kept.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
+# isort: split
 import argparse
 import dataclasses
 import sys

@@ -22,6 +22,10 @@ normalize_intensity, split, describe and content_hash from here.
     python data.py --save outputs/sample.png   # look at a few images with their masks
 """
 
+# First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
+from tp4 import startup  # noqa: F401
+
+# isort: split
 import argparse
 import hashlib
 import os

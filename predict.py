@@ -23,11 +23,11 @@ the predicted contour of each class in its colour: class 1 red).
     python predict.py models:/tp4-unet/1 case_001_0000.nii.gz --output predictions/ --tta
 """
 
+# First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
+from tp4 import startup  # noqa: F401
+
+# isort: split
 import os
-
-# TensorFlow reads this once, when it loads: its INFO lines (CPU features, XLA) off, warnings kept.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 import sys
 
 import numpy as np

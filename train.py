@@ -24,11 +24,10 @@ one MLflow value per epoch), the test evaluation, and its metrics, figures and m
     python train.py --strategy mirrored           # every GPU of the machine (tp4/distributed)
 """
 
-import os
+# First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
+from tp4 import startup  # noqa: F401
 
-# TensorFlow reads this once, when it loads: its INFO lines (CPU features, XLA) off, warnings kept.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
+# isort: split
 import argparse
 import dataclasses
 import itertools

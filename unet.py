@@ -17,6 +17,10 @@ blocks).
     python unet.py --upsampling bilinear --batch-norm none --dropout 0.3
 """
 
+# First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
+from tp4 import startup  # noqa: F401
+
+# isort: split
 import argparse
 from collections.abc import Callable
 from typing import Literal, get_args

@@ -18,11 +18,10 @@ What this script teaches:
     python -m tools.bench --quick  # CI-size shapes: checks that the benchmark still runs
 """
 
-import os
+# First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
+from tp4 import startup  # noqa: F401
 
-# TensorFlow reads this once, when it loads: its INFO lines (CPU features, XLA) off, warnings kept.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
+# isort: split
 import contextlib
 import io
 import json
