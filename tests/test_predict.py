@@ -446,3 +446,23 @@ def test_swapped_arguments_and_a_mistyped_input_are_one_line_before_any_loading(
     ]
     code, _, err = run_predict([str(broken_model), str(tmp_path / "scna.png")], capsys)
     assert code == 2 and err == [f"predict.py: error: no such file: {tmp_path / 'scna.png'}"]
+
+
+def test_predicting_into_the_input_folder_never_segments_or_replaces_its_own_outputs(
+    model_2d, tmp_path, capsys
+):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.fromarray(_grey((32, 32))).save(folder / "a.png")
+    command = [model_2d[1], str(folder), "--output", str(folder)]
+    code, out, err = run_predict(command, capsys)  # nothing to collide with: allowed
+    assert code == 0 and err == [] and len(out) == 1 and out[0].startswith(str(folder / "a.png"))
+    written = {n: (folder / n).read_bytes() for n in ("a_mask.png", "a_overlay.png")}
+    code, out, err = run_predict(command, capsys)  # the same again: a_mask.png is there now
+    assert code == 2 and len(err) == 1 and "is already there" in err[0]
+    assert {n: (folder / n).read_bytes() for n in written} == written
+    code, out, err = run_predict(
+        [model_2d[1], str(folder), "--output", str(tmp_path / "o")], capsys
+    )
+    assert code == 0 and "left out 2 file(s)" in out[0] and len(out) == 2  # a.png only
+    assert sorted(os.listdir(tmp_path / "o")) == ["a_mask.png", "a_overlay.png"]

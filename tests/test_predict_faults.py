@@ -127,3 +127,60 @@ def test_a_model_with_non_finite_outputs_is_refused_and_writes_nothing(
     assert err[0].startswith(f"predict.py: error: the model's output on {inputs / ('a' + suffix)}")
     assert "is not finite (" in err[0]
     assert os.listdir(tmp_path / "out") == []
+
+
+def _folder_with_truth(tmp_path):
+    """same/a.png and its ground truth same/a_mask.png (0/255), as a user keeps them."""
+    folder = tmp_path / "same"
+    folder.mkdir()
+    Image.fromarray(np.full((32, 32), 90, np.uint8)).save(folder / "a.png")
+    truth = np.zeros((32, 32), np.uint8)
+    truth[8:20, 8:20] = 255
+    Image.fromarray(truth).save(folder / "a_mask.png")
+    return folder, (folder / "a_mask.png").read_bytes()
+
+
+def test_an_output_into_the_input_folder_that_would_replace_its_ground_truth_is_refused(
+    tmp_path, capsys
+):
+    folder, truth = _folder_with_truth(tmp_path)
+    code, out, err = run_predict(["not-loaded.keras", str(folder), "--output", str(folder)], capsys)
+    assert code == 2 and len(err) == 1, err  # before the model: it does not exist
+    assert err[0].startswith(f"predict.py: error: --output {folder} is the folder of the input")
+    assert f"{folder / 'a_mask.png'} is already there" in err[0]
+    # a_mask.png is not an input either: the folder's listing leaves it out, and says so.
+    assert out == [
+        f"{folder}: left out 1 file(s) named like predict.py's outputs (a_mask.png); "
+        "give them by name to segment them"
+    ]
+    assert sorted(os.listdir(folder)) == ["a.png", "a_mask.png"]
+    assert (folder / "a_mask.png").read_bytes() == truth
+
+
+def test_an_output_that_is_an_input_under_any_name_is_refused(tmp_path, capsys):
+    folder, truth = _folder_with_truth(tmp_path)
+    (tmp_path / "link").symlink_to(folder)
+    (tmp_path / "out").mkdir()
+    os.link(folder / "a_mask.png", tmp_path / "out" / "b_mask.png")  # one file, two names
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "b.png")
+    cases = {  # inputs, --output: each would replace a_mask.png
+        "given by name": ([folder / "a.png", folder / "a_mask.png"], folder),
+        "through a link": ([folder / "a.png", folder / "a_mask.png"], tmp_path / "link"),
+        "a hard link": ([tmp_path / "b.png", folder / "a_mask.png"], tmp_path / "out"),
+    }
+    for case, (inputs, output) in cases.items():
+        args = ["not-loaded.keras", *map(str, inputs), "--output", str(output)]
+        code, out, err = run_predict(args, capsys)
+        assert code == 2 and out == [] and len(err) == 1, (case, err)
+        assert "would replace the input" in err[0] and str(folder / "a_mask.png") in err[0], case
+    assert (folder / "a_mask.png").read_bytes() == truth
+
+
+def test_a_folder_of_outputs_only_has_nothing_to_segment(tmp_path, capsys):
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    for name in ("a_mask.png", "a_overlay.png"):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(folder / name)
+    code, out, err = run_predict(["not-loaded.keras", str(folder), "--output", "x"], capsys)
+    assert code == 2 and len(out) == 1 and "left out 2 file(s)" in out[0]
+    assert err == [f"predict.py: error: {folder} holds no PNG, JPEG, TIFF or NIfTI file to segment"]

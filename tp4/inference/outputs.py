@@ -1,10 +1,14 @@
 """The files of a prediction: which inputs, which outputs, written whole or not at all.
 
-What this module teaches: a batch job leaves no half-written file. Each output is written under a
-temporary name and renamed when complete (`write_outputs`); the output folder is checked before the
-model is loaded (`check_output`), and inputs that would write the same file are refused before
-anything is written (`refuse_shared_outputs`). A NIfTI mask keeps the input's affine and header, so
-that a viewer (ITK-SNAP, 3D Slicer, FSLeyes) lays it over the scan in millimetres.
+What this module teaches: a batch job leaves no half-written file and never replaces an input. Each
+output is written under a temporary name and renamed when complete (`write_outputs`); the output
+folder is checked before the model is loaded (`check_output`); outputs that would replace an input,
+or a file already in an input's folder (a ground-truth `a_mask.png` next to `a.png`), and inputs
+that would write the same file are refused before anything is written (`refuse_shared_outputs`).
+A folder given as input is listed without the files named as predict.py names its outputs
+(`<name>_mask.*`, `<name>_overlay.png`): a rerun never segments its own masks. A NIfTI mask keeps
+the input's affine and header, so that a viewer (ITK-SNAP, 3D Slicer, FSLeyes) lays it over the
+scan in millimetres.
 """
 
 import os
@@ -35,14 +39,37 @@ def check_output(folder):
         ) from None
 
 
+OUTPUT_TAGS = ("_mask", "_overlay")  # output_paths: <name>_mask.<ext>, <name>_overlay.png
+
+
+def is_output_name(path):
+    """Whether `path` is named as predict.py names its outputs (or as masks are often named)."""
+    return imagefiles.stem(path).endswith(OUTPUT_TAGS)
+
+
 def list_inputs(paths):
-    """The files to segment: files as given, folders expanded to their image files (sorted)."""
+    """The files to segment: files as given, folders expanded to their image files (sorted), less
+    those named like outputs (`is_output_name`; one line says which were left out).
+
+    Raises:
+        DataError: a folder holds no image file to segment, or no input exists.
+    """
     files = []
     for path in paths:
         if os.path.isdir(path):
             found = imagefiles.list_files(path)
+            skipped = [f for f in found if is_output_name(f)]
+            found = [f for f in found if not is_output_name(f)]
+            if skipped:
+                names = ", ".join(os.path.basename(f) for f in skipped[:3])
+                more = ", ..." if len(skipped) > 3 else ""
+                print(
+                    f"{path}: left out {len(skipped)} file(s) named like predict.py's outputs "
+                    f"({names}{more}); give them by name to segment them",
+                    flush=True,
+                )
             if not found:
-                raise DataError(f"{path} holds no PNG, JPEG, TIFF or NIfTI file")
+                raise DataError(f"{path} holds no PNG, JPEG, TIFF or NIfTI file to segment")
             files += found
         else:
             files.append(path)  # a missing or unreadable file is reported when its turn comes
@@ -59,12 +86,46 @@ def output_paths(output, path):
     return os.path.join(output, f"{name}_mask{ext}"), os.path.join(output, f"{name}_overlay.png")
 
 
+def _identity(path):
+    """What makes two names one file: (device, inode) if it exists (links included), else its
+    resolved path."""
+    try:
+        status = os.stat(path)
+        return status.st_dev, status.st_ino
+    except OSError:
+        return os.path.realpath(path)
+
+
 def refuse_shared_outputs(files, output):
-    """Refuse, before writing anything, inputs that would write the same file: a.png and a.jpg
-    (both a_mask.png), a.png and a.nii.gz (both a_overlay.png)."""
+    """Refuse, before writing anything, outputs that would replace a file they must not:
+
+    - an input (`--output` is the input folder and `a_mask.png` is given as an input too, or is
+      the same file under another name or link);
+    - any file already in an input's folder, when `--output` is that folder: `a_mask.png` next to
+      `a.png` may be its ground truth, not an earlier prediction;
+    - the output of another input: a.png and a.jpg (both a_mask.png), a.png and a.nii.gz (both
+      a_overlay.png).
+
+    Raises:
+        DataError: one line naming the file, the input, and what to do.
+    """
+    inputs = {_identity(path): path for path in files}
+    input_folders = {_identity(os.path.dirname(path) or "."): path for path in files}
+    in_input_folder = input_folders.get(_identity(output))
     writers = {}
     for path in files:
         for written in output_paths(output, path):
+            if _identity(written) in inputs:
+                raise DataError(
+                    f"--output {output}: {path}'s output {written} would replace the input "
+                    f"{inputs[_identity(written)]}; give another --output folder"
+                )
+            if in_input_folder and os.path.lexists(written):
+                raise DataError(
+                    f"--output {output} is the folder of the input {in_input_folder}, and "
+                    f"{written} is already there (a ground-truth mask? an earlier prediction?): "
+                    "give another --output folder"
+                )
             if written in writers:
                 raise DataError(
                     f"{writers[written]} and {path} would both write {written}: give them "
