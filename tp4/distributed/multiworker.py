@@ -109,8 +109,8 @@ def share_checkpoint(started: tf.distribute.Strategy, saved) -> None:
     if not _multi_worker(started):
         return
     data = b""
-    if started.extended.should_checkpoint and os.path.exists(saved.path):
-        with open(saved.path, "rb") as file:
+    if started.extended.should_checkpoint and saved.read_from:
+        with open(saved.read_from, "rb") as file:
             data = file.read()
     data = _bytes_of_replica_zero(started, data)
     if data and not started.extended.should_checkpoint:

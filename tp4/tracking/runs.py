@@ -65,6 +65,9 @@ class TrackedRun:
         self.folder = folder
         self.seconds = 0.0
         self.unreachable = False  # the store stopped answering: no more calls to it
+        # Epochs the store had when training began: a resume from an older checkpoint (the newest
+        # was damaged) trains some again, and they are not logged twice.
+        self.stored_steps = set()
         client = MlflowClient()
         self.outbox = outbox.Outbox(client, run.info.run_id)
         self.heartbeat = liveness.Heartbeat(client, run.info.run_id)
@@ -78,9 +81,10 @@ class TrackedRun:
             self.seconds += time.perf_counter() - start
 
     def log_metrics(self, values, step):
-        """One epoch's values, queued for the background sender."""
+        """One epoch's values, queued for the background sender, unless the store has them."""
         with self.timed():
-            self.outbox.put(values, step)
+            if step not in self.stored_steps:
+                self.outbox.put(values, step)
             self.heartbeat.beat()
 
     def log_missing_epochs(self, history):
@@ -88,10 +92,10 @@ class TrackedRun:
         kill, or an unreachable store, kept from it."""
         if not history:
             return
-        logged = {m.step for m in MlflowClient().get_metric_history(self.info.run_id, "loss")}
+        history_of_loss = MlflowClient().get_metric_history(self.info.run_id, "loss")
+        self.stored_steps = {m.step for m in history_of_loss}
         for step, values in enumerate(history, 1):
-            if step not in logged:
-                self.log_metrics(values, step)
+            self.log_metrics(values, step)
 
     def close(self, seconds):
         """Stop the heartbeat and send the queued epochs (waiting up to `seconds`); returns how

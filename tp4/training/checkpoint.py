@@ -5,9 +5,11 @@ What this module teaches:
   also the learning-rate schedule's position), early stopping's patience count, best score and best
   weights, the plateau schedule's state and the epochs' metrics, so that a resumed run continues the
   same curves and stops where an uninterrupted one would;
-- it is written to a temporary file in the same folder, then renamed over the previous one
-  (os.replace, atomic): a kill at any moment leaves the previous epoch's checkpoint or the new one,
-  never half of one;
+- it is written to a temporary file in the same folder, then renamed into place (os.replace,
+  atomic), the one it replaces kept as checkpoint.previous.npz: a kill at any moment leaves the
+  previous epoch's checkpoint or the new one, never half of one, and a newest file damaged later
+  (a full disk, a bad copy) falls back to the one before it, with a line saying so; the temporary
+  file of a save killed midway is removed by the next save;
 - the data order: the training set is reshuffled and re-augmented from the seed at every epoch
   (data.make_dataset), each new iterator drawing the next order; a resumed run opens as many
   iterators as the done epochs did, without reading them (`restore`), and its next epoch sees the
@@ -18,12 +20,15 @@ state, and it writes two files one after the other.
 """
 
 import contextlib
+import glob
 import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+import zipfile
 
 import keras
 import numpy as np
@@ -31,6 +36,10 @@ import numpy as np
 from tp4.distributed import multiworker
 
 FILE = "checkpoint.npz"
+PREVIOUS = "checkpoint.previous.npz"  # the one FILE replaced: used when FILE is damaged
+# What np.load and the state's JSON raise for a file that is not a whole checkpoint: empty,
+# truncated (no zip directory), random bytes (NumPy then speaks of pickles), a missing array.
+DAMAGED = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
 # Keras's fit opens two iterators of the training set per epoch: one when the epoch starts, and one
 # when it ends, which the next epoch's start replaces unused (keras/src/trainers/epoch_iterator.py).
 # tests/test_resume.py checks that a resumed run trains on the batches of an uninterrupted one.
@@ -61,15 +70,18 @@ class Checkpoint(keras.callbacks.Callback):
         }
         self.state = {"epoch": 0, "stopped": False, "history": [], "fit_seconds": 0.0}
         self.arrays = {}
-        if folder and os.path.exists(self.path):
-            self.load(self.path)
+        self.read_from = None  # the file the state was read from (FILE, or PREVIOUS)
+        if folder:
+            self.read_from, note = newest_readable(folder)
+            if note:
+                print(note, file=sys.stderr, flush=True)
+            if self.read_from:
+                self.load(self.read_from)
         self.previous_fit_seconds = self.state["fit_seconds"]
 
     def load(self, source: str | bytes) -> None:
         """Read a checkpoint: its file, or the file's bytes (the chief's, sent to the others)."""
-        with np.load(io.BytesIO(source) if isinstance(source, bytes) else source) as saved:
-            self.arrays = {name: saved[name] for name in saved.files}
-        self.state = json.loads(str(self.arrays.pop("state")))
+        self.arrays, self.state = _read(source)
         self.previous_fit_seconds = self.state["fit_seconds"]
 
     @property
@@ -146,6 +158,8 @@ class Checkpoint(keras.callbacks.Callback):
 
     def _write(self, state, arrays):
         os.makedirs(self.folder, exist_ok=True)
+        for leftover in glob.glob(os.path.join(glob.escape(self.folder), "*.tmp")):
+            os.remove(leftover)  # of a save killed midway (one process owns the run: ownership.py)
         with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as file:
             try:
                 np.savez(file, state=np.array(json.dumps(state)), **arrays)
@@ -154,6 +168,8 @@ class Checkpoint(keras.callbacks.Callback):
             except BaseException:
                 os.remove(file.name)
                 raise
+        if os.path.exists(self.path):  # a kill between the two renames leaves PREVIOUS: read
+            os.replace(self.path, os.path.join(self.folder, PREVIOUS))
         os.replace(file.name, self.path)
 
     def remove(self) -> None:
@@ -166,6 +182,58 @@ class Checkpoint(keras.callbacks.Callback):
     def _arrays(self, prefix):
         count = sum(name.startswith(f"{prefix}_") for name in self.arrays)
         return [self.arrays[f"{prefix}_{i}"] for i in range(count)]
+
+
+def newest_readable(folder: str) -> tuple[str | None, str]:
+    """The newest checkpoint of a run's folder that can be read, and a line saying which file is
+    damaged when it is not the newest.
+
+    Args:
+        folder: the run's folder.
+
+    Returns:
+        (path, note): path None when the folder holds no checkpoint, note "" when nothing is
+        damaged.
+
+    Raises:
+        ValueError: checkpoints are there, and none can be read.
+    """
+    damaged = []
+    for name in (FILE, PREVIOUS):
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            epoch = _read(path)[1]["epoch"]
+        except DAMAGED as error:
+            damaged.append(f"{path} is damaged ({_what_is_wrong(path, error)})")
+            continue
+        note = f"{damaged[0]}: resuming from {name}, after epoch {epoch}" if damaged else ""
+        return path, note
+    if damaged:
+        raise ValueError(
+            f"{'; '.join(damaged)}, and no older checkpoint can be read: restore it from a "
+            "backup to resume, or start a new run"
+        )
+    return None, ""
+
+
+def _read(source):
+    """The arrays and state of a checkpoint file (a path, or its bytes)."""
+    with np.load(io.BytesIO(source) if isinstance(source, bytes) else source) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    state = json.loads(str(arrays.pop("state")))
+    return arrays, state
+
+
+def _what_is_wrong(path, error):
+    if os.path.getsize(path) == 0:
+        return "empty"
+    if isinstance(error, (EOFError, zipfile.BadZipFile)):
+        return "truncated, or not a zip archive"
+    if isinstance(error, OSError):
+        return error.strerror or type(error).__name__
+    return "not a checkpoint written by this project"  # never unpickled: it could run code
 
 
 def _numbered(prefix, arrays):

@@ -49,9 +49,8 @@ def configuration(given, command_line, argv: list[str]):
     if reason:
         raise ValueError(f"run {run_id} cannot be resumed: {reason}")
     folder = os.path.join(given.checkpoint_dir, run_id)
-    if not os.path.exists(os.path.join(folder, checkpoint.FILE)) and client.get_metric_history(
-        run_id, "loss"
-    ):
+    readable, _ = checkpoint.newest_readable(folder)  # ValueError: damaged, none to fall back to
+    if not readable and client.get_metric_history(run_id, "loss"):
         raise ValueError(
             f"run {run_id} has no checkpoint in {folder} (it ran on {run.data.tags.get('host')})"
         )

@@ -7,12 +7,13 @@ import sys
 
 import mlflow
 import pytest
-from helpers import LEARNS, REPO, wait_for_line
+from helpers import LEARNS, REPO, TINY, refused_in_one_line, wait_for_line
 
 import conv3d
 import train
+from tp4 import cli
 from tp4.tracking import liveness, runs
-from tp4.training import resume
+from tp4.training import checkpoint, resume
 
 
 def _start(argv):
@@ -89,6 +90,7 @@ def test_sighup_marks_the_run_killed(store):
 def _crafted_run(experiment, argv, status, tags=None):
     """A run as train.py starts one (params skipped), ended with `status`; no training."""
     args = train.parse_args(argv + ["--experiment", experiment])
+    cli.setup()  # as train.main: MLflow's INFO lines (a new experiment) off stderr
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="crafted", tags=tags) as run:
         mlflow.log_dict(args.to_json(), "config.json")
@@ -180,3 +182,54 @@ def test_conv3d_resumes_its_3d_run_and_its_2d_slices_run(store, monkeypatch):
         "UNet3D",
         "UNet2D on slices",
     }
+
+
+def _killed_after_epoch_2(store, monkeypatch):
+    """A TINY train.py run interrupted once its second epoch is checkpointed and logged; its id."""
+    log_epoch = runs.EpochLogger.on_epoch_end
+
+    def interrupt_after_two_epochs(self, epoch, logs=None):
+        log_epoch(self, epoch, logs)
+        if epoch + 1 == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):
+        patch.setattr(runs.EpochLogger, "on_epoch_end", interrupt_after_two_epochs)
+        train.main(TINY)
+    run = _only_run(store, "tiny")
+    assert run.info.status == "KILLED"
+    return run.info.run_id
+
+
+def test_a_truncated_checkpoint_resumes_from_the_one_before_and_logs_each_epoch_once(
+    store, monkeypatch, capsys
+):
+    run_id = _killed_after_epoch_2(store, monkeypatch)
+    newest = os.path.join("checkpoints", run_id, checkpoint.FILE)
+    with open(newest, "r+b") as file:
+        file.truncate(100)  # a copy cut short, a full disk
+    capsys.readouterr()
+    train.main(["--resume", run_id])
+    assert capsys.readouterr().err == (
+        f"{newest} is damaged (truncated, or not a zip archive): resuming from "
+        f"{checkpoint.PREVIOUS}, after epoch 1\n"
+    )
+    assert store.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in store.get_metric_history(run_id, "loss")] == [1, 2, 3]
+
+
+def test_a_damaged_checkpoint_without_an_older_one_is_one_line_and_the_run_stays_resumable(
+    store, monkeypatch, capsys
+):
+    run_id = _killed_after_epoch_2(store, monkeypatch)
+    for name in (checkpoint.FILE, checkpoint.PREVIOUS):
+        with open(os.path.join("checkpoints", run_id, name), "wb") as file:
+            file.write(os.urandom(1000))
+    capsys.readouterr()
+    line = refused_in_one_line(["--resume", run_id], capsys)
+    assert line.endswith(
+        "(not a checkpoint written by this project), and no older checkpoint can be read: "
+        "restore it from a backup to resume, or start a new run"
+    )
+    assert "pickle" not in line
+    assert store.get_run(run_id).info.status == "KILLED"  # a restored file resumes it
