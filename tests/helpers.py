@@ -2,11 +2,13 @@
 runs of the scripts. Test files import from here, never from each other.
 """
 
+import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from PIL import Image
 
 import predict
@@ -39,6 +41,57 @@ def wait_for_line(process, start):
 AFFINE = np.array(
     [[0.0, -0.8, 0.0, 20.0], [0.9, 0.0, 0.0, -15.0], [0.0, 0.0, 2.5, 7.0], [0.0, 0.0, 0.0, 1.0]]
 )
+
+
+def itk_geometry(affine):
+    """(spacing, origin, direction) in ITK's LPS terms of a NIfTI-style RAS `affine`."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    return tuple(spacing), tuple(lps[:3, 3]), tuple((lps[:3, :3] / spacing).ravel())
+
+
+def write_volume(path, array, affine=AFFINE, intercept=-1024.0):
+    """Write an (X, Y, Z) `array` placed by `affine` (voxel -> RAS mm): a NIfTI (nibabel), an NRRD
+    or MetaImage (SimpleITK), or a DICOM CT series when `path` has no suffix: a folder of one file
+    per slice, named in the reverse of their order along the normal (the reader must sort them),
+    int16 values stored as `value - intercept` with that rescale intercept. Returns `path`."""
+    path = Path(path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        nib.save(nib.Nifti1Image(array, affine), path)
+        return path
+    image = sitk.GetImageFromArray(np.asarray(array).transpose())
+    spacing, origin, direction = itk_geometry(affine)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    if path.suffix:
+        sitk.WriteImage(image, str(path))
+        return path
+    path.mkdir(parents=True)
+    uid = f"1.2.826.0.1.3680043.8.498.{zlib.crc32(str(path).encode())}"  # one per series
+    cosines = np.reshape(direction, (3, 3))[:, :2].T.ravel()  # row, then column direction
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    depth = image.GetDepth()
+    for z in range(depth):
+        slice_ = sitk.Cast(image[:, :, z], sitk.sitkInt16)
+        position = image.TransformIndexToPhysicalPoint((0, 0, z))
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": uid + ".1",
+            "0020|000e": uid + ".2",
+            "0008|0018": f"{uid}.3.{z}",
+            "0020|0013": str(z + 1),
+            "0020|0037": "\\".join(f"{c:.10g}" for c in cosines),
+            "0020|0032": "\\".join(f"{p:.10g}" for p in position),
+            "0028|1052": f"{intercept:g}",
+            "0028|1053": "1",
+        }
+        for tag, value in tags.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(path / f"IM{depth - z:04d}.dcm"))
+        writer.Execute(slice_)
+    return path
 
 
 TINY_REAL = (

@@ -30,6 +30,7 @@ from tp4 import cli
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # NRRD, MetaImage: read by tp4/images/volumes
 # Pillow modes converted to RGB(A) before reading: their raw values are not intensities (palette
 # indices, CMYK inks...). Grey modes (1, L, I;16, I, F) are read as stored.
 _CONVERT_TO_RGBA = ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV")
@@ -50,12 +51,16 @@ class DataError(ValueError):
 def suffix(path):
     """The lower-case known suffix of `path` (".nii.gz" counts as one), or "" for any other file."""
     name = os.path.basename(str(path)).lower()
-    return next((s for s in IMAGE_SUFFIXES + NIFTI_SUFFIXES if name.endswith(s)), "")
+    known = IMAGE_SUFFIXES + NIFTI_SUFFIXES + ITK_SUFFIXES
+    return next((s for s in known if name.endswith(s)), "")
 
 
 def stem(path):
-    """File name without its known suffix: "case_001.nii.gz" -> "case_001"."""
-    name = os.path.basename(str(path))
+    """File name without its known suffix: "case_001.nii.gz" -> "case_001"; a folder's (a DICOM
+    series) whole name."""
+    name = os.path.basename(os.path.normpath(str(path)))
+    if os.path.isdir(path):
+        return name
     return name[: len(name) - len(suffix(path))] if suffix(path) else os.path.splitext(name)[0]
 
 
@@ -63,7 +68,7 @@ def is_nifti(path):
     return suffix(path) in NIFTI_SUFFIXES
 
 
-def list_files(folder, suffixes=IMAGE_SUFFIXES + NIFTI_SUFFIXES):
+def list_files(folder, suffixes=IMAGE_SUFFIXES + NIFTI_SUFFIXES + ITK_SUFFIXES):
     """Sorted paths of the files in `folder` with one of `suffixes`. Hidden files are skipped: the
     MSD archives, packed on macOS, hold a `._name.nii.gz` resource file next to every volume."""
     names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and suffix(n) in suffixes)
@@ -81,7 +86,8 @@ def check_finite(array, path):
     return array
 
 
-def _check_size(shape, path, unit="pixels"):
+def check_size(shape, path, unit="pixels"):
+    """DataError if a side of `shape` (in-plane for a volume) is under MIN_SIDE `unit`."""
     if min(shape) < MIN_SIDE:
         raise DataError(
             f"{path} is {shape_text(shape)}: fewer than {MIN_SIDE} {unit} on a side, too small "
@@ -89,7 +95,8 @@ def _check_size(shape, path, unit="pixels"):
         )
 
 
-def _require_file(path):
+def require_file(path):
+    """DataError if `path` is a broken symbolic link or no file."""
     if os.path.islink(path) and not os.path.exists(path):
         raise DataError(
             f"{path} is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
@@ -117,7 +124,7 @@ def check_same_grid(shape, image_affine, label_affine, image_path, label_path):
 def _open(path):
     """A fully decoded Pillow image: a truncated file fails here, not later in the middle of
     training."""
-    _require_file(path)
+    require_file(path)
     try:
         image = Image.open(path)
         if getattr(image, "n_frames", 1) > 1:
@@ -154,7 +161,7 @@ def read_image(path, channels=1):
             f"{path} has {pixels.shape[-1]} colour channels (mode {image.mode}), "
             f"{channels} expected" + ("; convert it to grey levels" if channels == 1 else "")
         )
-    _check_size(pixels.shape[:2], path)
+    check_size(pixels.shape[:2], path)
     return check_finite(pixels, path)
 
 
@@ -171,7 +178,7 @@ def read_volume(path):
     """(array, nibabel image) of a NIfTI file: an (X, Y, Z) array in the stored order (no
     reorientation), scaling applied, dtype as stored; trailing axes of size 1 are dropped and a 2D
     image becomes (X, Y, 1)."""
-    _require_file(path)
+    require_file(path)
     try:
         image = nib.load(path)
         array = np.asarray(
@@ -187,7 +194,7 @@ def read_volume(path):
             f"{path} has shape {shape_text(image.shape)}: one single-channel volume (X, Y, Z) "
             "is expected (nnU-Net stores each channel in its own _0000, _0001... file)"
         )
-    _check_size(array.shape[:2], path, "voxels in-plane")
+    check_size(array.shape[:2], path, "voxels in-plane")
     return check_finite(array, path), image
 
 
@@ -230,30 +237,39 @@ def shape_text(shape):
     return "x".join(str(s) for s in shape)
 
 
+def describe(path):
+    """One line: what a PNG, JPEG, TIFF or NIfTI file holds, as the loaders read it."""
+    if is_nifti(path):
+        array, image = read_volume(path)
+        zooms = "x".join(f"{z:g}" for z in image.header.get_zooms()[:3])
+        return (
+            f"volume {shape_text(array.shape)} {array.dtype}, voxels {zooms} mm, "
+            f"values {array.min():g} to {array.max():g}, {len(np.unique(array))} distinct"
+        )
+    pixels = read_image(path)
+    return f"image {shape_text(pixels.shape)}, values {pixels.min():g} to {pixels.max():g}"
+
+
+def describe_each(prog, paths, describe_one):
+    """Print `path: describe_one(path)` for each path, or its DataError as one line on stderr.
+
+    Returns:
+        The exit status: 2 if any path was unreadable, else 0.
+    """
+    unreadable = 0
+    for path in paths:
+        try:
+            print(f"{path}: {describe_one(path)}")
+        except DataError as error:
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            unreadable += 1
+    return 2 if unreadable else 0
+
+
 def main():
     parser = cli.argument_parser("imagefiles.py", __doc__)
     parser.add_argument("files", nargs="+", help="PNG, JPEG, TIFF or NIfTI files")
-    args = parser.parse_args()
-    unreadable = 0
-    for path in args.files:
-        try:
-            if is_nifti(path):
-                array, image = read_volume(path)
-                zooms = "x".join(f"{z:g}" for z in image.header.get_zooms()[:3])
-                print(
-                    f"{path}: volume {shape_text(array.shape)} {array.dtype}, voxels {zooms} mm, "
-                    f"values {array.min():g} to {array.max():g}, {len(np.unique(array))} distinct"
-                )
-            else:
-                pixels = read_image(path)
-                print(
-                    f"{path}: image {shape_text(pixels.shape)}, "
-                    f"values {pixels.min():g} to {pixels.max():g}"
-                )
-        except DataError as error:
-            print(f"{parser.prog}: error: {error}", file=sys.stderr)
-            unreadable += 1
-    return 2 if unreadable else 0
+    return describe_each(parser.prog, parser.parse_args().files, describe)
 
 
 if __name__ == "__main__":
