@@ -126,6 +126,8 @@ def build_3d(config: Config, output_bias=0.0) -> keras.Model:
         config.kernel_size,
         output_bias,
         batch_norm=distribute.batch_norm(config),
+        encoder=config.encoder,
+        deep_supervision=config.deep_supervision,
     )
 
 
@@ -139,6 +141,8 @@ def build_2d(config: Config, output_bias=0.0) -> keras.Model:
         batch_norm=distribute.batch_norm(config),
         output_bias=output_bias,
         name="UNet2D",
+        encoder=config.encoder,
+        deep_supervision=config.deep_supervision,
     )
 
 
@@ -184,10 +188,10 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
     with speed.policy_scope(config.precision), distribute.strategy(config).scope():
         model = build(config, recipe.prior_bias(config, y_train))
         model.compile(
-            loss=losses.get_loss(config.loss),
+            loss=recipe.loss(config, model),  # at every head with --deep-supervision
             optimizer=recipe.optimizer(config, len(x_train)),
             jit_compile=config.xla,
-            metrics=losses.overlap_metrics(model),
+            metrics=losses.overlap_metrics(model, unet.heads(model)),
         )
     kind = "Baseline" if config.precision == "float32" else "MixedPrecision"
     name = config.run_name or ("UNet2D_Slices" if config.slices else f"Conv3D_{kind}")
@@ -244,7 +248,9 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
             shuffle=False,  # the pipeline shuffles, from the seed
         )
 
-        # Evaluation on the test volumes (or slices), never seen by early stopping; then logging.
+        # Evaluation on the test volumes (or slices), never seen by early stopping; then logging,
+        # of the full-resolution output only (--deep-supervision's other heads dropped).
+        model = recipe.inference_model(model)
         results, probabilities, table = recipe.evaluate(
             model, x_test, y_test, eval_batch, config.tta, test_cases, config.nsd_tolerance
         )

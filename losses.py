@@ -8,7 +8,9 @@ What this module teaches:
 - one convention for two and more classes. The truth is a label map (N, ..., 1) of values 0..C-1;
   the output is one sigmoid channel (2 classes: the probability of the foreground) or C softmax
   channels. Dice-type losses and metrics are the mean over the foreground classes (background, the
-  largest class, would otherwise dominate them); cross-entropy is over every class.
+  largest class, would otherwise dominate them); cross-entropy is over every class;
+- deep supervision (nnU-Net): the same loss at each decoder level against the masks down-sampled to
+  match, weighted 1, 1/2, 1/4, ... (`DeepSupervisionLoss`).
 
 Classes are registered under the package "tp4": a saved model reloads wherever this module is
 imported (predict.py does), whatever the module was called when it was saved.
@@ -80,6 +82,8 @@ class _OverlapMetric(keras.metrics.Metric):
         )
 
     def update_state(self, y_true, y_pred, sample_weight=None):
+        # The full-resolution output only, where heads are packed behind it (deep supervision).
+        y_pred = y_pred[..., : 1 if self.num_classes == 2 else self.num_classes]
         if self.num_classes == 2:  # one sigmoid channel, thresholded
             truth = ops.cast(y_true > 0.5, "float32")
             pred = ops.cast(y_pred >= self.threshold, "float32")
@@ -129,10 +133,11 @@ class IoUMetric(_OverlapMetric):
         return tp, tp + fp + fn
 
 
-def overlap_metrics(model: keras.Model) -> list[keras.metrics.Metric]:
+def overlap_metrics(model: keras.Model, heads: int = 1) -> list[keras.metrics.Metric]:
     """Fresh Dice and IoU epoch metrics for `model`'s output: one sigmoid channel (binary) or a
-    softmax over C classes."""
-    classes = max(2, model.output_shape[-1])
+    softmax over C classes; with `heads` outputs packed along the channels (deep supervision), the
+    first one's."""
+    classes = max(2, model.output_shape[-1] // heads)
     return [DiceMetric(num_classes=classes), IoUMetric(num_classes=classes)]
 
 
@@ -341,3 +346,64 @@ def get_loss(name: str) -> keras.losses.Loss:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     return LOSSES[name].make()
+
+
+# ------------------------------------------------------------------------------------------------
+# Deep supervision (nnU-Net): the loss of every decoder level, the lower ones weighing less.
+
+
+def deep_supervision_weights(heads: int) -> list[float]:
+    """nnU-Net's weights of the heads, full resolution first: 1, 1/2, 1/4, ..., the lowest level 0
+    (its 2**-(heads-1) resolution is too coarse to help), normalized to sum to 1.
+
+    Args:
+        heads: outputs, the full-resolution one included.
+
+    Returns:
+        One weight per head ([1.0] for one head).
+    """
+    weights = [0.5**i for i in range(heads)]
+    if heads > 1:
+        weights[-1] = 0.0
+    return [w / sum(weights) for w in weights]
+
+
+def downsample(labels: Tensor, factor: int) -> Tensor:
+    """Nearest-neighbour down-sampling of a label map (N, ..., 1) or of probabilities by an
+    integer `factor` on every spatial axis: every `factor`-th pixel, from the first. It keeps
+    labels labels (no blend of two classes) and gives back exactly a map up-sampled by repetition.
+    """
+    spatial = len(labels.shape) - 2
+    return labels[(slice(None), *[slice(None, None, factor)] * spatial, slice(None))]
+
+
+@keras.saving.register_keras_serializable(package="tp4")
+class DeepSupervisionLoss(_SegmentationLoss):
+    """A segmentation loss at every head of a deep-supervised U-Net (unet.build_unet with
+    deep_supervision): head i, at 1/2**i of the input size, against the masks down-sampled to its
+    size, weighted by `deep_supervision_weights`.
+
+    The heads come packed along the channels, full resolution first, each up-sampled to the input
+    size by repetition (so down-sampling gives each back exactly).
+    """
+
+    def __init__(self, loss, heads, name=None, **kwargs):
+        loss = keras.losses.get(loss) if isinstance(loss, dict) else loss
+        super().__init__(name=name or f"deep_supervision_{loss.name}", **kwargs)
+        self.loss, self.heads = loss, heads
+        self.weights = deep_supervision_weights(heads)
+
+    def batch_loss(self, y_true, y_pred):
+        channels = y_pred.shape[-1] // self.heads
+        total = 0.0
+        for i, weight in enumerate(self.weights):
+            if weight == 0:
+                continue
+            head = y_pred[..., i * channels : (i + 1) * channels]
+            truth, head = downsample(y_true, 2**i), downsample(head, 2**i)
+            total += weight * self.loss.batch_loss(truth, head)
+        return total
+
+    def get_config(self):
+        loss = keras.saving.serialize_keras_object(self.loss)
+        return {**super().get_config(), "loss": loss, "heads": self.heads}

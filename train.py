@@ -163,7 +163,10 @@ def build_model(config: Config, output_bias=0.0) -> keras.Model:
         batch_norm=distribute.batch_norm(config),
         skip_connections=not config.no_skip,
         output_bias=output_bias,
-        name="UNetNoSkip" if config.no_skip else "UNet",
+        name=("ResEnc" if config.encoder == "residual" else "")
+        + ("UNetNoSkip" if config.no_skip else "UNet"),
+        encoder=config.encoder,
+        deep_supervision=config.deep_supervision,
     )
 
 
@@ -186,8 +189,8 @@ def train(config: Config) -> dict:
         model = build_model(config, recipe.prior_bias(config, y_train, config.num_classes))
         model.compile(
             optimizer=recipe.optimizer(config, len(x_train)),
-            loss=losses.get_loss(config.loss),
-            metrics=losses.overlap_metrics(model),
+            loss=recipe.loss(config, model),  # at every head with --deep-supervision
+            metrics=losses.overlap_metrics(model, unet.heads(model)),
             jit_compile=config.xla,
         )
     name = recipe.run_name(model, config)
@@ -240,7 +243,9 @@ def train(config: Config) -> dict:
             verbose=0,
         )
 
-        # Evaluation on the test set, never seen by early stopping.
+        # Evaluation on the test set, never seen by early stopping, by the model that is logged:
+        # the full-resolution output only (--deep-supervision's other heads dropped).
+        model = recipe.inference_model(model)
         results, probabilities, table = recipe.evaluate(
             model, x_test, y_test, eval_batch, config.tta, test_cases, config.nsd_tolerance
         )

@@ -10,11 +10,16 @@ What this script teaches:
 
 The same builder makes a 3D U-Net when `input_shape` is (D, H, W, C): `build_unet3d`, which
 conv3d.py trains (Çiçek et al. 2016; V-Net, Milletari et al. 2016, is the same idea with residual
-blocks).
+blocks). Two of nnU-Net's variants (Isensee et al. 2021, 2024) are options of the same builder:
+- `encoder="residual"`: residual blocks in the encoder (nnU-Net's ResEnc, in small form), which
+  lets a deeper encoder train as easily as a shallow one;
+- `deep_supervision=True`: a 1x1 head at each decoder level too, so that the lower levels get a
+  gradient of their own (losses.DeepSupervisionLoss weighs them); `inference_model` drops them.
 
     python unet.py                                  # the TP's network: 32-64-128-(256)-128-64-32
     python unet.py --input-size 64 --base-filters 8 --depth 3
     python unet.py --upsampling bilinear --batch-norm none --dropout 0.3
+    python unet.py --encoder residual --deep-supervision
 """
 
 # First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
@@ -30,6 +35,11 @@ from keras import layers
 
 Upsampling = Literal["transpose", "bilinear", "nearest"]
 UPSAMPLING = get_args(Upsampling)
+Encoder = Literal["plain", "residual"]
+ENCODERS = get_args(Encoder)
+# Residual blocks per encoder level, bottleneck included (the last value repeats below). nnU-Net's
+# ResEnc M has (1, 3, 4, 6, 6, 6): half as many here, for a laptop CPU.
+RESIDUAL_BLOCKS = (1, 2, 2, 3)
 # The normalization after each convolution: a layer class (or any callable taking `momentum` and
 # `name`), None for none. Keras' BatchNormalization by default; the training scripts pass
 # TensorFlow's fused kernel (tp4/models/batchnorm.py: same semantics, faster, above all in 16 bits).
@@ -38,6 +48,26 @@ _CONV = {2: layers.Conv2D, 3: layers.Conv3D}
 _CONV_TRANSPOSE = {2: layers.Conv2DTranspose, 3: layers.Conv3DTranspose}
 _POOL = {2: layers.MaxPooling2D, 3: layers.MaxPooling3D}
 _UPSAMPLE = {2: layers.UpSampling2D, 3: layers.UpSampling3D}
+
+
+def _conv_norm(x, filters, kernel_size, batch_norm, name, index=""):
+    """Conv -> BatchNorm (`{name}_conv{index}`, `{name}_bn{index}`), 2D or 3D from the rank of
+    `x`; no activation."""
+    # A bias before batch normalization is cancelled by its mean subtraction: leave it out.
+    x = _CONV[len(x.shape) - 2](
+        filters,
+        kernel_size,
+        padding="same",
+        use_bias=batch_norm is None,
+        kernel_initializer="he_normal",
+        name=f"{name}_conv{index}",
+    )(x)
+    if batch_norm is not None:
+        # Momentum 0.9, not Keras' 0.99: with ~20 steps per epoch on a small dataset, the running
+        # statistics used at validation would otherwise lag the weights for many epochs
+        # (validation Dice near 0).
+        x = batch_norm(momentum=0.9, name=f"{name}_bn{index}")(x)
+    return x
 
 
 def conv_block(
@@ -59,23 +89,44 @@ def conv_block(
     Returns:
         The block's output, same spatial size as `x`, `filters` channels.
     """
-    conv = _CONV[len(x.shape) - 2]
     for i in (1, 2):
-        # A bias before batch normalization is cancelled by its mean subtraction: leave it out.
-        x = conv(
-            filters,
-            kernel_size,
-            padding="same",
-            use_bias=batch_norm is None,
-            kernel_initializer="he_normal",
-            name=f"{name}_conv{i}",
-        )(x)
-        if batch_norm is not None:
-            # Momentum 0.9, not Keras' 0.99: with ~20 steps per epoch on a small dataset, the
-            # running statistics used at validation would otherwise lag the weights for many
-            # epochs (validation Dice near 0).
-            x = batch_norm(momentum=0.9, name=f"{name}_bn{i}")(x)
+        x = _conv_norm(x, filters, kernel_size, batch_norm, name, i)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
+    return x
+
+
+def residual_block(
+    x: keras.KerasTensor,
+    filters: int,
+    kernel_size: int = 3,
+    batch_norm: NormLayer | None = layers.BatchNormalization,
+    name: str = "res",
+) -> keras.KerasTensor:
+    """A residual block (He et al. 2016; nnU-Net's BasicBlockD): Conv -> BatchNorm -> ReLU ->
+    Conv -> BatchNorm, plus the input, then ReLU. Where the channels change, the input goes through
+    a 1x1 convolution (and batch norm) to match.
+
+    Args: as `conv_block` (`name`: prefix of `{name}_conv1`, ..., `{name}_add`).
+
+    Returns:
+        The block's output, same spatial size as `x`, `filters` channels.
+    """
+    y = _conv_norm(x, filters, kernel_size, batch_norm, name, 1)
+    y = layers.Activation("relu", name=f"{name}_relu1")(y)
+    y = _conv_norm(y, filters, kernel_size, batch_norm, name, 2)
+    if x.shape[-1] != filters:
+        x = _conv_norm(x, filters, 1, batch_norm, f"{name}_shortcut")
+    y = layers.Add(name=f"{name}_add")([y, x])
+    return layers.Activation("relu", name=f"{name}_relu2")(y)
+
+
+def _encoder_level(x, level, filters, encoder, kernel_size, batch_norm, name):
+    """One encoder level (or the bottleneck): a conv_block, or residual blocks."""
+    if encoder == "plain":
+        return conv_block(x, filters, kernel_size, batch_norm, name=name)
+    blocks = RESIDUAL_BLOCKS[min(level, len(RESIDUAL_BLOCKS) - 1)]
+    for b in range(blocks):
+        x = residual_block(x, filters, kernel_size, batch_norm, name=f"{name}_res{b + 1}")
     return x
 
 
@@ -96,6 +147,7 @@ def check_config(
     upsampling: Upsampling = "transpose",
     kernel_size: int = 3,
     batch_norm: NormLayer | None = layers.BatchNormalization,
+    encoder: Encoder = "plain",
 ) -> None:
     """Raise ValueError with a readable message for a configuration the network cannot take.
 
@@ -116,6 +168,8 @@ def check_config(
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     if upsampling not in UPSAMPLING:
         raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
     if batch_norm is not None and not callable(batch_norm):
@@ -145,6 +199,8 @@ def build_unet(
     kernel_size: int = 3,
     output_bias: float | list[float] = 0.0,
     name: str = "UNet",
+    encoder: Encoder = "plain",
+    deep_supervision: bool = False,
 ) -> keras.Model:
     """U-Net with `depth` levels: base, 2*base, ... filters down, 2**(depth-1)*base at the
     bottleneck.
@@ -167,49 +223,88 @@ def build_unet(
             on imbalanced data. A softmax output takes one value per class (log f_c: the
             network starts at the class fractions).
         name: the model's name (logged as its architecture).
+        encoder: "plain" (a conv_block per level) or "residual" (RESIDUAL_BLOCKS residual blocks
+            per level, bottleneck included: nnU-Net's ResEnc); the decoder is the same.
+        deep_supervision: also a 1x1 head at every decoder level below the full resolution, for
+            training with losses.DeepSupervisionLoss.
 
     Returns:
         A keras.Model whose output has the input's spatial size and `num_classes` channels,
-        float32 even under a mixed-precision policy.
+        float32 even under a mixed-precision policy. With deep supervision, the heads are packed
+        along the channels, the full-resolution one first: head i (at 1/2**i of the input size)
+        is up-sampled to the input size by repetition, so that `[:, ::2**i, ::2**i]` gives it
+        back exactly. `inference_model` keeps the first.
 
     Raises:
         ValueError: for a configuration the network cannot take (check_config).
     """
     input_shape = tuple(input_shape)
-    check_config(input_shape, base_filters, depth, num_classes, upsampling, kernel_size, batch_norm)
+    check_config(
+        input_shape, base_filters, depth, num_classes, upsampling, kernel_size, batch_norm, encoder
+    )
     spatial_dims = len(input_shape) - 1
     inputs = keras.Input(shape=input_shape, name="image")
 
     # Encoder: features at full resolution are kept for the decoder before each pooling.
     x, skips = inputs, []
     for level in range(depth - 1):
-        x = conv_block(x, base_filters * 2**level, kernel_size, batch_norm, name=f"enc{level + 1}")
+        filters, level_name = base_filters * 2**level, f"enc{level + 1}"
+        x = _encoder_level(x, level, filters, encoder, kernel_size, batch_norm, level_name)
         skips.append(x)
         x = _POOL[spatial_dims](2, name=f"enc{level + 1}_pool")(x)
 
     bottleneck_filters = base_filters * 2 ** (depth - 1)
-    x = conv_block(x, bottleneck_filters, kernel_size, batch_norm, name="bottleneck")
+    x = _encoder_level(
+        x, depth - 1, bottleneck_filters, encoder, kernel_size, batch_norm, "bottleneck"
+    )
     if dropout > 0:
         x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
 
     # Decoder: up-sample, concatenate the encoder features of the same size, convolve.
+    heads = []  # deep supervision: the decoder levels below the full resolution, deepest first
     for level in reversed(range(depth - 1)):
         filters = base_filters * 2**level
         x = _up(x, filters, upsampling, name=f"dec{level + 1}")
         if skip_connections:
             x = layers.Concatenate(name=f"dec{level + 1}_skip")([x, skips[level]])
         x = conv_block(x, filters, kernel_size, batch_norm, name=f"dec{level + 1}")
+        if deep_supervision and level > 0:
+            head = _head(x, num_classes, output_bias, name=f"dec{level + 1}_head")
+            heads.append(_UPSAMPLE[spatial_dims](2**level, name=f"dec{level + 1}_head_up")(head))
 
-    # Float32 output even under a mixed-precision policy: probabilities and losses need the range.
-    outputs = _CONV[spatial_dims](
+    outputs = _head(x, num_classes, output_bias, name="mask")
+    if heads:
+        outputs = layers.Concatenate(name="deep_supervision", dtype="float32")(
+            [outputs, *reversed(heads)]
+        )
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _head(x, num_classes, output_bias, name):
+    """The 1x1 convolution to class probabilities; float32 even under a mixed-precision policy:
+    probabilities and losses need the range."""
+    return _CONV[len(x.shape) - 2](
         num_classes,
         1,
         activation="sigmoid" if num_classes == 1 else "softmax",
         dtype="float32",
-        name="mask",
+        name=name,
         bias_initializer=keras.initializers.Constant(output_bias),
     )(x)
-    return keras.Model(inputs, outputs, name=name)
+
+
+def heads(model: keras.Model) -> int:
+    """How many outputs `model` packs along its channels: 1, or with deep supervision the
+    full-resolution one and one per decoder level below it."""
+    return model.output_shape[-1] // model.get_layer("mask").output.shape[-1]
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """`model` with its full-resolution output only (deep supervision's heads dropped), the same
+    layers and weights; `model` itself if it has no other head."""
+    if heads(model) == 1:
+        return model
+    return keras.Model(model.input, model.get_layer("mask").output, name=model.name)
 
 
 def build_unet3d(
@@ -220,15 +315,19 @@ def build_unet3d(
     output_bias: float = 0.0,
     name: str = "UNet3D",
     batch_norm: NormLayer | None = layers.BatchNormalization,
+    encoder: Encoder = "plain",
+    deep_supervision: bool = False,
 ) -> keras.Model:
     """Small 3D U-Net: `build_unet` with Conv3D blocks, 2x2x2 pooling and transposed Conv3D.
 
     Args:
         input_shape: (D, H, W, C).
-        base_filters, depth, kernel_size, output_bias, name, batch_norm: as `build_unet`.
+        base_filters, depth, kernel_size, output_bias, name, batch_norm, encoder,
+        deep_supervision: as `build_unet`.
 
     Returns:
-        A keras.Model with a (N, D, H, W, 1) sigmoid output.
+        A keras.Model with a (N, D, H, W, 1) sigmoid output (one channel per head with deep
+        supervision).
 
     Raises:
         ValueError: if `input_shape` is not (D, H, W, C), or for what `build_unet` refuses.
@@ -243,6 +342,8 @@ def build_unet3d(
         kernel_size=kernel_size,
         output_bias=output_bias,
         name=name,
+        encoder=encoder,
+        deep_supervision=deep_supervision,
     )
 
 
@@ -254,14 +355,19 @@ def describe(model: keras.Model) -> dict[str, object]:
 
     Returns:
         architecture (the model's name), depth, base_filters, kernel_size, upsampling,
-        batch_norm (fused, keras, synchronized or none), skip_connections and n_params.
+        batch_norm (fused, keras, synchronized or none), skip_connections, encoder (plain or
+        residual), deep_supervision (the heads it trains, 1 without) and n_params.
     """
     first = next(layer for layer in model.layers if isinstance(layer, tuple(_CONV.values())))
     kinds = {type(layer) for layer in model.layers}
     if kinds & set(_CONV_TRANSPOSE.values()):
         upsampling = "transpose"
     else:
-        resizers = [layer for layer in model.layers if isinstance(layer, tuple(_UPSAMPLE.values()))]
+        resizers = [
+            layer
+            for layer in model.layers
+            if isinstance(layer, tuple(_UPSAMPLE.values())) and not layer.name.endswith("head_up")
+        ]
         upsampling = getattr(resizers[0], "interpolation", "nearest") if resizers else "none"
     return {
         "architecture": model.name,
@@ -270,7 +376,9 @@ def describe(model: keras.Model) -> dict[str, object]:
         "kernel_size": first.kernel_size[0],
         "upsampling": upsampling,
         "batch_norm": _batch_norm_kind(model),
-        "skip_connections": layers.Concatenate in kinds,
+        "skip_connections": any(layer.name.endswith("_skip") for layer in model.layers),
+        "encoder": "residual" if layers.Add in kinds else "plain",
+        "deep_supervision": heads(model),
         "n_params": model.count_params(),
     }
 
@@ -329,6 +437,8 @@ def main() -> None:
     add("--dropout", type=float, default=0.0, help="dropout rate at the bottleneck")
     add("--no-batch-norm", action="store_true", help="no batch normalization")
     add("--no-skip", action="store_true", help="no skip connections (ablation)")
+    add("--encoder", choices=ENCODERS, default="plain", help="encoder blocks (residual: ResEnc)")
+    add("--deep-supervision", action="store_true", help="a head at each decoder level too")
     add("--quiet", action="store_true", help="no layer-by-layer summary")
     args = parser.parse_args()
     if args.num_classes < 2:
@@ -345,6 +455,8 @@ def main() -> None:
             args.dropout,
             args.upsampling,
             not args.no_skip,
+            encoder=args.encoder,
+            deep_supervision=args.deep_supervision,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -1,6 +1,7 @@
 """conv3d.py: parameter counts by hand, memory accounting, sliding windows, a tracked 3D run."""
 
 import keras
+import mlflow.keras
 import numpy as np
 import pytest
 
@@ -159,3 +160,17 @@ def test_peak_memory_is_the_child_process_own_not_its_large_parent():
     peak = memory.measure_in_subprocess(spec)["peak_rss_mb"]
     assert 0 < peak < 1500, peak  # a tiny model's step: the framework, well under the parent's size
     del ballast
+
+
+@pytest.mark.slow
+def test_3d_deep_supervision_and_residual_encoder_train_and_log_one_output(store):
+    args = conv3d.parse_args(
+        "--n-volumes 12 --shape 8 32 32 --depth 3 --base-filters 4 --epochs 2 --batch-size 2 "
+        "--seed 3 --precision float32 --xla off --deep-supervision --encoder residual".split()
+    )
+    results = conv3d.train3d(args)
+    run = store.search_runs([store.get_experiment_by_name("tp4-conv3d").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert (run.data.params["encoder"], run.data.params["deep_supervision"]) == ("residual", "2")
+    model = mlflow.keras.load_model(results["model_uri"])
+    assert len(model.outputs) == 1 and model.output_shape == (None, 8, 32, 32, 1)

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny configuration, checked in MLflow with MlflowClient."""
 
+import keras
 import mlflow
 import mlflow.keras
 import numpy as np
@@ -331,3 +332,21 @@ def test_a_grid_shard_runs_its_cells_each_as_its_own_run_and_prints_their_table(
         ["| CombinedLoss", "RMSprop"],
         ["| GeneralizedDiceLoss", "RMSprop"],
     ]
+
+
+@pytest.mark.slow
+def test_deep_supervision_and_residual_encoder_log_a_one_output_model(store, tmp_path):
+    saved = tmp_path / "ds.keras"
+    options = ["--deep-supervision", "--encoder", "residual", "--save-model", str(saved)]
+    results = train.train(train.parse_args(TINY + options))
+    run = _only_run(store)
+    assert run.info.run_name == "ResEncUNet_CombinedLoss_Adam" and run.info.status == "FINISHED"
+    p = run.data.params
+    # depth 3: heads at 1 and 1/2 of the size, weighted 1 and 0 (nnU-Net's lowest level).
+    assert (p["encoder"], p["deep_supervision"]) == ("residual", "2")
+    for model in (mlflow.keras.load_model(results["model_uri"]), keras.models.load_model(saved)):
+        assert len(model.outputs) == 1 and model.output_shape == (None, 32, 32, 1)
+        # n_params is the trained network's: with the 1x1 head of the 16-filter level (16 + 1).
+        assert model.count_params() == int(p["n_params"]) - 17
+    dice = [m.value for m in store.get_metric_history(run.info.run_id, "dice")]
+    assert len(dice) == results["epochs_run"] and 0 <= results["test_dice"] <= 1

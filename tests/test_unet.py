@@ -127,3 +127,57 @@ def test_command_line_prints_shapes_and_refuses_bad_sizes():
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("unet.py: error: spatial size (100, 100)")
     assert "Traceback" not in bad.stderr
+
+
+# ---- nnU-Net's variants: deep supervision and the residual encoder
+# ------------------------------------------------------------------------------------------------
+
+
+def test_deep_supervision_packs_one_head_per_decoder_level_and_inference_keeps_the_first():
+    model = unet.build_unet((32, 32, 1), base_filters=8, depth=4, deep_supervision=True)
+    assert model.output_shape == (None, 32, 32, 3) and unet.heads(model) == 3
+    x = np.random.default_rng(0).random((2, 32, 32, 1)).astype("float32")
+    packed = model.predict(x, verbose=0)
+    # Head i sits at 1/2**i of the input, repeated up to it: each 2**i block holds one value.
+    quarter = packed[..., 2]
+    np.testing.assert_array_equal(quarter, np.repeat(np.repeat(quarter[:, ::4, ::4], 4, 1), 4, 2))
+    inference = unet.inference_model(model)
+    assert len(inference.outputs) == 1 and inference.output_shape == (None, 32, 32, 1)
+    np.testing.assert_allclose(inference.predict(x, verbose=0), packed[..., :1], atol=1e-6)
+    # The heads are 1x1 convolutions of 16 and 32 channels: what the saved model sheds.
+    assert model.count_params() - inference.count_params() == (16 + 1) + (32 + 1)
+    assert unet.inference_model(inference) is inference
+
+
+def test_deep_supervision_multiclass_and_3d_heads():
+    model = unet.build_unet(
+        (32, 32, 1), base_filters=8, depth=3, num_classes=3, deep_supervision=True
+    )
+    assert model.output_shape == (None, 32, 32, 6) and unet.heads(model) == 2
+    volume = unet.build_unet3d((8, 16, 16, 1), base_filters=4, depth=3, deep_supervision=True)
+    assert volume.output_shape == (None, 8, 16, 16, 2)
+    assert unet.describe(volume)["deep_supervision"] == 2
+
+
+def test_residual_encoder_blocks_and_parameters():
+    plain = unet.build_unet((32, 32, 1), base_filters=8, depth=3)
+    residual = unet.build_unet((32, 32, 1), base_filters=8, depth=3, encoder="residual")
+    assert residual.output_shape == (None, 32, 32, 1)
+    adds = [layer.name for layer in residual.layers if isinstance(layer, keras.layers.Add)]
+    # RESIDUAL_BLOCKS = (1, 2, 2, ...): one block at level 1, two at level 2 and at the bottleneck.
+    assert adds == ["enc1_res1_add", "enc2_res1_add", "enc2_res2_add"] + [
+        "bottleneck_res1_add",
+        "bottleneck_res2_add",
+    ]
+    # Extra over the plain encoder: a second block of 16 and of 32 filters (two 3x3 convolutions
+    # and their batch norms each), and the 1x1 shortcuts where the channels change (1->8, 8->16,
+    # 16->32), each with its batch norm.
+    extra = sum(_block_params(f, f) for f in (16, 32)) + sum(
+        c_in * c_out + 4 * c_out for c_in, c_out in ((1, 8), (8, 16), (16, 32))
+    )
+    assert residual.count_params() - plain.count_params() == extra
+    described = unet.describe(residual)
+    assert described["encoder"] == "residual" and described["kernel_size"] == 3
+    assert unet.describe(plain)["encoder"] == "plain"
+    with pytest.raises(ValueError, match="encoder"):
+        unet.build_unet((32, 32, 1), encoder="dense")

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 import losses
+import unet
 from tp4.distributed import keras_multiworker, multiworker
 from tp4.models import batchnorm
 
@@ -193,7 +194,7 @@ class Validation(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         probabilities = predict(self.model, self.images, self.batch)
-        overlaps = losses.overlap_metrics(self.model)
+        overlaps = losses.overlap_metrics(self.model, unet.heads(self.model))
         total = 0.0
         for start in range(0, len(self.images), self.batch):
             truth = self.masks[start : start + self.batch]

@@ -79,6 +79,17 @@ class Recipe:
     depth: int = option(
         4, "levels, bottleneck included (pools depth-1 times)", type=cli.at_least(1)
     )
+    # nnU-Net's variants of the network (unet.py).
+    encoder: Literal["plain", "residual"] = option(
+        "plain",
+        "encoder blocks: plain (two convolutions per level) or residual (nnU-Net's ResEnc, "
+        "in small form: unet.RESIDUAL_BLOCKS per level)",
+    )
+    deep_supervision: bool = option(
+        False,
+        "train a head at each decoder level too, weighted 1, 1/2, 1/4, ... (the lowest 0) against "
+        "the masks down-sampled to match; the logged and saved model keeps the full-resolution one",
+    )
     # Real data instead of the synthetic scans.
     data_dir: str | None = option(
         None,

@@ -23,6 +23,7 @@ import numpy as np
 
 import data
 import losses
+import unet
 from tp4.distributed import distribute, multiworker
 from tp4.images import geometry
 from tp4.perf import speed
@@ -58,6 +59,24 @@ def run_name(model: keras.Model, config) -> str:
 def peak_learning_rate(config) -> float:
     """--lr, or the optimizer's usual learning rate."""
     return config.lr if config.lr is not None else OPTIMIZERS[config.optimizer].learning_rate
+
+
+def loss(config, model: keras.Model) -> keras.losses.Loss:
+    """The training loss (--loss); with deep supervision, at every head of `model`
+    (losses.DeepSupervisionLoss, nnU-Net's weights)."""
+    chosen, heads = losses.get_loss(config.loss), unet.heads(model)
+    return losses.DeepSupervisionLoss(chosen, heads) if heads > 1 else chosen
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The trained `model` as it is evaluated, logged and saved: deep supervision's extra heads
+    dropped (unet.inference_model). Such a model is not compiled (a fresh optimizer saved with it
+    would not match its weights when loaded): it carries the loss of its one output for `evaluate`.
+    """
+    inference = unet.inference_model(model)
+    if inference is not model:
+        inference.loss = model.loss.loss
+    return inference
 
 
 def choose_speed(config, build: Callable[[], keras.Model]):
