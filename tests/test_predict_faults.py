@@ -5,6 +5,7 @@ import socket
 import sys
 import time
 
+import keras
 import nibabel as nib
 import numpy as np
 import pytest
@@ -68,12 +69,33 @@ def test_an_unreachable_tracking_server_fails_in_seconds(
 
 @pytest.fixture(scope="module")
 def nan_model(tmp_path_factory):
-    """A U-Net whose weights are all NaN, as a diverged training leaves them, saved as .keras."""
-    model = unet.build_unet((32, 32, 1), 8, 2)
-    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    """A model of finite weights whose outputs are not finite: 1e30 x 1e30 overflows float32, so
+    its logits are -inf where the input is not 0 (a sigmoid of exactly 0 there), saved as .keras."""
+    inputs = keras.Input((32, 32, 1))
+    hidden = keras.layers.Conv2D(1, 1)(inputs)
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(hidden))
+    model.set_weights([np.full_like(w, -1e30 if w.ndim else 0) for w in model.get_weights()])
     path = tmp_path_factory.mktemp("models") / "diverged.keras"
     model.save(path)
     return str(path)
+
+
+@pytest.mark.parametrize("broken", ["output bias -inf", "kernel +inf", "kernel NaN"])
+def test_a_model_with_non_finite_weights_is_refused_when_loaded(broken, image, tmp_path, capsys):
+    model = unet.build_unet((32, 32, 1), 8, 2)
+    layer = model.get_layer("mask") if "bias" in broken else model.layers[1]
+    variable = layer.bias if "bias" in broken else layer.kernel
+    values = np.asarray(variable).copy()
+    values.flat[0] = {"output bias -inf": -np.inf, "kernel +inf": np.inf}.get(broken, np.nan)
+    variable.assign(values)
+    model.save(tmp_path / "broken.keras")
+    code, out, err = run_predict(
+        [str(tmp_path / "broken.keras"), image, "--output", str(tmp_path / "out")], capsys
+    )
+    assert code == 2 and out == [] and len(err) == 1, err
+    assert err[0].startswith(f"predict.py: error: {tmp_path / 'broken.keras'}: weights NaN or ")
+    assert f"(1 in {variable.path})" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def _output_under_a_file(tmp_path):

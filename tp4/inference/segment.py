@@ -9,8 +9,10 @@ What this module teaches:
   cropped back after;
 - test-time mirroring (`tta`, nnU-Net's): the probabilities are averaged over the flips of every
   combination of spatial axes (4 in 2D, 8 in 3D, each sliding window mirrored), each flip undone;
-- probabilities that are not finite are refused (`finite`): thresholding would turn them into an
-  empty mask that looks like a result.
+- a broken model is refused, not run: weights that are NaN or infinite at load time
+  (`check_weights`: an output bias of -inf gives a sigmoid of exactly 0, an empty mask that looks
+  like a result), logits that are not finite once computed (`guard_logits`), and probabilities
+  that are not finite (`finite`): thresholding would turn them into background without a word.
 
 predict.py runs it over files; the model's own serving (tp4/serving) shares it.
 """
@@ -64,18 +66,43 @@ def load_model(location):
             f"{location}: expected a segmentation model with a fixed input (N, H, W, C) or "
             f"(N, D, H, W, C), got {model.input_shape} -> {model.output_shape}"
         )
+    check_weights(model, location)
+    return model
+
+
+def check_weights(model, location):
+    """ModelError if any weight of `model` is NaN or infinite, naming the first such variable."""
+    counts = {v.path: int(np.count_nonzero(~np.isfinite(np.asarray(v)))) for v in model.weights}
+    bad = [f"{count} in {path}" for path, count in counts.items() if count]
+    if bad:
+        raise ModelError(
+            f"{location}: weights NaN or infinite ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): a training that diverged? Train again or resume "
+            "from an earlier checkpoint; no mask written"
+        )
+
+
+def guard_logits(model):
+    """`model`, its output layer computing activation(logits) + 0·logits: bit for bit the same
+    where the logits are finite, NaN where they are not (0·inf is NaN), which `finite` refuses.
+    Without it, logits of -inf (weights that overflow float32) give a sigmoid of exactly 0."""
+    for name in model.output_names:
+        layer = model.get_layer(name)
+        activation = getattr(layer, "activation", None)
+        if activation is not None:
+            layer.activation = lambda logits, activation=activation: activation(logits) + 0 * logits
     return model
 
 
 def at_speed(model, precision="auto", xla="auto"):
     """`model` rebuilt at the precision and XLA setting chosen for this machine (speed.choose, on
-    inference at predict's batch), with the same weights."""
+    inference at predict's batch), with the same weights, its logits guarded (`guard_logits`)."""
     batch = BATCH_2D if len(model.input_shape) == 4 else BATCH_3D
     choice = speed.choose(precision, xla, lambda: speed.recast(model), batch, mode="infer")
     with speed.policy_scope(choice.precision):
         fast = speed.recast(model)
     fast.jit_compile = choice.xla
-    return fast
+    return guard_logits(fast)
 
 
 def predict_images(model, images, batch_size=BATCH_2D, tta=False):
