@@ -19,6 +19,10 @@ import time
 import psutil
 from mlflow import MlflowClient
 
+CONFIGURATION = "config.json"  # logged by the scripts before training: what --resume reads back
+NO_CONFIGURATION = (
+    f"it never logged its {CONFIGURATION} (it stopped before training): start a new run"
+)
 HEARTBEAT_SECONDS = 30
 STALE_SECONDS = 600  # 20 missed heartbeats
 
@@ -57,6 +61,11 @@ class Heartbeat:
                 return
             with contextlib.suppress(Exception):  # unreachable, busy: the next beat tries again
                 self.client.set_tag(self.run_id, "heartbeat", _now())
+
+
+def has_configuration(client: MlflowClient, run_id: str) -> bool:
+    """Whether run `run_id` logged its configuration (CONFIGURATION): without it, no --resume."""
+    return any(artifact.path == CONFIGURATION for artifact in client.list_artifacts(run_id))
 
 
 def death(run, now: float | None = None) -> str | None:
@@ -98,8 +107,11 @@ def mark_dead_runs(client: MlflowClient) -> list[str]:
             run_id, "KILLED", end_time=int(float(run.data.tags["heartbeat"]) * 1e3)
         )
         script = os.path.basename(run.data.tags.get("mlflow.source.name", "train.py"))
+        then = f"continue it with: python {script} --resume {run_id}"
+        if not has_configuration(client, run_id):
+            then = NO_CONFIGURATION
         lines.append(
             f"run {run_id} ({run.info.run_name}) ended without a word ({reason}): marked KILLED; "
-            f"continue it with: python {script} --resume {run_id}"
+            f"{then}"
         )
     return lines

@@ -17,6 +17,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from tp4 import cli
+from tp4.tracking import liveness
 from tp4.training import checkpoint, config, divergence
 
 PLACE_FLAGS = {"resume", "experiment", "checkpoint_dir"}  # where and which, not what is computed
@@ -38,26 +40,24 @@ def configuration(given, command_line, argv: list[str]):
     """
     client = MlflowClient()
     if given.resume == config.NEWEST:
-        run = _newest(client, given.experiment)
+        run, logged = _newest(client, given, command_line.prog)
     else:
         try:
             run = client.get_run(given.resume)
         except MlflowException as error:
-            raise ValueError(f"no run {given.resume} in the tracking store: {error}") from None
+            raise ValueError(
+                f"no run {given.resume} in the tracking store: {cli.first_line(error)}"
+            ) from None
+        logged, reason = _configuration_to_resume(client, run, given, command_line.prog)
+        if reason:
+            raise ValueError(f"run {given.resume} cannot be resumed: {reason}")
     run_id = run.info.run_id
-    reason = _not_resumable(run)
-    if reason:
-        raise ValueError(f"run {run_id} cannot be resumed: {reason}")
     folder = os.path.join(given.checkpoint_dir, run_id)
     readable, _ = checkpoint.newest_readable(folder)  # ValueError: damaged, none to fall back to
     if not readable and client.get_metric_history(run_id, "loss"):
         raise ValueError(
             f"run {run_id} has no checkpoint in {folder} (it ran on {run.data.tags.get('host')})"
         )
-    try:
-        logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/config.json")
-    except Exception as error:
-        raise ValueError(f"run {run_id} has no readable config.json: {error}") from None
     changed = [
         f"--{name.replace('_', '-')} {getattr(given, name)} (the run has {logged.get(name)})"
         for name in sorted(config.given(command_line, argv) - PLACE_FLAGS)
@@ -72,8 +72,9 @@ def configuration(given, command_line, argv: list[str]):
     return dataclasses.replace(resumed, resume=run_id, checkpoint_dir=given.checkpoint_dir)
 
 
-def _newest(client, experiment):
-    found = client.get_experiment_by_name(experiment)
+def _newest(client, given, script):
+    """The newest run of `given.experiment` that `script` can resume, and its configuration."""
+    found = client.get_experiment_by_name(given.experiment)
     runs = []
     if found:
         runs = client.search_runs(
@@ -82,10 +83,40 @@ def _newest(client, experiment):
             order_by=["attributes.start_time DESC"],
             max_results=100,
         )
-    resumable = [run for run in runs if not _not_resumable(run)]
-    if not resumable:
-        raise ValueError(f"experiment {experiment!r} has no interrupted run to resume")
-    return resumable[0]
+    for run in runs:  # newest first; those killed before their config.json are passed over
+        logged, reason = _configuration_to_resume(client, run, given, script)
+        if not reason:
+            return run, logged
+    raise ValueError(f"experiment {given.experiment!r} has no interrupted run to resume")
+
+
+def _configuration_to_resume(client, run, given, script):
+    """(the config.json of `run`, None), or (None, why `script` cannot resume it)."""
+    reason = _not_resumable(run)
+    if reason:
+        return None, reason
+    if not liveness.has_configuration(client, run.info.run_id):
+        return None, liveness.NO_CONFIGURATION
+    try:
+        logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{liveness.CONFIGURATION}")
+    except Exception as error:  # MLflow raises many types here (HTTP, files, JSON)
+        return None, f"its {liveness.CONFIGURATION} cannot be read: {cli.first_line(error)}"
+    # A run of the other script (train.py's 2D run for conv3d.py) has settings this one lacks; the
+    # script that started it must agree too: a setting a newer version dropped is no refusal.
+    foreign = sorted(set(logged) - {field.name for field in dataclasses.fields(type(given))})
+    started_by = os.path.basename(run.data.tags.get("mlflow.source.name", ""))
+    if foreign and started_by != script:
+        settings = ", ".join(f"--{name.replace('_', '-')}" for name in foreign[:3])
+        command = (
+            f"python {started_by} --resume {run.info.run_id}"
+            if started_by.endswith(".py")
+            else "the script that started it"
+        )
+        return None, (
+            f"it is a run of {started_by or 'another script'}, not of {script} (its settings "
+            f"{settings} are not {script}'s): resume it with {command}"
+        )
+    return logged, None
 
 
 def _not_resumable(run):

@@ -13,11 +13,12 @@ import report
 from tp4.tracking import liveness
 
 
-def _running_run(name, host, pid, heartbeat):
+def _running_run(name, host, pid, heartbeat, configured=True):
     mlflow.set_experiment("e")
     tags = {"host": host, "pid": str(pid), "heartbeat": f"{heartbeat:.0f}"}
     with mlflow.start_run(run_name=name, tags=tags) as run:
-        pass
+        if configured:  # as the scripts do before training
+            mlflow.log_dict({}, liveness.CONFIGURATION)
     mlflow.MlflowClient().set_terminated(run.info.run_id, "RUNNING")
     return run.info.run_id
 
@@ -58,6 +59,17 @@ def test_report_marks_dead_runs_and_says_how_to_resume(store, capsys):
     assert line.startswith(f"run {run_id} (dead) ended without a word (process ")
     assert "marked KILLED; continue it with: python " in line
     assert line.endswith(f" --resume {run_id}")
+    assert store.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_dead_run_that_never_logged_its_configuration_is_not_offered_for_resuming(store):
+    run_id = _running_run("early", socket.gethostname(), _dead_pid(), time.time(), False)
+    (line,) = liveness.mark_dead_runs(store)
+    assert line.startswith(f"run {run_id} (early) ended without a word (process ")
+    assert line.endswith(
+        "marked KILLED; it never logged its config.json (it stopped before training): "
+        "start a new run"
+    )
     assert store.get_run(run_id).info.status == "KILLED"
 
 

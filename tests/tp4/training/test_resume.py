@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import mlflow
 import pytest
@@ -11,6 +12,7 @@ from helpers import LEARNS, REPO, TINY, refused_in_one_line, wait_for_line
 
 import conv3d
 import train
+import unet
 from tp4 import cli
 from tp4.tracking import liveness, runs
 from tp4.training import checkpoint, resume
@@ -87,9 +89,10 @@ def test_sighup_marks_the_run_killed(store):
     assert len(store.get_metric_history(run.info.run_id, "loss")) >= 1
 
 
-def _crafted_run(experiment, argv, status, tags=None):
-    """A run as train.py starts one (params skipped), ended with `status`; no training."""
-    args = train.parse_args(argv + ["--experiment", experiment])
+def _crafted_run(experiment, argv, status, tags=None, script=train):
+    """A run as `script` (train, conv3d) starts one (params skipped), ended with `status`; no
+    training."""
+    args = script.parse_args(argv + ["--experiment", experiment])
     cli.setup()  # as train.main: MLflow's INFO lines (a new experiment) off stderr
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="crafted", tags=tags) as run:
@@ -233,3 +236,43 @@ def test_a_damaged_checkpoint_without_an_older_one_is_one_line_and_the_run_stays
     )
     assert "pickle" not in line
     assert store.get_run(run_id).info.status == "KILLED"  # a restored file resumes it
+
+
+def test_resume_alone_passes_over_a_run_killed_before_its_configuration(store, capsys):
+    usable, _ = _crafted_run("e", ["--lr", "0.1"], "KILLED")
+    time.sleep(0.01)  # a later start time
+    with mlflow.start_run(run_name="early") as early:  # killed before it logged config.json
+        pass
+    store.set_terminated(early.info.run_id, "KILLED")
+    assert _configuration(["--resume", "--experiment", "e"]).resume == usable
+    assert refused_in_one_line(["--resume", early.info.run_id], capsys) == (
+        f"train.py: error: run {early.info.run_id} cannot be resumed: it never logged its "
+        "config.json (it stopped before training): start a new run"
+    )
+
+
+@pytest.mark.parametrize(
+    "started_by, resumed_by, settings",
+    [
+        (train, conv3d, "--contrast, --grid, --image-size"),
+        (conv3d, train, "--compare-2d, --kernel-size, --levers"),
+    ],
+)
+def test_a_run_of_the_other_script_is_refused_in_one_line_before_any_model(
+    store, capsys, monkeypatch, started_by, resumed_by, settings
+):
+    script = f"{started_by.__name__}.py"
+    tags = {"mlflow.source.name": f"/home/user/tp4/{script}"}
+    run_id, _ = _crafted_run("e", [], "KILLED", tags, script=started_by)
+    for build in ("build_unet", "build_unet3d"):
+        monkeypatch.setattr(unet, build, lambda *args, **kwargs: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as exit_info:
+        resumed_by.main(["--resume", run_id])
+    assert exit_info.value.code == 2
+    other = f"{resumed_by.__name__}.py"
+    assert capsys.readouterr().err == (
+        f"{other}: error: run {run_id} cannot be resumed: it is a run of {script}, not of "
+        f"{other} (its settings {settings} are not {other}'s): resume it with "
+        f"python {script} --resume {run_id}\n"
+    )
+    assert store.get_run(run_id).info.status == "KILLED"
