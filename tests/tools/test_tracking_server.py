@@ -21,10 +21,12 @@ import psutil
 import pytest
 from helpers import REPO
 from mlflow import MlflowClient
+from mlflow.server.auth.client import AuthServiceClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
+import report
 from tools import postgres, tracking_server
-from tp4.tracking import runs
+from tp4.tracking import liveness, runs, store
 
 TINY = (
     "--n-images 40 --image-size 32 --base-filters 8 --depth 3 --epochs 1 --batch-size 8 "
@@ -135,10 +137,11 @@ def _status(url, user=None, password=None, host=None):
         return error.code
 
 
-def _train(server, experiment, *flag_sets):
-    """train.py with the server's credentials, one process per set of flags, all at once; each
-    must succeed. Stops any left when a test fails."""
-    env = {**os.environ, **server.credentials(), "MLFLOW_TRACKING_URI": server.url}
+def _train(server, experiment, *flag_sets, credentials=None):
+    """train.py with the server's credentials (admin's, or `credentials`), one process per set of
+    flags, all at once; each must succeed. Stops any left when a test fails."""
+    login = credentials or server.credentials()
+    env = {**os.environ, **login, "MLFLOW_TRACKING_URI": server.url}
     command = [sys.executable, REPO / "train.py", *TINY, "--experiment", experiment]
     processes = [
         subprocess.Popen(
@@ -203,6 +206,34 @@ def test_four_concurrent_trainings_are_all_recorded(server, client):
     assert {run.info.status for run in runs} == {"FINISHED"}
     for run in runs:
         assert len(client.get_metric_history(run.info.run_id, "val_dice")) == 1
+
+
+@pytest.mark.slow
+def test_another_users_dead_run_blocks_nothing_for_a_reader(server, client, monkeypatch, capsys):
+    """admin's run died (a heartbeat that stopped long ago, on another machine); bob, who may only
+    read it, still opens the store, reports and trains in his own experiment; admin's next command
+    marks it KILLED."""
+    silent_since = int(time.time()) - liveness.STALE_SECONDS - 60
+    tags = {"host": "elsewhere", "pid": "1", "heartbeat": str(silent_since)}
+    dead = client.create_run(client.create_experiment("admins"), tags=tags).info.run_id
+    AuthServiceClient(server.url).create_user("bob", "bob-password")  # READ: the default
+    bob = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "bob-password"}
+    for name, value in {**bob, "MLFLOW_TRACKING_URI": server.url}.items():
+        monkeypatch.setenv(name, value)
+
+    store.open_store()
+    report.main(["admins", "--all"])
+    captured = capsys.readouterr()
+    assert captured.err == "" and "RUNNING" in captured.out
+    _train(server, "bobs", [], credentials=bob)
+    (trained,) = client.search_runs([client.get_experiment_by_name("bobs").experiment_id])
+    assert trained.info.status == "FINISHED"
+    assert client.get_run(dead).info.status == "RUNNING"  # not bob's to mark
+
+    for name, value in server.credentials().items():
+        monkeypatch.setenv(name, value)
+    (line,) = liveness.mark_dead_runs(client)
+    assert line.startswith(f"run {dead} ") and client.get_run(dead).info.status == "KILLED"
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ epoch); the next command that uses the store (store.open_store) looks at every R
   started after the last heartbeat (the pid was reused): certain;
 - another host: dead only when its heartbeat is older than STALE_SECONDS: clearly stale, not just
   late.
+On a shared tracking server, a dead run of another user that this one may only read is left for
+its owner's next command: one user's fault never blocks another.
 """
 
 import contextlib
@@ -18,6 +20,8 @@ import time
 
 import psutil
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, ErrorCode
 
 CONFIGURATION = "config.json"  # logged by the scripts before training: what --resume reads back
 NO_CONFIGURATION = (
@@ -89,7 +93,8 @@ def death(run, now: float | None = None) -> str | None:
 
 
 def mark_dead_runs(client: MlflowClient) -> list[str]:
-    """Mark KILLED every RUNNING run of the store whose process is dead (`death`).
+    """Mark KILLED every RUNNING run of the store whose process is dead (`death`), except those
+    this user may not write (a tracking server's other users: their own next command marks them).
 
     Returns:
         One line per run marked: which run, why, and how to continue it.
@@ -102,7 +107,12 @@ def mark_dead_runs(client: MlflowClient) -> list[str]:
         if reason is None:
             continue
         run_id = run.info.run_id
-        client.set_tag(run_id, "failure", f"ended without a word: {reason}")
+        try:
+            client.set_tag(run_id, "failure", f"ended without a word: {reason}")
+        except MlflowException as error:
+            if error.error_code == ErrorCode.Name(PERMISSION_DENIED):
+                continue  # another user's run on a shared server: theirs to mark
+            raise
         client.set_terminated(
             run_id, "KILLED", end_time=int(float(run.data.tags["heartbeat"]) * 1e3)
         )

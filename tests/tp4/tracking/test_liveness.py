@@ -8,6 +8,8 @@ import time
 import mlflow
 import psutil
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
 import report
 from tp4.tracking import liveness
@@ -71,6 +73,18 @@ def test_a_dead_run_that_never_logged_its_configuration_is_not_offered_for_resum
         "start a new run"
     )
     assert store.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_dead_run_this_user_may_not_write_is_left_to_its_owner(store, monkeypatch):
+    """What a tracking server with logins answers for another user's run (403)."""
+    theirs = _running_run("theirs", socket.gethostname(), _dead_pid(), time.time())
+
+    def forbidden(*args, **kwargs):
+        raise MlflowException("Permission denied", error_code=PERMISSION_DENIED)
+
+    monkeypatch.setattr(store, "set_tag", forbidden)
+    assert liveness.mark_dead_runs(store) == []
+    assert store.get_run(theirs).info.status == "RUNNING"
 
 
 def test_the_heartbeat_thread_refreshes_its_tag(store):
