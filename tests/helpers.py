@@ -121,8 +121,10 @@ def write_png_folder(root, shapes=((32, 32),) * 4, seed=0):
     return written
 
 
-def write_msd_folder(root, n=3, shape=(32, 32, 8), seed=0):
-    """imagesTr/case_00I_0000.nii.gz + labelsTr/case_00I.nii.gz (the last case as plain .nii)."""
+def write_msd_folder(root, n=3, shape=(32, 32, 8), seed=0, suffixes=None):
+    """imagesTr/case_00I_0000.nii.gz + labelsTr/case_00I.nii.gz (the last case as plain .nii), or
+    with `suffixes` (image's, label's: "" for a DICOM series) int16 images in those formats. Returns
+    the (image, label) arrays by case, as stored."""
     rng = np.random.default_rng(seed)
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
@@ -130,10 +132,18 @@ def write_msd_folder(root, n=3, shape=(32, 32, 8), seed=0):
     for i in range(n):
         image, label = (rng.random(shape) * 1000 - 200).astype(np.float32), blob(shape, rng)
         ext = ".nii" if i == n - 1 else ".nii.gz"
-        nib.save(nib.Nifti1Image(image, AFFINE), root / "imagesTr" / f"case_{i:03d}_0000{ext}")
-        nib.save(nib.Nifti1Image(label, AFFINE), root / "labelsTr" / f"case_{i:03d}{ext}")
+        image_ext, label_ext = suffixes or (ext, ext)
+        image = image.astype(np.int16) if suffixes else image
+        write_volume(root / "imagesTr" / f"case_{i:03d}_0000{image_ext}", image)
+        write_volume(root / "labelsTr" / f"case_{i:03d}{label_ext}", label)
         written[f"case_{i:03d}"] = (image, label)
     return written
+
+
+def ras(array, affine=AFFINE):
+    """`array`, stored as `affine` places it, in nibabel's closest canonical (RAS) order: what the
+    loaders give."""
+    return nib.apply_orientation(array, nib.io_orientation(affine))
 
 
 def refused_in_one_line(argv, capsys):

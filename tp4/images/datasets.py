@@ -3,11 +3,12 @@
 What this script teaches:
 - two folder layouts, detected from the sub-folder names: `DIR/images/*` + `DIR/masks/*` (PNG, JPEG,
   TIFF), pairs matched by file stem (`a.jpg` with `a.png`); `DIR/imagesTr/*.nii.gz` +
-  `DIR/labelsTr/*.nii.gz` (also `.nii`), the Medical Segmentation Decathlon and nnU-Net layout,
-  where `case_0000.nii.gz` (nnU-Net's channel suffix) pairs with `case.nii.gz`;
+  `DIR/labelsTr/*.nii.gz`, the Medical Segmentation Decathlon and nnU-Net layout, where
+  `case_0000.nii.gz` (nnU-Net's channel suffix) pairs with `case.nii.gz`. Its volumes may also be
+  `.nii`, NRRD, MetaImage files or DICOM series (a folder per case), read by volumes.py;
 - everything is checked before anything starts (no MLflow run is left behind by a bad folder):
   missing masks, unreadable files or broken links, an image and its mask of different shapes or
-  (NIfTI) affines, masks with more values than classes (`--num-classes`: 2 is binary, C takes
+  (volumes) grids, masks with more values than classes (`--num-classes`: 2 is binary, C takes
   label maps 0..C-1), NaN or inf, images of a few pixels: a `DataError` naming files. A training
   set without foreground is refused by the scripts (data.require_foreground);
 - one preprocessing for training and prediction (predict.py does the same): intensities normalized
@@ -16,12 +17,14 @@ What this script teaches:
   relative contrast), then fitted to the network by geometry.fit (2D: shrink to fit, then pad) or
   cut into patches by geometry.tile (3D);
 - every example keeps its name (file, case and slice or patch) and its voxel size, for the per-case
-  test table and the surface distances: from the NIfTI header in mm (a slice: its in-plane size),
+  test table and the surface distances: from the volume's header in mm (a slice: its in-plane size),
   1 px for PNG/JPEG/TIFF, and multiplied by the shrink factor when an image is shrunk to fit (its
   pixels grow);
-- volumes give 2D examples as slices along the array's last axis (as stored, usually axial; no
-  reorientation) and 3D examples as (D, H, W) patches where D is that same last axis. Blank slices
-  and patches (constant image: outside the body, or padding) are skipped;
+- volumes are brought to the closest canonical RAS orientation first (volumes.py: axes transposed
+  and flipped, never interpolated), whatever their format and stored orientation. They give 2D
+  examples as slices along the last axis (axial) and 3D examples as (D, H, W) patches where D is
+  that same axis. Blank slices and patches (constant image: outside the body, or padding) are
+  skipped;
 - the split unit is never the slice. Neighbouring slices are nearly the same image: a random split
   of slices puts the twins of every test slice in the training set, and the test score measures
   memory. data.split is applied to groups: files (images/ + masks/), cases (MSD), and for mni-wm, a
@@ -46,12 +49,12 @@ from nilearn import datasets as nilearn_datasets
 
 import data
 from tp4 import cli
-from tp4.images import geometry, imagefiles
+from tp4.images import geometry, imagefiles, volumes
 from tp4.images.imagefiles import DataError  # noqa: F401 (re-exported: callers catch datasets.DataError)
 
 LAYOUTS = {
     "images+masks": ("images", "masks", imagefiles.IMAGE_SUFFIXES),
-    "msd": ("imagesTr", "labelsTr", imagefiles.NIFTI_SUFFIXES),
+    "msd": ("imagesTr", "labelsTr", volumes.VOLUME_SUFFIXES),
 }
 SLICE_BLOCK = 8  # mni-wm 2D: consecutive slices (8 mm at 1 mm) that stay in the same split
 MNI_RESOLUTION = 1  # mm: the template's native grid inside nilearn (any other is resampled, slower)
@@ -71,7 +74,8 @@ class Examples:
     original_shapes: list  # spatial shape of every file read, before fitting
     case_ids: list | None = None  # name of each example: "case_001 slice 12" (None: its group's)
     spacing: np.ndarray | None = None  # (N, spatial dims) voxel size of each example (None: 1)
-    spacing_unit: str = "px"  # "mm" (NIfTI) or "px" (pixels of the image files)
+    spacing_unit: str = "px"  # "mm" (volumes) or "px" (pixels of the image files)
+    orientations: list | None = None  # axis codes each volume was stored in ("LPS"), now RAS
 
 
 def find_pairs(folder):
@@ -90,15 +94,20 @@ def find_pairs(folder):
     if layout is None:
         raise DataError(
             f"{folder} holds neither images/ + masks/ (PNG, JPEG, TIFF) nor imagesTr/ + labelsTr/ "
-            "(NIfTI, Medical Segmentation Decathlon)"
+            "(NIfTI, NRRD, MHA/MHD or DICOM series folders: the Medical Segmentation Decathlon's)"
         )
     image_dir, mask_dir, suffixes = LAYOUTS[layout]
-    images = imagefiles.list_files(os.path.join(folder, image_dir), suffixes)
-    masks = imagefiles.list_files(os.path.join(folder, mask_dir), suffixes)
-    if not images:
-        raise DataError(
-            f"{os.path.join(folder, image_dir)} holds no image file ({', '.join(suffixes)})"
+    if layout == "msd":  # files, and folders of DICOM series
+        images, masks = (
+            volumes.list_volumes(os.path.join(folder, d)) for d in (image_dir, mask_dir)
         )
+    else:
+        images, masks = (
+            imagefiles.list_files(os.path.join(folder, d), suffixes) for d in (image_dir, mask_dir)
+        )
+    if not images:
+        what = ", ".join(suffixes) + (", DICOM series folders" if layout == "msd" else "")
+        raise DataError(f"{os.path.join(folder, image_dir)} holds no image file ({what})")
     image_by_key = _by_key(images, strip_channel=layout == "msd")
     mask_by_key = _by_key(masks, strip_channel=False)
     for paths, other, kind, missing in (
@@ -143,10 +152,10 @@ def load_folder(folder, shape, num_classes=2):
     layout, pairs = find_pairs(folder)
     if layout == "images+masks" and len(shape) == 3:
         raise DataError(
-            f"{folder} holds 2D images (images/ + masks/): 3D training needs NIfTI volumes "
+            f"{folder} holds 2D images (images/ + masks/): 3D training needs volumes "
             "(imagesTr/ + labelsTr/)"
         )
-    parts, shapes = [], []
+    parts, shapes, stored_axes = [], [], []
     for image_path, mask_path in pairs:
         case = imagefiles.stem(mask_path)  # the case name, without a _0000 channel
         if layout == "images+masks":
@@ -155,10 +164,9 @@ def load_folder(folder, shape, num_classes=2):
                 imagefiles.read_mask(mask_path),
             )
         else:
-            (image, nifti), (labels, label_nifti) = (
-                imagefiles.read_volume(image_path),
-                imagefiles.read_volume(mask_path),
-            )
+            volume, label_volume = volumes.read(image_path), volumes.read(mask_path)
+            image, labels = volume.array, label_volume.array
+            stored_axes.append(volume.stored_axes)
         if image.shape != labels.shape:
             raise DataError(
                 f"image {os.path.basename(image_path)} is {imagefiles.shape_text(image.shape)} but "
@@ -166,7 +174,7 @@ def load_folder(folder, shape, num_classes=2):
             )
         if layout == "msd":
             imagefiles.check_same_grid(
-                image.shape, nifti.affine, label_nifti.affine, image_path, mask_path
+                image.shape, volume.affine, label_volume.affine, image_path, mask_path
             )
         mask = imagefiles.label_map(labels, mask_path, num_classes)
         image = data.normalize_intensity(image.astype(np.float32))
@@ -177,7 +185,7 @@ def load_folder(folder, shape, num_classes=2):
             spacing = np.divide(transform.original, transform.scaled)  # 1 px, larger once shrunk
             parts.append((fitted[None, ..., None], fitted_mask[None, ..., None], [case], spacing))
         else:
-            found = volume_examples(image, mask, shape, image_path, imagefiles.voxel_size_mm(nifti))
+            found = volume_examples(image, mask, shape, image_path, volume.spacing)
             images, masks, _, where, spacing = found
             parts.append((images, masks, [f"{case} {w}" for w in where], spacing))
     names = [imagefiles.stem(mask_path) for _, mask_path in pairs]
@@ -193,6 +201,7 @@ def load_folder(folder, shape, num_classes=2):
         [name for p in parts for name in p[2]],
         np.concatenate([np.tile(p[3], (len(p[0]), 1)) for p in parts]),
         "px" if layout == "images+masks" else "mm",
+        stored_axes or None,
     )
 
 
@@ -318,6 +327,10 @@ def describe(examples, splits=None, assignment=None):
                 f"{len(small)} of {len(examples.original_shapes)} volumes ({sizes}) are smaller "
                 "than the patch along an axis: zero-padded to it"
             )
+    if examples.orientations:
+        counts = {axes: examples.orientations.count(axes) for axes in sorted(examples.orientations)}
+        stored = ", ".join(f"{n} {axes}" for axes, n in counts.items())
+        description["data_orientation"] = f"RAS (closest canonical), stored {stored}"
     if examples.spacing is not None:
         description["data_spacing"] = data.spacing_text(examples.spacing, examples.spacing_unit)
     for name in ("val", "test") if assignment else ():

@@ -5,7 +5,15 @@ import socket
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import AFFINE, TINY_REAL, refused_in_one_line, write_msd_folder, write_png_folder
+from helpers import (
+    AFFINE,
+    TINY_REAL,
+    ras,
+    refused_in_one_line,
+    write_msd_folder,
+    write_png_folder,
+    write_volume,
+)
 from PIL import Image
 
 import conv3d
@@ -76,7 +84,8 @@ def test_msd_volumes_give_slices_along_the_last_axis_one_group_per_case(tmp_path
     assert examples.layout == "msd" and examples.images.shape == (24, 32, 32, 1)
     assert examples.groups.tolist() == [0] * 8 + [1] * 8 + [2] * 8
     for case, (image, label) in enumerate(written.values()):
-        normalized = data.normalize_intensity(image)  # once per volume, before slicing
+        # Once per volume, before slicing; stored ALS (AFFINE), sliced in RAS.
+        normalized, label = ras(data.normalize_intensity(image)), ras(label)
         for z in range(8):
             np.testing.assert_allclose(examples.images[case * 8 + z, ..., 0], normalized[..., z])
             np.testing.assert_array_equal(examples.masks[case * 8 + z, ..., 0], label[..., z])
@@ -86,21 +95,49 @@ def test_msd_volumes_give_slices_along_the_last_axis_one_group_per_case(tmp_path
 def test_msd_volumes_give_3d_patches_with_depth_along_the_last_axis(tmp_path):
     written = write_msd_folder(tmp_path, shape=(32, 24, 8))
     examples = datasets.load(str(tmp_path), (8, 16, 16))
-    # (X, Y, Z) = (32, 24, 8) -> (D, H, W) = (8, 32, 24), padded to (8, 32, 32): 2 x 2 patches per
-    # case.
+    # (X, Y, Z) = (32, 24, 8) stored ALS, (24, 32, 8) in RAS -> (D, H, W) = (8, 24, 32), padded
+    # to (8, 32, 32): 2 x 2 patches per case.
     assert (
         examples.images.shape == (12, 8, 16, 16, 1)
         and examples.groups.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     )
     image, label = written["case_001"]
-    volume = np.moveaxis(data.normalize_intensity(image), -1, 0)
+    volume = np.moveaxis(ras(data.normalize_intensity(image)), -1, 0)
     np.testing.assert_allclose(
-        examples.images[5, :, :, :8, 0], volume[:, 0:16, 16:24]
-    )  # 2nd patch of case 1
+        examples.images[6, :, :8, :, 0], volume[:, 16:24, 0:16]
+    )  # 3rd patch of case 1
     np.testing.assert_array_equal(
-        examples.masks[4, ..., 0], np.moveaxis(label, -1, 0)[:, 0:16, 0:16]
+        examples.masks[4, ..., 0], np.moveaxis(ras(label), -1, 0)[:, 0:16, 0:16]
     )
-    assert (examples.images[5, :, :, 8:] == 0).all()  # W 24 padded to 32 with zeros
+    assert (examples.images[6, :, 8:] == 0).all()  # H 24 padded to 32 with zeros
+
+
+@pytest.mark.parametrize(
+    "suffixes", [("", ".nrrd"), (".nrrd", ".nrrd"), (".mha", ".mha"), (".mhd", ".nii.gz")]
+)
+def test_dicom_nrrd_and_mha_give_the_examples_of_the_same_nifti(tmp_path, suffixes):
+    write_msd_folder(tmp_path / "nifti", suffixes=(".nii.gz", ".nii.gz"))
+    write_msd_folder(tmp_path / "other", suffixes=suffixes)  # same seed: same data
+    if suffixes[0] == "":
+        assert (tmp_path / "other" / "imagesTr" / "case_000_0000").is_dir()  # a DICOM series
+    reference, examples = (
+        datasets.load(str(tmp_path / d), (8, 16, 16)) for d in ("nifti", "other")
+    )
+    np.testing.assert_array_equal(examples.images, reference.images)
+    np.testing.assert_array_equal(examples.masks, reference.masks)
+    np.testing.assert_allclose(examples.spacing, reference.spacing, rtol=1e-6)
+    assert examples.case_ids == reference.case_ids and examples.orientations == ["ALS"] * 3
+
+
+def test_a_label_stored_in_another_orientation_on_the_same_grid_is_taken(tmp_path):
+    written = write_msd_folder(tmp_path, suffixes=("", ".nrrd"))
+    image, label = written["case_001"]
+    # The same voxels stored RAS: the array reordered, the affine with it (nibabel's canonical).
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(label, AFFINE))
+    (tmp_path / "labelsTr" / "case_001.nrrd").unlink()
+    write_volume(tmp_path / "labelsTr" / "case_001.nrrd", canonical.get_fdata(), canonical.affine)
+    examples = datasets.load(str(tmp_path), (32, 32))
+    np.testing.assert_array_equal(examples.masks[8:16, ..., 0], np.moveaxis(ras(label), -1, 0))
 
 
 def test_the_split_never_separates_a_group():
@@ -134,11 +171,12 @@ def test_description_says_where_the_data_came_from(tmp_path):
     assert description["data_hash"] == data.content_hash(examples.images, examples.masks)
     assert description["data_foreground_fraction"] == round(float(examples.masks.mean()), 4)
     assert description["data_test_groups"].startswith("case_00")
-    # The voxel size from the header (the affine's column norms), in-plane for slices.
-    assert description["data_spacing"] == "0.9x0.8 mm"
+    # The voxel size from the header (the affine's column norms) in RAS order, in-plane for slices.
+    assert description["data_spacing"] == "0.8x0.9 mm"
+    assert description["data_orientation"] == "RAS (closest canonical), stored 4 ALS"
     test_case = description["data_test_groups"].split("; ")[0]
     assert cases.ids[:2] == [f"{test_case} slice 0", f"{test_case} slice 1"]
-    np.testing.assert_allclose(cases.spacing, np.tile([0.9, 0.8], (8, 1)))
+    np.testing.assert_allclose(cases.spacing, np.tile([0.8, 0.9], (8, 1)))
 
 
 def test_shrunk_images_have_larger_pixels_and_patches_keep_the_voxel_size(tmp_path):
@@ -150,8 +188,8 @@ def test_shrunk_images_have_larger_pixels_and_patches_keep_the_voxel_size(tmp_pa
     assert datasets.describe(examples)["data_spacing"] == "1x1, 1.54x1.5, 2x2 px"
     write_msd_folder(tmp_path / "msd", shape=(32, 24, 8))
     patches = datasets.load(str(tmp_path / "msd"), (8, 16, 16))
-    # (D, H, W) = (Z, X, Y): 2.5, 0.9, 0.8 mm; no resize for patches.
-    np.testing.assert_allclose(patches.spacing, np.tile([2.5, 0.9, 0.8], (12, 1)))
+    # (D, H, W) = (S, R, A): 2.5, 0.8, 0.9 mm; no resize for patches.
+    np.testing.assert_allclose(patches.spacing, np.tile([2.5, 0.8, 0.9], (12, 1)))
     assert patches.case_ids[:2] == ["case_000 patch 0,0,0", "case_000 patch 0,0,16"]
 
 
@@ -220,6 +258,23 @@ def _shape_mismatch_nifti(root):
     nib.save(
         nib.Nifti1Image(np.zeros((32, 32, 7), np.uint8), AFFINE), root / "labelsTr" / "case_002.nii"
     )
+
+
+def _label_moved(name, axis_flipped=False):
+    def spoil(root):
+        path = next((root / "labelsTr").glob("case_001.*"))
+        path.unlink()
+        affine = AFFINE.copy()
+        affine[:3, 3] += (0, 0, 5)
+        if axis_flipped:  # the first axis reversed about the same origin: voxels elsewhere
+            affine = AFFINE @ np.diag([-1.0, 1.0, 1.0, 1.0])
+        write_volume(root / "labelsTr" / name, np.zeros((32, 32, 8), np.uint8), affine)
+
+    return spoil
+
+
+def _foreign_file_in_a_series(root):
+    (root / "imagesTr" / "case_002_0000" / "Thumbs.db").write_bytes(b"\0" * 64)
 
 
 def _second_channel(root):
@@ -293,6 +348,24 @@ BAD = {
     "nan in a volume": ("msd", _nan_image, "NaN", "case_000_0000.nii.gz"),
     "nan in a float tiff": ("png", _nan_tiff, "NaN", "case2.tif"),
     "colour image": ("png", _colour_image, "3 colour channels", "case3.png"),
+    "label moved": (
+        "msd",
+        _label_moved("case_001.nii.gz"),
+        "case_001_0000.nii.gz and its label case_001.nii.gz are not on the same grid",
+        "up to 5 mm",
+    ),
+    "label of a series flipped": (
+        "dicom",
+        _label_moved("case_001.nrrd", axis_flipped=True),
+        "image case_001_0000 and its label case_001.nrrd are not on the same grid",
+        "case_001.nrrd",
+    ),
+    "a file in a series that is not a slice": (
+        "dicom",
+        _foreign_file_in_a_series,
+        "is not a slice of the DICOM series",
+        "case_002_0000/Thumbs.db",
+    ),
     "two channels of one case": (
         "msd",
         lambda root: _second_channel(root),
@@ -305,7 +378,10 @@ BAD = {
 def make_bad(tmp_path, case):
     layout, spoil, _, _ = BAD[case]
     root = tmp_path / "data"
-    (write_png_folder if layout == "png" else write_msd_folder)(root)
+    if layout == "dicom":
+        write_msd_folder(root, suffixes=("", ".nrrd"))
+    else:
+        (write_png_folder if layout == "png" else write_msd_folder)(root)
     spoil(root)
     return tmp_path / "nowhere" if case == "missing folder" else root
 
@@ -337,7 +413,7 @@ def test_conv3d_refuses_2d_images_before_the_tables(tmp_path, capsys):
         conv3d.main(["--data-dir", str(tmp_path), "--shape", "8", "16", "16", "--no-peak-memory"])
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
-    assert captured.err.strip().endswith("3D training needs NIfTI volumes (imagesTr/ + labelsTr/)")
+    assert captured.err.strip().endswith("3D training needs volumes (imagesTr/ + labelsTr/)")
     assert captured.out == ""  # refused before the model summary and the memory tables
 
 
