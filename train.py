@@ -8,8 +8,9 @@ What this script teaches:
 - experiment tracking: params, one value per epoch for each metric, final test metrics, figures and
   the model itself, in MLflow's local store (`mlflow.db` here; `MLFLOW_TRACKING_URI` to use
   another). See them with `mlflow ui` run from this directory;
-- speed chosen for the machine: `--precision auto --xla auto` (the defaults) measure once which
-  precision and XLA setting train fastest here, and keep it (tp4/perf/speed.py, PERFORMANCE.md).
+- speed chosen for the machine: `--precision auto --xla auto` (the defaults) decide from what the
+  hardware does (a convolution timed in a second, XLA only where it can win), measure on the model
+  only what that leaves open, and keep it (tp4/perf/speed.py, PERFORMANCE.md).
 
 The script reads top to bottom as the exercise: its settings (one frozen dataclass: `Config`, with
 the recipe's settings in tp4/training/config.py), then in `train`: the data, the model, `compile`,

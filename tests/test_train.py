@@ -13,7 +13,7 @@ import losses
 import metrics
 import train
 from tp4.images import figures
-from tp4.perf import speed
+from tp4.perf import hardware, speed
 from tp4.tracking import runs
 from tp4.training import recipe
 
@@ -144,6 +144,7 @@ def test_auto_precision_and_xla_are_measured_once_printed_and_logged(
     store, monkeypatch, tmp_path, capsys
 ):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # bfloat16 units and no AVX-512: bfloat16 by its convolutions, XLA on and off timed.
     bfloat16_cpu = {
         "kind": "cpu",
         "device": "a CPU",
@@ -151,21 +152,25 @@ def test_auto_precision_and_xla_are_measured_once_printed_and_logged(
         "tensorflow": "2",
         "keras": "3",
     }
-    monkeypatch.setattr(speed, "machine", lambda: bfloat16_cpu)
+    monkeypatch.setattr(hardware, "machine", lambda: bfloat16_cpu)
+    monkeypatch.setattr(hardware, "bfloat16_speedup", lambda: 4.0)
     asked = []
 
-    def fake_probe(candidates, build, batch, mode):
-        asked.append((build().input_shape, batch, mode))
+    def fake_probe(candidates, build, batch):
+        asked.append((build().input_shape, batch, candidates))
         return {c: 40.0 if c == speed.Choice("bfloat16", False) else 10.0 for c in candidates}
 
     monkeypatch.setattr(speed, "measure_candidates", fake_probe)
     train.main(TINY[: TINY.index("--precision")] + ["--epochs", "1"])
-    assert asked == [((None, 32, 32, 1), 8, "train")]
+    bfloat16 = [speed.Choice("bfloat16", False), speed.Choice("bfloat16", True)]
+    assert asked == [((None, 32, 32, 1), 8, bfloat16)]
     out = capsys.readouterr().out
     assert "choosing precision and XLA for this machine: " in out
-    assert out.count(": 10.00 examples/s") == 3 and "bfloat16, XLA off: 40.00 examples/s" in out
-    assert "precision and XLA for this machine: bfloat16, XLA off (measured now" in out
-    assert " parameters, bfloat16, XLA off\n" in out  # the run's header line
+    assert "bfloat16, XLA on: 10.00 examples/s" in out and "XLA off: 40.00 examples/s" in out
+    assert (
+        "precision and XLA for this machine: bfloat16, XLA off (bfloat16 convolutions 4.0x" in out
+    )
+    assert " parameters, bfloat16, XLA off" in out  # the run's header line
     run = _only_run(store)
     assert (run.data.params["precision"], run.data.params["xla"]) == ("bfloat16", "False")
     assert run.info.status == "FINISHED"

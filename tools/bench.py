@@ -34,7 +34,7 @@ import unet
 from tools import bench_runs
 from tp4 import cli
 from tp4.models import batchnorm
-from tp4.perf import memory, speed, throughput
+from tp4.perf import hardware, memory, speed, throughput
 
 FULL = dict(size=128, filters=32, depth=4, batch=8, volume=(32, 64, 64), filters3d=8, depth3d=3)
 FULL.update(batch3d=2, matmul=(1024, 2048, 4096), steps=8, repeats=5, e2e_epochs=3, e2e_images=200)
@@ -117,7 +117,8 @@ def bench_model(name, build, batch, c, args, peaks):
     reference = build()
     flops = throughput.forward_flops(reference)
     shape = "x".join(map(str, reference.input_shape[1:-1]))
-    auto = {mode: speed.choose("auto", "auto", build, batch, mode) for mode in ("train", "infer")}
+    trained = speed.choose("auto", "auto", build, batch)
+    auto = {"train": trained, "infer": speed.for_inference(trained.precision)}  # as predict.py
     print(f"\n{name} {shape}, batch {batch}: {flops / 1e9:.2f} GFLOP per example forward")
     header = f"{'train ex/s':>12}{'of peak':>9}{'infer ex/s':>14}{'of peak':>9}"
     print(f"{'precision':<10}{'XLA':<5}{header}")
@@ -247,8 +248,8 @@ def measure(args, c):
     # Several models in one process: retracing warnings are expected here.
     tf.get_logger().setLevel("ERROR")
     keras.utils.set_random_seed(0)
-    found = speed.machine()
-    supported = speed.supported_precisions(found)
+    found = hardware.machine()
+    supported = hardware.supported_precisions(found)
     print(machine_line(found))
     report = {"config": c, "machine": machine_line(found), "peak_gflops": ceilings(c, supported)}
     for name, (build, batch) in models(c, args).items():
@@ -296,7 +297,7 @@ def main(argv=None):
         c["batch"] = args.batch_size or c["batch"]
         with contextlib.redirect_stdout(_Tee(sys.stdout)) as printed:
             if args.levers:
-                print(machine_line(speed.machine()))
+                print(machine_line(hardware.machine()))
                 report = {"levers": bench_runs.levers(args.quick)}
             else:
                 report = measure(args, c)

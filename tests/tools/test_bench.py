@@ -9,7 +9,7 @@ import pytest
 
 import unet
 from tools import bench, bench_runs
-from tp4.perf import speed, throughput
+from tp4.perf import hardware, speed, throughput
 
 
 def test_forward_flops_of_convolutions_by_hand():
@@ -104,10 +104,11 @@ def test_quick_benchmark_writes_its_report(tmp_path, capsys, monkeypatch):
         "measure_candidates",
         lambda candidates, *_: {c: 2.0 if c == ("float32", False) else 1.0 for c in candidates},
     )
+    monkeypatch.setattr(hardware, "bfloat16_speedup", lambda: 1.0)  # bfloat16 not worth it
     out = tmp_path / "bench.json"
     bench.main(["--quick", "--output", str(out)])
     report = json.loads(out.read_text())
-    supported = speed.supported_precisions(speed.machine())
+    supported = hardware.supported_precisions(hardware.machine())
     assert set(report["peak_gflops"]) == set(supported)
     assert (
         report["printed"].startswith("machine: ") and report["printed"] in capsys.readouterr().out

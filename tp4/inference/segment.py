@@ -32,8 +32,7 @@ from tp4.images.imagefiles import DataError
 from tp4.models import batchnorm  # noqa: F401 (registers the fused batch norm, for saved models)
 from tp4.perf import speed
 
-# Images per predict call (2D), patches per call (3D sliding windows): the batch the speed probe
-# measures.
+# Images per predict call (2D), patches per call (3D sliding windows).
 BATCH_2D, BATCH_3D = 8, 4
 
 
@@ -95,14 +94,16 @@ def guard_logits(model):
 
 
 def at_speed(model, precision="auto", xla="auto"):
-    """`model` rebuilt at the precision and XLA setting chosen for this machine (speed.choose, on
-    inference at predict's batch), with the same weights, its logits guarded (`guard_logits`)."""
-    batch = BATCH_2D if len(model.input_shape) == 4 else BATCH_3D
-    choice = speed.choose(precision, xla, lambda: speed.recast(model), batch, mode="infer")
-    with speed.policy_scope(choice.precision):
-        fast = speed.recast(model)
-    fast.jit_compile = choice.xla
-    return guard_logits(fast)
+    """`model` at the precision and XLA setting of inference on this machine (speed.for_inference:
+    the model's own precision where the hardware has it, nothing measured); rebuilt with the same
+    weights if that is another precision; its logits guarded (`guard_logits`)."""
+    trained = speed.trained_precision(model)
+    choice = speed.for_inference(trained, precision, xla)
+    if choice.precision != trained:
+        with speed.policy_scope(choice.precision):
+            model = speed.recast(model)
+    model.jit_compile = choice.xla
+    return guard_logits(model)
 
 
 def predict_images(model, images, batch_size=BATCH_2D, tta=False):

@@ -1,46 +1,43 @@
-"""Precision and XLA chosen for the machine it runs on: measured, not guessed, and remembered.
+"""Precision and XLA chosen for the machine it runs on: by its hardware's rules, measured where
+they cannot decide, and remembered.
 
 What this module teaches:
 - mixed precision (Keras' `mixed_bfloat16`, `mixed_float16`) computes in 16 bits and keeps the
   variables, the output activation, the losses and the metrics in float32. It pays only where the
-  hardware has 16-bit arithmetic: bfloat16 on CPUs with AMX or AVX512-BF16 and on GPUs of compute
-  capability 8+, float16 on NVIDIA GPUs; elsewhere it is emulated, and slower;
+  hardware has 16-bit arithmetic (hardware.py);
 - XLA (`jit_compile`) compiles a step into one program: faster on some CPUs, slower on others
-  (PERFORMANCE.md). No table of CPU flags predicts it, so `auto` measures it;
-- `choose("auto", "auto", build, batch)` trains a few steps of each candidate (each precision the
-  hardware supports, XLA on and off) on the real model and batch, after a warm-up, and keeps the
-  fastest. The measurements are cached per machine (CPU model, cores and flags, or GPU),
-  TensorFlow and Keras versions, model and batch, in $XDG_CACHE_HOME/tp4-segmentation/speed.json
-  (XDG_CACHE_HOME defaults to ~/.cache): delete that file to measure again.
+  (PERFORMANCE.md);
+- a choice costs seconds, not a minute: what the hardware can do decides the candidates first
+  (hardware.py). No XLA where it has never won on this kind of CPU (`xla_can_win`), no precision
+  the hardware emulates, and on a CPU, bfloat16 only where a quick convolution (under a second)
+  runs clearly faster in it than in float32 (`cpu_precision`). What remains (XLA on a CPU without
+  AVX-512, the precisions of a GPU) is timed on the real model and batch, a few steps after a
+  warm-up (`measure_candidates`). Every measurement is cached (hardware.py) with the model and
+  batch where it was timed on a model;
+- inference measures nothing (`for_inference`): a model predicts at the precision it was trained
+  at where this hardware has it, in float32 otherwise.
 """
 
 import contextlib
-import functools
-import hashlib
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
 from typing import Literal, NamedTuple, get_args
 
-import cpuinfo
 import keras
 import tensorflow as tf
 
-from tp4.perf import throughput
+from tp4.perf import hardware, throughput
 
 Precision = Literal["float32", "bfloat16", "float16"]
 PRECISIONS = get_args(Precision)
 XlaSetting = Literal["auto", "on", "off"]
 XLA_SETTINGS = get_args(XlaSetting)
-Mode = Literal["train", "infer"]
 # Keras' dtype policies: "mixed" keeps the variables in float32.
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-# CPU flags of bfloat16 arithmetic as py-cpuinfo names them: Intel AMX and AVX512-BF16, Arm's BF16.
-CPU_BFLOAT16_FLAGS = {"amx_bf16", "avx512_bf16", "bf16"}
-# The probe: per candidate, a warm-up (it compiles), then PROBE_REPEATS timed rounds of
-# PROBE_STEPS training steps (an epoch) or PROBE_STEPS inference batches; the median round counts.
+# The probe of a model: per candidate, a warm-up (it compiles), then PROBE_REPEATS timed rounds of
+# PROBE_STEPS training steps (an epoch); the median round counts.
 PROBE_STEPS, PROBE_REPEATS = 3, 2
 
 
@@ -62,75 +59,57 @@ def add_arguments(parser) -> None:
         choices=("auto", *PRECISIONS),
         default="auto",
         help="compute precision (mixed: variables, output, losses and metrics in float32); auto: "
-        "the fastest that this machine supports, measured once and cached (speed.py)",
+        "training, bfloat16 where this machine's convolutions are clearly faster in it (measured "
+        "in a second, cached); predict.py, the model's own where this machine has it (speed.py)",
     )
     parser.add_argument(
         "--xla",
         choices=XLA_SETTINGS,
         default="auto",
-        help="compile the steps with XLA; auto: where it is faster here, measured with --precision",
+        help="compile the steps with XLA; auto: training, off on CPUs with AVX-512 (it never won "
+        "there), else measured with --precision; predict.py, off",
     )
 
 
-@functools.cache
-def machine() -> dict[str, object]:
-    """What a step's speed depends on besides the model: the device, TensorFlow and Keras.
+def trained_precision(model: keras.Model) -> str:
+    """The precision `model` computes at: its layers' dtype policy (a model saved by train.py or
+    conv3d.py keeps the one it trained at)."""
+    policies = {layer.dtype_policy.name for layer in model.layers}
+    return next(
+        (p for p, policy in POLICIES.items() if p != "float32" and policy in policies), "float32"
+    )
 
-    Returns:
-        device (GPU name and compute capability, or CPU model and cores), kind ("gpu" or "cpu"),
-        compute_capability (GPU) or flags (CPU), tensorflow, keras.
+
+def for_inference(trained: str, precision: str = "auto", xla: str | bool = "auto") -> Choice:
+    """predict.py's precision and XLA, never measured: `auto` is the precision the model trained at
+    (`trained`) where this hardware has it, float32 otherwise; XLA off unless asked (a compile per
+    input size costs more than it saves on a few images). Printed.
+
+    Args:
+        trained: the model's precision (trained_precision).
+        precision: "auto" or one of PRECISIONS.
+        xla: "auto", "on", "off", or a bool.
     """
-    found = {"tensorflow": tf.__version__, "keras": keras.__version__}
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        capability = tuple(details.get("compute_capability") or (0, 0))
-        name = details.get("device_name", "GPU")
-        return {
-            **found,
-            "kind": "gpu",
-            "device": f"{name} (compute capability {'.'.join(map(str, capability))})",
-            "compute_capability": capability,
-        }
-    info = cpuinfo.get_cpu_info()
-    return {
-        **found,
-        "kind": "cpu",
-        "device": f"{info.get('brand_raw') or info.get('arch', 'CPU')}, {os.cpu_count()} cores",
-        "flags": sorted(info.get("flags", [])),
-    }
+    choice = Choice(precision, xla in ("on", True))
+    if precision == "auto":
+        native = trained in hardware.supported_precisions(hardware.machine())
+        choice = choice._replace(precision=trained if native else "float32")
+        why = "the model's" if native else f"the model's {trained} is not native here"
+        print(f"precision and XLA for this inference: {choice.label} ({why})")
+    return choice
 
 
-def supported_precisions(found: dict[str, object]) -> tuple[str, ...]:
-    """The precisions with arithmetic of their own on `found` (a `machine()`), float32 first."""
-    if found["kind"] == "gpu":
-        bfloat16 = found["compute_capability"] >= (8, 0)
-        return ("float32", *(("bfloat16",) if bfloat16 else ()), "float16")
-    bfloat16 = bool(CPU_BFLOAT16_FLAGS & set(found["flags"]))
-    return ("float32", *(("bfloat16",) if bfloat16 else ()))
-
-
-def cache_path() -> str:
-    """$XDG_CACHE_HOME/tp4-segmentation/speed.json, ~/.cache/... if XDG_CACHE_HOME is unset."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "tp4-segmentation", "speed.json")
-
-
-def probe_key(found: dict[str, object], model: keras.Model, batch: int, mode: Mode) -> str:
+def probe_key(found: dict[str, object], model: keras.Model, batch: int) -> str:
     """The cache key of a probe: machine, versions, model (name, input shape, parameters, kinds of
-    layers), batch, mode. CPU flags and layer kinds enter as digests (they are long)."""
-    flags = _digest(" ".join(found.get("flags", [])))
-    kinds = _digest(" ".join(sorted(type(layer).__name__ for layer in model.layers)))
+    layers), batch. CPU flags and layer kinds enter as digests (they are long)."""
+    flags = hardware.digest(" ".join(found.get("flags", [])))
+    kinds = hardware.digest(" ".join(sorted(type(layer).__name__ for layer in model.layers)))
     shape = "x".join(map(str, model.input_shape[1:]))
     return (
         f"{found['device']} (flags {flags}); TensorFlow {found['tensorflow']}, Keras "
         f"{found['keras']}; {model.name} {shape}, {model.count_params()} parameters (layers "
-        f"{kinds}); batch {batch}; {mode}"
+        f"{kinds}); batch {batch}; train"
     )
-
-
-def _digest(text):
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager
@@ -163,9 +142,9 @@ def recast(model: keras.Model) -> keras.Model:
 
 
 def measure_candidates(
-    candidates: list[Choice], build: Callable[[], keras.Model], batch: int, mode: Mode
+    candidates: list[Choice], build: Callable[[], keras.Model], batch: int
 ) -> dict[Choice, float | None]:
-    """Examples per second of each candidate on the model `build()` makes, training or inferring.
+    """Training examples per second of each candidate on the model `build()` makes.
 
     Every candidate is warmed up (traced, compiled), then timed in turns, PROBE_REPEATS rounds, each
     candidate once per round: a change of the machine's load hits them all alike. A candidate that
@@ -175,11 +154,7 @@ def measure_candidates(
     for choice in candidates:
         with policy_scope(choice.precision):
             model = build()
-        if mode == "train":
-            run = throughput.training_epoch(model, batch, choice.xla, steps=PROBE_STEPS)
-        else:
-            model.jit_compile = choice.xla
-            run = throughput.inference_calls(model, batch, calls=PROBE_STEPS)
+        run = throughput.training_epoch(model, batch, choice.xla, steps=PROBE_STEPS)
         try:
             run()
             runs[choice] = run
@@ -193,30 +168,13 @@ def measure_candidates(
     return {**rates, **{choice: statistics.median(values) for choice, values in timed.items()}}
 
 
-def _read_cache() -> dict:
-    try:
-        with open(cache_path()) as f:
-            return json.load(f)
-    except (OSError, ValueError):  # none yet, or unreadable: measure again
-        return {}
-
-
-def _write_cache(cache: dict) -> None:
-    path = cache_path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = f"{path}.{os.getpid()}.partial"  # never a half-written cache: write, then rename
-    with open(partial, "w") as f:
-        json.dump(cache, f, indent=2)
-    os.replace(partial, path)
-
-
 def _warn_if_busy():
     """A probe on a busy machine can choose wrong, and its choice is cached: say so."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.5 * (os.cpu_count() or 1):
         print(
             f"  note: the machine is busy (load average {load:.1f} on {os.cpu_count()} cores): "
-            f"the measurements may choose wrong; delete {cache_path()} to measure again"
+            f"the measurements may choose wrong; delete {hardware.cache_path()} to measure again"
         )
 
 
@@ -225,23 +183,25 @@ def choose(
     xla: str | bool,
     build: Callable[[], keras.Model],
     batch: int,
-    mode: Mode = "train",
-    measure: Callable[[list[Choice], Callable, int, str], dict] | None = None,
+    measure: Callable[[list[Choice], Callable, int], dict] | None = None,
+    speedup: Callable[[], float] | None = None,
 ) -> Choice:
-    """Resolve `auto` in --precision and --xla for the model `build()` makes at `batch`.
+    """Resolve `auto` in --precision and --xla for training the model `build()` makes at `batch`.
 
-    Explicit values are returned as given. Otherwise every candidate (the supported precisions if
-    precision is "auto", XLA on and off if xla is "auto") is measured once on this machine (a few
-    steps after a warm-up), printed, cached, and the fastest is returned. Call this before seeding:
-    the probe builds models, which draws random weights.
+    Explicit values are returned as given. Otherwise the hardware's rules decide first: XLA is a
+    candidate only where it can win (xla_can_win), and on a CPU the precision is cpu_precision's
+    (a quick convolution, cached). The candidates left, if several, are measured once on this
+    machine (a few training steps each after a warm-up), printed, cached, and the fastest is
+    returned. The choice is printed with why. Call this before seeding: a probe builds models,
+    which draws random weights.
 
     Args:
         precision: "auto" or one of PRECISIONS.
         xla: "auto", "on", "off", or a bool.
         build: makes the model at the global dtype policy (speed.policy_scope sets it).
         batch: examples per step.
-        mode: "train" (training steps) or "infer" (predict_on_batch).
         measure: measures candidates in examples/s [default: measure_candidates].
+        speedup: bfloat16's convolution speed over float32's [default: bfloat16_speedup].
 
     Returns:
         The Choice.
@@ -249,27 +209,44 @@ def choose(
     xla_options = (False, True) if xla == "auto" else (xla in ("on", True),)
     if precision != "auto" and len(xla_options) == 1:
         return Choice(precision, xla_options[0])
-    found = machine()
-    precisions = supported_precisions(found) if precision == "auto" else (precision,)
+    found, why = hardware.machine(), []
+    if len(xla_options) == 2 and not hardware.xla_can_win(found):
+        xla_options = (False,)
+        why.append("XLA never won on CPUs with AVX-512")
+    precisions = (precision,)
+    if precision == "auto" and found["kind"] == "cpu":
+        precisions, reason = hardware.cpu_precision(found, speedup)
+        precisions = (precisions,)
+        why.append(reason)
+    elif precision == "auto":
+        precisions = hardware.supported_precisions(found)
     candidates = [Choice(p, x) for p in precisions for x in xla_options]
-    if len(candidates) == 1:
-        return candidates[0]
+    if len(candidates) > 1:
+        best, measured = _probe(found, candidates, build, batch, measure)
+        why.append(measured)
+    else:
+        best = candidates[0]
+    print(f"precision and XLA for this machine: {best.label} ({'; '.join(why)})")
+    return best
+
+
+def _probe(found, candidates, build, batch, measure):
+    """(the fastest candidate, when it was measured) on the model, from the cache or measured."""
     with policy_scope("float32"):
-        key = probe_key(found, build(), batch, mode)
-    cache = _read_cache()
+        key = probe_key(found, build(), batch)
+    cache = hardware.read_cache()
     rates = cache.get(key, {}).get("examples_per_second", {})
     missing = [c for c in candidates if c.label not in rates]
     if missing:
         print(f"choosing precision and XLA for this machine: {key}")
         _warn_if_busy()
-        measured = (measure or measure_candidates)(missing, build, batch, mode)
+        measured = (measure or measure_candidates)(missing, build, batch)
         for candidate in missing:
             rates[candidate.label] = measured[candidate]
             if measured[candidate] is not None:
                 print(f"  {candidate.label}: {measured[candidate]:.2f} examples/s")
         cache[key] = {"measured": time.strftime("%Y-%m-%d %H:%M"), "examples_per_second": rates}
-        _write_cache(cache)
+        hardware.write_cache(cache)
     best = max(candidates, key=lambda c: rates[c.label] or 0.0)
     how = "measured now" if missing else f"measured {cache[key]['measured']}, cached"
-    print(f"precision and XLA for this machine: {best.label} ({how} in {cache_path()})")
-    return best
+    return best, f"the model's steps {how} in {hardware.cache_path()}"

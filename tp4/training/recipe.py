@@ -81,7 +81,8 @@ def inference_model(model: keras.Model) -> keras.Model:
 
 def choose_speed(config, build: Callable[[], keras.Model]):
     """`config` with its precision and XLA setting resolved for this machine (speed.choose: `auto`
-    measured on the model `build()` makes, at the batch size, and cached) and its replicas set.
+    by the hardware's rules, measured on the model `build()` makes at the batch size where they
+    cannot decide, and cached) and its replicas set.
     Call it before seeding. Under a strategy: XLA off, the precision measured on one replica (the
     chief's choice for all)."""
     config = distribute.with_replicas(config)

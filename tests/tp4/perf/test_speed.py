@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import unet
-from tp4.perf import speed, throughput
+from tp4.perf import hardware, speed, throughput
 from tp4.perf.speed import Choice
 
 XEON = {
@@ -37,7 +37,7 @@ def _gpu(capability):
     ],
 )
 def test_supported_precisions_follow_the_hardware(found, expected):
-    assert speed.supported_precisions(found) == expected
+    assert hardware.supported_precisions(found) == expected
 
 
 class FakeProbe:
@@ -46,9 +46,13 @@ class FakeProbe:
     def __init__(self, rates):
         self.rates, self.calls = rates, []
 
-    def __call__(self, candidates, build, batch, mode):
-        self.calls.append((list(candidates), batch, mode))
+    def __call__(self, candidates, build, batch):
+        self.calls.append((list(candidates), batch))
         return {c: self.rates[c] for c in candidates}
+
+
+def refuse(*args):
+    raise AssertionError("measured")
 
 
 RATES = {
@@ -57,95 +61,156 @@ RATES = {
     Choice("bfloat16", False): 50.0,
     Choice("bfloat16", True): 11.0,
 }
+# A CPU with bfloat16 units and without AVX-512 (an Arm with BF16): XLA measured.
+ARM = {**XEON, "device": "Arm Neoverse, 2 cores", "flags": ["asimd", "bf16"]}
 
 
 @pytest.fixture()
-def xeon(monkeypatch, tmp_path):
-    """A machine with bfloat16 arithmetic, and a cache of its own."""
+def on(monkeypatch, tmp_path):
+    """on(machine): that machine, and a cache of its own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(speed, "machine", lambda: XEON)
+    return lambda found: monkeypatch.setattr(hardware, "machine", lambda: found)
 
 
 def _build():
     return unet.build_unet((16, 16, 1), base_filters=4, depth=2)
 
 
-def test_explicit_values_are_taken_as_given_without_measuring(xeon, monkeypatch):
-    def refuse(*args):
-        raise AssertionError("measured")
-
-    assert speed.choose("float16", "on", _build, 8, measure=refuse) == Choice("float16", True)
-    assert speed.choose("bfloat16", False, _build, 8, measure=refuse) == Choice("bfloat16", False)
-    # One candidate only (float32 on a machine without 16-bit arithmetic): nothing to measure.
-    monkeypatch.setattr(speed, "machine", lambda: EPYC)
-    assert speed.choose("auto", "off", _build, 8, measure=refuse) == Choice("float32", False)
+def test_explicit_values_are_taken_as_given_without_measuring(on):
+    on(XEON)
+    assert speed.choose("float16", "on", _build, 8, refuse, refuse) == Choice("float16", True)
+    assert speed.choose("bfloat16", False, _build, 8, refuse, refuse) == Choice("bfloat16", False)
 
 
-def test_auto_measures_every_candidate_once_picks_the_fastest_and_caches(xeon, capsys):
+@pytest.mark.parametrize(
+    "speedup, expected", [(5.3, Choice("bfloat16", False)), (1.2, Choice("float32", False))]
+)
+def test_on_an_avx512_cpu_no_xla_and_bfloat16_only_if_clearly_faster_nothing_timed_on_the_model(
+    on, capsys, speedup, expected
+):
+    on(XEON)
+    asked = []
+
+    def measured():
+        asked.append(1)
+        return speedup
+
+    assert speed.choose("auto", "auto", _build, 8, refuse, measured) == expected
+    out = capsys.readouterr().out.strip()
+    assert out == (
+        f"precision and XLA for this machine: {expected.label} (XLA never won on CPUs with "
+        f"AVX-512; bfloat16 convolutions {speedup:.1f}x float32's here, measured now)"
+    )
+    # The convolution's speed is cached per machine: another model or batch does not time it again.
+    build = lambda: unet.build_unet((32, 32, 1), 4, 2)  # noqa: E731
+    assert speed.choose("auto", "auto", build, 4, refuse, refuse) == expected
+    assert asked == [1] and "cached)" in capsys.readouterr().out
+    assert speed.choose("auto", "on", _build, 8, refuse, refuse) == expected._replace(xla=True)
+
+
+def test_a_cpu_without_bfloat16_units_trains_in_float32_and_measures_only_xla(on, capsys):
+    on(EPYC)
     probe = FakeProbe(RATES)
-    assert speed.choose("auto", "auto", _build, 8, measure=probe) == Choice("bfloat16", False)
-    assert probe.calls == [(list(RATES), 8, "train")]
+    assert speed.choose("auto", "auto", _build, 8, probe, refuse) == Choice("float32", False)
+    assert probe.calls == [([Choice("float32", False), Choice("float32", True)], 8)]
+    assert speed.choose("auto", "off", _build, 8, refuse, refuse) == Choice("float32", False)
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("choosing precision and XLA for this machine: Intel Xeon, 2 cores")
-    for candidate, rate in RATES.items():
-        assert f"  {candidate.label}: {rate:.2f} examples/s" in out
-    assert out[-1].startswith("precision and XLA for this machine: bfloat16, XLA off (measured now")
-
-    # Cached: the same machine, model and batch measure nothing again, a subset included.
-    assert speed.choose("auto", "auto", _build, 8, measure=probe) == Choice("bfloat16", False)
-    assert speed.choose("auto", "on", _build, 8, measure=probe) == Choice("bfloat16", True)
-    assert speed.choose("float32", "auto", _build, 8, measure=probe) == Choice("float32", False)
-    assert len(probe.calls) == 1
-    assert "cached" in capsys.readouterr().out.splitlines()[-1]
-    with open(speed.cache_path()) as f:
-        cache = json.load(f)
-    (entry,) = cache.values()
-    assert entry["examples_per_second"] == {c.label: rate for c, rate in RATES.items()}
-
-
-def test_another_batch_model_or_mode_is_measured_again(xeon):
-    probe = FakeProbe(RATES)
-    speed.choose("auto", "auto", _build, 8, measure=probe)
-    speed.choose("auto", "auto", _build, 4, measure=probe)
-    speed.choose("auto", "auto", _build, 8, "infer", measure=probe)
-    speed.choose("auto", "auto", lambda: unet.build_unet((32, 32, 1), 4, 2), 8, measure=probe)
-    assert [(batch, mode) for _, batch, mode in probe.calls] == [
-        (8, "train"),
-        (4, "train"),
-        (8, "infer"),
-        (8, "train"),
-    ]
-
-
-def test_a_candidate_that_cannot_run_is_never_chosen(xeon):
-    rates = {**RATES, Choice("bfloat16", False): None}
-    assert speed.choose("auto", "auto", _build, 8, measure=FakeProbe(rates)) == Choice(
-        "float32", False
+    assert out[-1] == (
+        "precision and XLA for this machine: float32, XLA off (no bfloat16 arithmetic in this CPU)"
     )
 
 
-def test_the_cache_key_names_machine_versions_model_batch_and_mode():
+def test_what_the_rules_leave_is_measured_once_printed_and_cached(on, capsys):
+    on(ARM)
+    probe = FakeProbe(RATES)
+    assert speed.choose("auto", "auto", _build, 8, probe, lambda: 4.0) == Choice("bfloat16", False)
+    assert probe.calls == [([Choice("bfloat16", False), Choice("bfloat16", True)], 8)]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("choosing precision and XLA for this machine: Arm Neoverse, 2 cores")
+    assert "  bfloat16, XLA off: 50.00 examples/s" in out
+    assert "  bfloat16, XLA on: 11.00 examples/s" in out
+    assert out[-1].startswith(
+        "precision and XLA for this machine: bfloat16, XLA off (bfloat16 convolutions 4.0x "
+        "float32's here, measured now; the model's steps measured now in "
+    )
+    # Cached: the same machine, model and batch measure nothing again, a subset included.
+    assert speed.choose("auto", "auto", _build, 8, refuse, refuse) == Choice("bfloat16", False)
+    assert speed.choose("float32", "auto", _build, 8, probe, refuse) == Choice("float32", False)
+    assert probe.calls[1] == ([Choice("float32", False), Choice("float32", True)], 8)
+    assert speed.choose("bfloat16", "auto", _build, 8, refuse, refuse) == Choice("bfloat16", False)
+    assert "cached" in capsys.readouterr().out.splitlines()[-1]
+    with open(hardware.cache_path()) as f:
+        cache = json.load(f)
+    assert sorted(entry.get("speedup") for entry in cache.values() if "speedup" in entry) == [4.0]
+
+
+def test_on_a_gpu_every_precision_it_has_and_xla_are_measured(on):
+    on(_gpu((8, 0)))
+    probe = FakeProbe({**RATES, **{Choice("float16", x): 30.0 for x in (False, True)}})
+    assert speed.choose("auto", "auto", _build, 8, probe, refuse) == Choice("bfloat16", False)
+    assert len(probe.calls[0][0]) == 6
+
+
+def test_another_batch_or_model_is_measured_again(on):
+    on(EPYC)
+    probe = FakeProbe(RATES)
+    speed.choose("auto", "auto", _build, 8, probe)
+    speed.choose("auto", "auto", _build, 4, probe)
+    speed.choose("auto", "auto", lambda: unet.build_unet((32, 32, 1), 4, 2), 8, probe)
+    assert [batch for _, batch in probe.calls] == [8, 4, 8]
+
+
+def test_a_candidate_that_cannot_run_is_never_chosen(on):
+    on(ARM)
+    rates = {**RATES, Choice("bfloat16", False): None}
+    choice = speed.choose("auto", "auto", _build, 8, FakeProbe(rates), lambda: 4.0)
+    assert choice == Choice("bfloat16", True)
+
+
+@pytest.mark.parametrize(
+    "found, trained, expected",
+    [
+        (XEON, "bfloat16", "bfloat16"),
+        (XEON, "float32", "float32"),
+        (EPYC, "bfloat16", "float32"),  # emulated here: float32
+        (_gpu((7, 5)), "float16", "float16"),
+    ],
+)
+def test_inference_takes_the_models_precision_where_the_hardware_has_it(
+    on, found, trained, expected
+):
+    on(found)
+    assert speed.for_inference(trained) == Choice(expected, False)
+    assert speed.for_inference(trained, "float32", "on") == Choice("float32", True)
+
+
+def test_the_trained_precision_is_read_from_the_models_layers():
+    assert speed.trained_precision(_build()) == "float32"
+    with speed.policy_scope("bfloat16"):
+        assert speed.trained_precision(_build()) == "bfloat16"
+
+
+def test_the_cache_key_names_machine_versions_model_and_batch():
     model = _build()
-    key = speed.probe_key(XEON, model, 8, "train")
+    key = speed.probe_key(XEON, model, 8)
     for part in ("Intel Xeon, 2 cores", "TensorFlow 2.21.0", "Keras 3.15.1", "UNet 16x16x1"):
         assert part in key
     assert f"{model.count_params()} parameters" in key and "batch 8" in key
     others = [
-        speed.probe_key(EPYC, model, 8, "train"),
-        speed.probe_key({**XEON, "flags": XEON["flags"][:-1]}, model, 8, "train"),
-        speed.probe_key({**XEON, "tensorflow": "2.22.0"}, model, 8, "train"),
-        speed.probe_key(XEON, model, 16, "train"),
-        speed.probe_key(XEON, model, 8, "infer"),
+        speed.probe_key(EPYC, model, 8),
+        speed.probe_key({**XEON, "flags": XEON["flags"][:-1]}, model, 8),
+        speed.probe_key({**XEON, "tensorflow": "2.22.0"}, model, 8),
+        speed.probe_key(XEON, model, 16),
     ]
-    assert len({key, *others}) == 6
+    assert len({key, *others}) == 5
 
 
 def test_the_cache_lives_under_xdg_cache_home_or_home(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert speed.cache_path() == str(tmp_path / "tp4-segmentation" / "speed.json")
+    assert hardware.cache_path() == str(tmp_path / "tp4-segmentation" / "speed.json")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert speed.cache_path() == str(
+    assert hardware.cache_path() == str(
         tmp_path / "home" / ".cache" / "tp4-segmentation" / "speed.json"
     )
 
@@ -173,11 +238,11 @@ def test_recast_rebuilds_the_model_at_another_precision_with_the_same_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["train", "infer"])
-def test_the_real_probe_times_each_candidate(mode):
+def test_the_real_probes_time_each_candidate_and_the_convolutions():
     candidates = [Choice("float32", False), Choice("bfloat16", True)]
-    rates = speed.measure_candidates(candidates, _build, 2, mode)
+    rates = speed.measure_candidates(candidates, _build, 2)
     assert set(rates) == set(candidates) and all(rate > 0 for rate in rates.values())
+    assert hardware.bfloat16_speedup() > 0
 
 
 def test_the_probe_trains_a_several_class_model_with_its_own_metrics():
