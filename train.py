@@ -23,6 +23,7 @@ one MLflow value per epoch), the test evaluation, and its metrics, figures and m
     python train.py --dataset mni-wm              # white matter in a real T1 MRI (MNI152)
     python train.py --data-dir DIR                # images/ + masks/, or imagesTr/ + labelsTr/
     python train.py --strategy mirrored           # every GPU of the machine (tp4/distributed)
+    python train.py --folds 5                     # 5-fold cross-validation, nested MLflow runs
 """
 
 # First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
@@ -45,7 +46,7 @@ from tp4.distributed import distribute
 from tp4.images import datasets, figures
 from tp4.perf import speed
 from tp4.tracking import runs, store
-from tp4.training import checkpoint, config, divergence, recipe, resume
+from tp4.training import checkpoint, config, crossval, divergence, folds, recipe, resume
 from tp4.training.config import option
 
 
@@ -61,9 +62,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(config.Recipe):
+class Config(folds.Settings, config.Recipe):
     """train.py's settings. With the recipe's (tp4/training/config.py: loss, optimizer, epochs,
-    seed, precision, the MLflow run...), their defaults are the TP's main job."""
+    seed, precision, the MLflow run...) and cross-validation's (tp4/training/folds.py), their
+    defaults are the TP's main job."""
 
     image_size: int = option(
         128,
@@ -108,6 +110,13 @@ def parse_args(argv=None) -> Config:
     if not grid_cells(settings.shard):
         shard = "/".join(map(str, settings.shard))
         parser.error(f"--shard {shard}: the grid has {len(grid_cells())} cells")
+    cross_validation = settings.folds is not None or settings.fold is not None
+    if cross_validation and (settings.grid or settings.save_model):
+        parser.error("--folds and --fold train K models: not with --grid or --save-model")
+    if settings.resume and settings.folds is not None and settings.fold is None:
+        parser.error("--resume continues one fold's run: --resume RUN_ID of that fold")
+    if settings.splits and not cross_validation:
+        parser.error("--splits goes with --folds or --fold")
     if settings.save_model:
         try:  # checked now, not after the training
             cli.check_output_file("--save-model", settings.save_model, ".keras")
@@ -171,14 +180,14 @@ def build_model(config: Config, output_bias=0.0) -> keras.Model:
     )
 
 
-def train(config: Config) -> dict:
-    """One tracked U-Net training run on 2D images.
+def train(config: Config, loaded=None) -> dict:
+    """One tracked U-Net training run on 2D images (`loaded`: load_data's result, or a fold's).
 
     Returns:
         The test metrics, and where the run is: run_id, experiment_id, model_uri.
     """
     # Data: synthetic scans or a folder, checked before anything else starts.
-    splits, description, test_cases = load_data(config)
+    splits, description, test_cases = loaded or load_data(config)
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
 
     # Precision and XLA for this machine (measured once, cached); then everything seeded.
@@ -303,7 +312,11 @@ def main(argv=None):
                 argv = sys.argv[1:] if argv is None else argv
                 settings = resume.configuration(settings, command_line(), argv)
         settings = distribute.setup(settings)  # multiworker: the chief's configuration everywhere
-        if settings.grid:
+        if settings.folds is not None or settings.fold is not None:  # tp4/training/crossval.py
+            crossval.run(settings, train, load_data, build_model)
+            if chief:
+                print(f"\nnext: python report.py {settings.experiment} --cv")
+        elif settings.grid:
             run_grid(settings)
             if chief:
                 print(f"\nnext: python report.py {settings.experiment} --params loss,optimizer")

@@ -188,6 +188,7 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_met
             run_name=run_name,
             tags=liveness.process_tags(),
             log_system_metrics=system_metrics,
+            nested=mlflow.active_run() is not None,  # a fold's run, inside cross-validation's
         )
     except Exception as error:  # MLflow raises many types here (HTTP, SQL, permissions)
         raise store.TrackingError(
