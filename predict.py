@@ -20,7 +20,7 @@ the predicted contour of each class in its colour: class 1 red).
 
     python predict.py model.keras scan.png --output predictions/
     python predict.py runs:/<run_id>/model images/ --output predictions/ --threshold 0.4
-    python predict.py models:/tp4-unet/1 case_001_0000.nii.gz --output predictions/ --tta
+    python predict.py models:/tp4-unet@champion case_001_0000.nii.gz --output predictions/ --tta
 """
 
 # First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     add(
         "model",
         help="a .keras file, or an MLflow model URI: runs:/<run_id>/model, "
-        "models:/<name>/<version>, "
+        "models:/<name>/<version>, models:/<name>@<alias>, "
         "models:/<model_id>",
     )
     add("inputs", nargs="+", help="PNG, JPEG, TIFF or NIfTI files, or folders of them")

@@ -12,6 +12,7 @@ the experiments in the store and how many runs each holds.
     python report.py tp4-unet --all                 # every run, whatever its status
     python report.py --cases RUN_ID                 # one run's per-case test table
     python report.py --update README.md REPORT.md   # regenerate the tables marked in those files
+    python report.py --promote RUN_ID tp4-unet@champion  # the alias names that run's model
 
 A marked table in a Markdown file is a comment line with the arguments of this script, the table,
 and an end mark:
@@ -29,7 +30,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from tp4 import cli
-from tp4.tracking import store
+from tp4.tracking import registry, store
 
 METRICS = (
     "test_dice",
@@ -171,6 +172,13 @@ def _parser():
     )
     parser.add_argument("--cases", metavar="RUN_ID", help="print a run's per-case test table")
     parser.add_argument(
+        "--promote",
+        nargs=2,
+        metavar=("RUN_ID", "NAME@ALIAS"),
+        help="point the alias of a registered model (train.py --register NAME) at the version run "
+        "RUN_ID logged: predict.py and mlflow models serve take models:/NAME@ALIAS",
+    )
+    parser.add_argument(
         "--update",
         nargs="+",
         metavar="MARKDOWN",
@@ -187,6 +195,9 @@ def main(argv=None):
         store.open_store()  # also marks KILLED the runs whose process died
         if args.cases:
             print(cases_table(args.cases))
+        elif args.promote:
+            version, uri = registry.promote(*args.promote)
+            print(f"{uri}: version {version}, from run {args.promote[0]}")
         elif args.update:
             for path in args.update:
                 print(f"{path}: {update_file(path)} tables regenerated")

@@ -5,6 +5,8 @@ runs of the scripts. Test files import from here, never from each other.
 import zlib
 from pathlib import Path
 
+import keras
+import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ from PIL import Image
 
 import predict
 import train
+import unet
+from tp4.models import batchnorm
+from tp4.tracking import runs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -168,3 +173,20 @@ def run_predict(args, capsys):
         code = exit_info.code
     captured = capsys.readouterr()
     return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
+
+
+def log_tiny_model(registered_name=None, output_bias=0.0, seed=0):
+    """A tiny U-Net (32x32, 8 filters) logged as train.py logs its model, in a run of its own;
+    returns (the Keras model, the run's id, MLflow's ModelInfo). A large `output_bias` makes every
+    pixel foreground (> 0) or background (< 0)."""
+    keras.utils.set_random_seed(seed)
+    model = unet.build_unet(
+        (32, 32, 1), 8, 2, batch_norm=batchnorm.FusedBatchNormalization, output_bias=output_bias
+    )
+    mlflow.set_experiment("logged")
+    with mlflow.start_run() as run:
+        example = np.random.default_rng(seed).random((1, 32, 32, 1), np.float32)
+        info = runs.log_keras_model(
+            model, (example, model.predict(example, verbose=0)), registered_name
+        )
+    return model, run.info.run_id, info

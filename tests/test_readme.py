@@ -2,7 +2,8 @@
 
 The quick ones run for real (in this process, in a temporary folder); the long ones (a training, a
 benchmark, a server) have their command line parsed by the script's own parser, with its checks.
-`mlflow ui` is run by tests/test_mlflow_ui.py, the test command by CI itself.
+`mlflow ui` is run by tests/test_mlflow_ui.py, `mlflow models serve` by tests/tp4/serving, the test
+command by CI itself.
 """
 
 import importlib
@@ -55,9 +56,15 @@ def test_the_test_command_is_what_ci_runs_and_the_main_command_installs_the_same
     assert main_job[len(install) :] == ["&&", ".venv/bin/python", "train.py"]
 
 
-def test_every_other_command_is_the_activation_or_mlflow_ui():
-    others = [words for words in COMMANDS[2:] if words not in SCRIPTS]
-    assert others == [["source", ".venv/bin/activate"], ["mlflow", "ui"]]
+def test_every_other_command_is_the_activation_mlflow_ui_or_the_server():
+    """The server and a request to it: tests/tp4/serving/test_pyfunc.py runs them."""
+    others = [words[:3] for words in COMMANDS[2:] if words not in SCRIPTS]
+    assert others == [
+        ["source", ".venv/bin/activate"],
+        ["mlflow", "ui"],
+        ["mlflow", "models", "serve"],
+        ["curl", "127.0.0.1:5001/invocations", "-H"],
+    ]
     assert {_module_and_argv(words)[0] for words in SCRIPTS} <= RUN | PARSE  # run or parsed below
 
 

@@ -13,6 +13,7 @@ import losses
 import metrics
 import train
 from tp4.images import figures
+from tp4.inference import segment
 from tp4.perf import hardware, speed
 from tp4.tracking import runs
 from tp4.training import recipe
@@ -95,10 +96,12 @@ def test_tracked_run_has_params_epoch_metrics_artifacts_and_a_reloadable_model(s
     np.testing.assert_allclose(
         logged.predict(x_test, verbose=0), model.predict(x_test, verbose=0), atol=1e-6
     )
+    # As a service (tp4/serving): a raw image in, its mask out, by predict.py's code.
     pyfunc = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
-    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 32, 32, 1)
-    assert pyfunc.metadata.get_output_schema().inputs[0].shape == (-1, 32, 32, 1)
-    np.testing.assert_allclose(pyfunc.predict(x_test), model.predict(x_test, verbose=0), atol=1e-6)
+    assert pyfunc.metadata.get_output_schema().inputs[0].shape == (-1, -1)
+    raw = x_test[0, ..., 0] * 1000
+    expected = segment.segment_image(model, raw[..., None], threshold=0.3)[0]
+    np.testing.assert_array_equal(pyfunc.predict(raw, params={"threshold": 0.3}), expected)
 
     # test_loss: the soft Dice loss over the whole test set, by hand.
     p = model.predict(x_test, verbose=0).astype(np.float64)

@@ -149,6 +149,24 @@ def finite(probabilities, path):
     return probabilities
 
 
+def segment_image(model, image, threshold=0.5, tta=False, name="the image"):
+    """(uint8 labels (H, W), normalized image) of an image (H, W, C) of raw intensities: normalized
+    as in training, fitted to the network and back, thresholded (or argmax). predict.py (a file)
+    and the served model (tp4/serving: an array posted over HTTP) both segment through here."""
+    image = data.normalize_intensity(image)
+    probabilities = finite(predict_images(model, [image], tta=tta)[0], name)
+    return metrics.label_map(probabilities, threshold), image
+
+
+def segment_volume(model, volume, threshold=0.5, overlap=0.5, tta=False, name="the volume"):
+    """(uint8 labels (X, Y, Z), normalized volume) of a volume (X, Y, Z) of raw intensities:
+    normalized per volume as in training (datasets.py), then segment_image's steps, slice by slice
+    (2D model) or by sliding windows (3D model)."""
+    volume = data.normalize_intensity(volume.astype(np.float32))
+    probabilities = finite(predict_volume(model, volume, overlap, tta), name)
+    return metrics.label_map(probabilities, threshold), volume
+
+
 def segment(model, path, threshold=0.5, overlap=0.5, tta=False):
     """(labels, overlay RGB, nibabel image or None) of one file: uint8 labels (0/1 for a binary
     model, 0..C-1) in the input's geometry."""
@@ -158,18 +176,13 @@ def segment(model, path, threshold=0.5, overlap=0.5, tta=False):
     if not imagefiles.is_nifti(path):
         if len(model.input_shape) == 5:
             raise DataError(f"{path} is a 2D image: a 3D model segments NIfTI volumes")
-        image = data.normalize_intensity(imagefiles.read_image(path, channels))
-        probabilities = finite(predict_images(model, [image], tta=tta)[0], path)
-        labels = metrics.label_map(probabilities, threshold)
+        image = imagefiles.read_image(path, channels)
+        labels, image = segment_image(model, image, threshold, tta, path)
         return labels, figures.overlay(image, labels), None
     volume, nifti = imagefiles.read_volume(path)
     if channels != 1:
         raise DataError(f"{path} is a single-channel volume, the model takes {channels} channels")
-    volume = data.normalize_intensity(
-        volume.astype(np.float32)
-    )  # per volume, as in training (datasets.py)
-    probabilities = finite(predict_volume(model, volume, overlap, tta), path)
-    labels = metrics.label_map(probabilities, threshold)
+    labels, volume = segment_volume(model, volume, threshold, overlap, tta, path)
     found = labels > 0
     z = int(np.argmax(found.sum(axis=(0, 1)))) if found.any() else volume.shape[-1] // 2
     # rot90: array rows are X; in RAS storage this shows anterior up and the patient's right on the

@@ -38,7 +38,6 @@ import mlflow.data
 import mlflow.keras
 import numpy as np
 import requests
-import tensorflow as tf
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
@@ -46,7 +45,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 
 from tp4 import cli
-from tp4.tracking import liveness, outbox, store
+from tp4.serving import pyfunc
+from tp4.tracking import liveness, outbox, registry, store
 
 EPOCH_METRICS = ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou")
 # At a run's end, the unsent epochs may wait for the store ten times as long as one request may
@@ -331,8 +331,9 @@ def time_left(durations, epochs_left):
 
 
 def log_keras_model(model, example, registered_name=None):
-    """Log `model` in the Keras flavor, with its signature and input example, and tag the run with
-    its `model_uri`; returns MLflow's ModelInfo.
+    """Log `model` in the Keras flavor and as a served segmentation (tp4/serving/pyfunc.py: its
+    signature and input example are the service's), tag the run with its `model_uri`, and with
+    `registered_name` register it, the new version marked `@candidate`; returns MLflow's ModelInfo.
 
     The public `mlflow.keras.log_model(..., input_example=...)` fails (MLflow issue #16183, still
     open in MLflow 3.17: its save_model writes the example before creating the model's folder), so
@@ -347,24 +348,23 @@ def log_keras_model(model, example, registered_name=None):
     def save_model(path, validate_serving_input=None, **kwargs):  # that option is Model.log's
         os.makedirs(path, exist_ok=True)
         mlflow.keras.save_model(path=path, **kwargs)
+        pyfunc.add_to(path, kwargs["mlflow_model"], model)  # served with its preprocessing
 
     flavor = types.ModuleType("mlflow.keras")  # Model.log records the flavor's module name
     flavor.save_model = save_model
-    requirements = [
-        f"keras=={keras.__version__}",
-        f"tensorflow=={tf.__version__}",
-        f"numpy=={np.__version__}",
-    ]
     info = Model.log(
         artifact_path=None,
         name="model",
         flavor=flavor,
         model=model,
-        signature=infer_signature(*example),
-        input_example=example[0],
-        pip_requirements=requirements,
+        signature=infer_signature(*example),  # the network's; add_to gives the service's
+        input_example=pyfunc.input_example(model, example[0]),
+        metadata=pyfunc.description(model),
+        pip_requirements=pyfunc.requirements(),
         registered_model_name=registered_name,
         validate_serving_input=False,
     )
     mlflow.set_tag("model_uri", info.model_uri)  # the run's page names its model
+    if registered_name:
+        registry.set_alias(registered_name, registry.CANDIDATE, info.registered_model_version)
     return info
