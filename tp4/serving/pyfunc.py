@@ -136,8 +136,8 @@ class Segmenter:
 
 def _load_pyfunc(path):
     """MLflow's entry point (the python_function flavor's loader_module): the Segmenter of the
-    model at `path`, its network rebuilt in float32 (predict.py --precision float32's masks)."""
-    return Segmenter(segment.at_speed(segment.load_model(path), "float32", False))
+    model at `path`, at the precision predict.py takes for it on this machine (segment.at_speed)."""
+    return Segmenter(segment.at_speed(segment.load_model(path)))
 
 
 def signature(network) -> ModelSignature:

@@ -29,11 +29,12 @@ def test_an_alias_moves_and_predict_follows_it(store, tmp_path, capsys):
     )
 
     def champion_mask():
+        output = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
         code, out, err = run_predict(
-            ["models:/tiny@champion", str(tmp_path / "x.png"), "--output", str(tmp_path)], capsys
+            ["models:/tiny@champion", str(tmp_path / "x.png"), "--output", str(output)], capsys
         )
         assert code == 0, err
-        return np.asarray(Image.open(tmp_path / "x_mask.png"))
+        return np.asarray(Image.open(output / "x_mask.png"))
 
     capsys.readouterr()
     assert _promote([everything, "tiny@champion"], capsys)[1] == [
