@@ -44,7 +44,8 @@ def parse_args(argv=None):
     add = parser.add_argument
     add(
         "model",
-        help="a .keras file, or an MLflow model URI: runs:/<run_id>/model, "
+        help="a .keras or .onnx file (python -m tp4.serving.export), or an MLflow model URI: "
+        "runs:/<run_id>/model, "
         "models:/<name>/<version>, models:/<name>@<alias>, "
         "models:/<model_id>",
     )

@@ -443,8 +443,9 @@ def test_swapped_arguments_and_a_mistyped_input_are_one_line_before_any_loading(
     broken_model.write_bytes(b"not a model")  # loading it would fail: the inputs are checked first
     code, _, err = run_predict([str(tmp_path / "scan.png"), str(broken_model)], capsys)
     assert code == 2 and err == [
-        f"predict.py: error: {tmp_path / 'scan.png'} is not a model: give a .keras file, an "
-        "MLflow model folder, or a runs:/ or models:/ URI (the model comes first, then the images)"
+        f"predict.py: error: {tmp_path / 'scan.png'} is not a model: give a .keras or .onnx "
+        "file, an MLflow model folder, or a runs:/ or models:/ URI (the model comes first, then "
+        "the images)"
     ]
     code, _, err = run_predict([str(broken_model), str(tmp_path / "scna.png")], capsys)
     assert code == 2 and err == [f"predict.py: error: no such file: {tmp_path / 'scna.png'}"]

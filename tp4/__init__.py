@@ -11,7 +11,7 @@ attach it to their training as Keras callbacks and context managers.
 - `images/`: image and volume files, fitting images to the network and back, real datasets,
   figures;
 - `models/`: layers the exercise modules take as arguments (the fused batch norm);
-- `serving/`: the logged model served over HTTP with its preprocessing;
+- `serving/`: the logged model served over HTTP with its preprocessing, exported to ONNX;
 - `cli.py`: what every script's main() shares.
 
 The exercise modules at the root (unet.py, metrics.py, losses.py, data.py) import nothing from here;

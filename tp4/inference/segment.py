@@ -29,6 +29,7 @@ import metrics
 from tp4 import cli
 from tp4.images import figures, geometry, imagefiles
 from tp4.images.imagefiles import DataError
+from tp4.inference import onnxnetwork
 from tp4.models import batchnorm  # noqa: F401 (registers the fused batch norm, for saved models)
 from tp4.perf import speed
 
@@ -46,15 +47,17 @@ def load_model(location):
     is_uri = location.startswith(("runs:/", "models:/")) or "://" in location
     if not is_uri and not os.path.exists(location):
         raise ValueError(f"no such model file: {location}")
-    if not (is_uri or os.path.isdir(location) or location.endswith((".keras", ".h5"))):
+    if not (is_uri or os.path.isdir(location) or location.endswith((".keras", ".h5", ".onnx"))):
         raise ValueError(
-            f"{location} is not a model: give a .keras file, an MLflow model folder, or a runs:/ "
-            "or models:/ URI (the model comes first, then the images)"
+            f"{location} is not a model: give a .keras or .onnx file, an MLflow model folder, or a "
+            "runs:/ or models:/ URI (the model comes first, then the images)"
         )
     try:
         # A folder: an MLflow model saved locally (it holds an MLmodel file).
         if is_uri or os.path.isdir(location):
             model = mlflow.keras.load_model(location)
+        elif location.endswith(".onnx"):  # python -m tp4.serving.export's, run by onnxruntime
+            model = onnxnetwork.OnnxNetwork(location)
         else:
             model = keras.models.load_model(location)
     # MLflow and Keras raise many types (missing run, bad zip...): one line for all
@@ -65,7 +68,8 @@ def load_model(location):
             f"{location}: expected a segmentation model with a fixed input (N, H, W, C) or "
             f"(N, D, H, W, C), got {model.input_shape} -> {model.output_shape}"
         )
-    check_weights(model, location)
+    if not isinstance(model, onnxnetwork.OnnxNetwork):  # its export checked them
+        check_weights(model, location)
     return model
 
 
@@ -96,7 +100,10 @@ def guard_logits(model):
 def at_speed(model, precision="auto", xla="auto"):
     """`model` at the precision and XLA setting of inference on this machine (speed.for_inference:
     the model's own precision where the hardware has it, nothing measured); rebuilt with the same
-    weights if that is another precision; its logits guarded (`guard_logits`)."""
+    weights if that is another precision; its logits guarded (`guard_logits`). An ONNX network
+    runs as exported: float32, by onnxruntime."""
+    if isinstance(model, onnxnetwork.OnnxNetwork):
+        return model
     trained = speed.trained_precision(model)
     choice = speed.for_inference(trained, precision, xla)
     if choice.precision != trained:
