@@ -94,9 +94,13 @@ class Cluster:
             hint = " (the postgres user must be able to enter DIR and every folder above it)"
             raise OSError(f"{error}{hint if self.owner else ''}") from None
 
+    def running(self) -> bool:
+        """Whether a PostgreSQL server runs on this cluster (pg_ctl status)."""
+        return self.run("pg_ctl", "status", "-D", self.folder, check=False) == 0
+
     def start(self) -> None:
         """Start PostgreSQL on the socket in its folder, with no TCP address; wait until ready."""
-        if self.run("pg_ctl", "status", "-D", self.folder, check=False) == 0:
+        if self.running():
             raise OSError(f"PostgreSQL already runs in {self.folder}: stop what started it first")
         log = self.folder / "postgres.log"
         options = (

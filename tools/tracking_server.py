@@ -7,25 +7,37 @@ What this script teaches:
 - a database that nothing on the network can reach: PostgreSQL listens on a Unix socket inside DIR
   only (no TCP port) that only its own user (and root) can open, so logins need no password;
 - a clean life cycle: the first start creates everything in DIR, a later start reuses it and keeps
-  every run; Ctrl-C or SIGTERM stops MLflow's workers, then PostgreSQL (a fast, clean shutdown).
+  every run; Ctrl-C, SIGTERM or SIGHUP (a closed terminal) stops MLflow's workers, then PostgreSQL
+  (a fast, clean shutdown); a start after `kill -9` stops what the killed one left running
+  (tools/server_processes.py), and one DIR is served by one process at a time;
+- passwords never cross a network in clear text by accident: basic auth sends them with every
+  request, so listening beyond loopback needs TLS (--tls-cert/--tls-key: uvicorn serves HTTPS) or
+  a TLS reverse proxy in front of a server on 127.0.0.1 (Caddy, nginx), or an explicit --insecure;
+  repeated wrong passwords are locked out (tools/login_throttle.py);
+- DIR is private: mode 700 (run as root: 750 with the group of `postgres`, which must enter it).
 
     python -m tools.tracking_server ~/mlflow-lab  # http://127.0.0.1:5000, this machine
-    python -m tools.tracking_server /srv/mlflow --host 0.0.0.0  # every address: the lab
+    python -m tools.tracking_server /srv/mlflow --host 0.0.0.0 --tls-cert c.pem --tls-key k.pem
+    caddy reverse-proxy --from mlflow.lab.example --to 127.0.0.1:5000  # TLS in front, instead
 
 It prints what each client sets (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME,
-MLFLOW_TRACKING_PASSWORD) and runs until Ctrl-C or SIGTERM. DIR holds postgres/ (the database
-cluster and its log), artifacts/, mlflow.log, basic_auth.ini and, mode 600, flask_secret_key and
-admin_password (when MLFLOW_AUTH_ADMIN_PASSWORD is not set at the first start: then a password is
-generated there and printed once). Run as root, PostgreSQL runs as the `postgres` user (it refuses
-root): that user must be able to reach DIR.
+MLFLOW_TRACKING_PASSWORD) and runs until Ctrl-C, SIGTERM or SIGHUP. DIR holds postgres/ (the
+database cluster and its log), artifacts/, mlflow.log, tracking_server.pid and mlflow.pid,
+login_failures.sqlite, basic_auth.ini and flask_secret_key and admin_password (when
+MLFLOW_AUTH_ADMIN_PASSWORD is not set at the first start: then a password is generated there and
+printed once). Run as root, PostgreSQL runs as the `postgres` user (it refuses root).
 """
 
 import configparser
+import contextlib
+import grp
 import ipaddress
 import os
 import secrets
+import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -33,15 +45,20 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tools import postgres
+from tools import login_throttle, postgres, server_processes
 from tp4 import cli
 
 ADMIN = "admin"  # the MLflow user created at the first start
 ROLE = "mlflow"  # the PostgreSQL role MLflow connects as
 DATABASES = ("mlflow", "mlflow_auth")  # runs, params and metrics; users and permissions
 START_SECONDS = 300  # for mlflow server to answer: each worker imports MLflow (slow on 2 cores)
-STOP_SECONDS = 30  # for MLflow's processes to exit on SIGTERM, before SIGKILL
 EVERY_ADDRESS = ("0.0.0.0", "::")  # --host values that listen on all the machine's addresses
+REPO = Path(__file__).resolve().parent.parent  # on mlflow server's path: tools.login_throttle
+TLS_IN_FRONT = (
+    "put TLS in front: a reverse proxy on this machine (Caddy: `caddy reverse-proxy --from "
+    "NAME --to 127.0.0.1:PORT`; nginx: proxy_pass http://127.0.0.1:PORT) with this server on "
+    "127.0.0.1, or --tls-cert and --tls-key"
+)
 
 
 def parse_args(argv=None):
@@ -52,17 +69,71 @@ def parse_args(argv=None):
     )
     parser.add_argument("--port", type=int, default=5000, help="port to listen on")
     parser.add_argument("--workers", type=int, default=4, help="MLflow server processes")
+    parser.add_argument("--tls-cert", help="PEM certificate (chain): serve HTTPS with it")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen beyond loopback over plain HTTP (passwords in clear text on the network)",
+    )
+    parser.add_argument(
+        "--max-failed-logins", type=cli.at_least(1), default=5,
+        help="wrong passwords in a row (per user and address) before a lockout",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lockout", type=cli.positive, default=60.0,
+        help="seconds a user and address stay locked out after their last wrong password",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536 or args.workers < 1:
         parser.error("--port must be in 1..65535 and --workers at least 1")
     return args, parser
 
 
+def is_loopback(host):
+    """Whether `host` (an address or a name) is this machine only: 127.0.0.0/8, ::1, localhost."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return host == "localhost"
+
+
+def check_exposure(args):
+    """ValueError unless the logins are safe on the network the server listens on: loopback, or
+    TLS (both files readable), or --insecure said."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for path in filter(None, (args.tls_cert, args.tls_key)):
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"cannot read {path}")
+    if not (is_loopback(args.host) or args.tls_cert or args.insecure):
+        raise ValueError(
+            f"--host {args.host} listens beyond this machine, and basic auth would send every "
+            f"password in clear text: {TLS_IN_FRONT}; or --insecure on a network you trust"
+        )
+
+
+def secure_folder(lab):
+    """DIR private to its owner, also when it was made wider before: mode 700; run as root, 750
+    with the group of `postgres` (which must enter it). Its artifacts and log: 700 and 600."""
+    if os.geteuid() == 0:
+        with contextlib.suppress(KeyError):
+            os.chown(lab, -1, grp.getgrnam("postgres").gr_gid)
+        lab.chmod(0o750)
+    else:
+        lab.chmod(0o700)
+    (lab / "artifacts").mkdir(mode=0o700, exist_ok=True)
+    (lab / "artifacts").chmod(0o700)
+    for name in ("mlflow.log", "login_failures.sqlite"):
+        os.close(os.open(lab / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        (lab / name).chmod(0o600)
+
+
 def writable_folder(path):
     """The folder at `path`, made if new; one line if that fails or it cannot be written."""
     folder = Path(path).resolve()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as error:
         raise OSError(f"cannot create {folder}: {error.strerror}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -86,10 +157,12 @@ def write_auth_config(lab, cluster):
         "default_permission": "READ",
         "database_uri": cluster.uri(ROLE, "mlflow_auth").replace("%", "%%"),
         "admin_username": ADMIN,
+        "authorization_function": login_throttle.FUNCTION,  # basic auth, and the lockout
     }
     path = lab / "basic_auth.ini"
-    with path.open("w") as file:
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
         config.write(file)
+    path.chmod(0o600)  # also when an older start made it wider
     return path
 
 
@@ -103,11 +176,7 @@ def client_names(host):
             addresses = []
         names = [socket.getfqdn(), name, *addresses, "localhost", "127.0.0.1"]
     else:
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:  # a name, not an address
-            loopback = host == "localhost"
-        names = [host, "localhost", "127.0.0.1"] if loopback else [host]
+        names = [host, "localhost", "127.0.0.1"] if is_loopback(host) else [host]
     return list(dict.fromkeys(names))  # without repeats, in order
 
 
@@ -116,27 +185,37 @@ def check_port_is_free(host, port):
     try:
         socket.create_server((host, port), family=family).close()
     except OSError as error:
-        raise OSError(f"cannot listen on {host} port {port}: {os.strerror(error.errno)}") from None
+        raise OSError(
+            f"cannot listen on {host} port {port}: {os.strerror(error.errno)} (another program: "
+            f"`ss -ltnp 'sport = :{port}'` names it; or give another --port)"
+        ) from None
 
 
 def start_mlflow(args, lab, cluster, secrets_env):
     """`mlflow server` on PostgreSQL, artifacts served from DIR, basic-auth on, answering only to
     the names of its address; in its own process group, its output in DIR/mlflow.log."""
-    origins = [http_url(name, args.port) for name in client_names(args.host)]
+    origins = [http_url(name, args.port, args.tls_cert) for name in client_names(args.host)]
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
     env = {
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # GenAI jobs: 7 more processes, unused here
         **os.environ,
         **secrets_env,
         "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(lab, cluster)),
+        "PYTHONPATH": path,
+        login_throttle.FILE_ENV: str(lab / "login_failures.sqlite"),
+        login_throttle.LIMIT_ENV: str(args.max_failed_logins),
+        login_throttle.LOCKOUT_ENV: str(args.lockout),
     }
+    tls = ["--ssl-certfile", args.tls_cert, "--ssl-keyfile", args.tls_key] if args.tls_cert else []
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", cluster.uri(ROLE, "mlflow"),
         "--serve-artifacts", "--artifacts-destination", (lab / "artifacts").as_uri(),
         "--app-name", "basic-auth",
         "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
-        "--allowed-hosts", ",".join(origin.removeprefix("http://") for origin in origins),
+        "--allowed-hosts", ",".join(origin.split("://")[1] for origin in origins),
         "--cors-allowed-origins", ",".join(origins),
+        *(["--uvicorn-opts", shlex.join(tls)] if tls else []),
     ]  # fmt: skip
     with (lab / "mlflow.log").open("a") as log:
         return subprocess.Popen(
@@ -146,8 +225,14 @@ def start_mlflow(args, lab, cluster, secrets_env):
 
 def wait_until_ready(process, args, log):
     """Wait for the server's /health to answer; its error as one line if it stops first."""
-    url = http_url("127.0.0.1" if args.host in EVERY_ADDRESS else args.host, args.port)
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no HTTP(S)_PROXY
+    url = http_url(
+        "127.0.0.1" if args.host in EVERY_ADDRESS else args.host, args.port, args.tls_cert
+    )
+    is_up = ssl.create_default_context()  # whether it answers, not whom: any certificate
+    is_up.check_hostname, is_up.verify_mode = False, ssl.CERT_NONE
+    direct = urllib.request.build_opener(  # no HTTP(S)_PROXY
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=is_up)
+    )
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -162,36 +247,35 @@ def wait_until_ready(process, args, log):
     raise OSError(f"mlflow server did not answer in {START_SECONDS} s (see {log})")
 
 
-def stop_process_group(process):
-    """SIGTERM to the server and the workers it spawned (one process group), SIGKILL to any left
-    after STOP_SECONDS."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + STOP_SECONDS
-        while time.monotonic() < deadline:
-            process.poll()  # reaps the leader; the group is gone when its last process is
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def serve(args):
-    """Create or reuse DIR, start PostgreSQL then MLflow, print what clients set, run until
-    Ctrl-C or SIGTERM, stop both."""
-    check_port_is_free(args.host, args.port)
+    """Check the exposure, take DIR (stopping what a killed start left), start PostgreSQL then
+    MLflow, print what clients set, run until Ctrl-C, SIGTERM or SIGHUP, stop both."""
+    check_exposure(args)
     programs = postgres.bindir()
-    lab = writable_folder(args.dir)
+    lab = Path(args.dir).resolve()
     cluster = postgres.Cluster(programs, lab / "postgres")
-    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C
+    with contextlib.ExitStack() as owned:
+        earlier = lab.is_dir()
+        if earlier:  # an earlier start's leftovers would hold the port
+            owned.enter_context(server_processes.Owner(lab))
+            for line in server_processes.stop_leftovers(lab, cluster):
+                say(line)
+        check_port_is_free(args.host, args.port)  # before a new DIR is made
+        lab = writable_folder(args.dir)
+        if not earlier:
+            owned.enter_context(server_processes.Owner(lab))
+        secure_folder(lab)
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # stop as on Ctrl-C
+            signal.signal(sig, _interrupt)
+        run_until_stopped(args, lab, cluster)
+
+
+def run_until_stopped(args, lab, cluster):
+    """PostgreSQL, then MLflow on it, until a signal; both stopped whatever happens."""
     first_start = not cluster.exists()
     env = auth_secrets(lab, first_start)
     if first_start:
@@ -200,19 +284,27 @@ def serve(args):
     try:
         cluster.create_role_and_databases(ROLE, DATABASES)
         server = start_mlflow(args, lab, cluster, env)
+        server_processes.record_mlflow(lab, server.pid)  # its process group
         try:
             wait_until_ready(server, args, lab / "mlflow.log")
-            print_client_settings(public_url(args), lab, first_start)
+            print_client_settings(args, lab, first_start)
             server.wait()
             log = lab / "mlflow.log"
             raise OSError(f"mlflow server stopped: {postgres.last_line(log.read_text())}")
         except KeyboardInterrupt:
-            print("stopping MLflow, then PostgreSQL", flush=True)
+            say("stopping MLflow, then PostgreSQL")
         finally:
-            stop_process_group(server)
+            server_processes.stop_process_group(server.pid, server.poll)
+            server_processes.forget_mlflow(lab)
     finally:
         cluster.stop()
-    print(f"stopped; {lab} keeps every run", flush=True)
+    say(f"stopped; {lab} keeps every run")
+
+
+def say(line):
+    """Print a line, if anything still reads it: after SIGHUP the terminal may be gone."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
 
 
 def auth_secrets(lab, first_start):
@@ -228,17 +320,36 @@ def auth_secrets(lab, first_start):
     return env
 
 
-def http_url(host, port):
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def http_url(host, port, tls=False):
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def public_url(args):
     """The server's URL for clients: by the machine's name when it listens on all addresses."""
-    return http_url(socket.gethostname() if args.host in EVERY_ADDRESS else args.host, args.port)
+    host = socket.gethostname() if args.host in EVERY_ADDRESS else args.host
+    return http_url(host, args.port, args.tls_cert)
 
 
-def print_client_settings(url, lab, first_start):
-    """The URI and the variables a client sets (the admin password itself only at its creation)."""
+def transport_note(args):
+    """What the start message says of the passwords' way over the network."""
+    if args.tls_cert:
+        return (
+            f"HTTPS with {args.tls_cert}; a client that does not trust its issuer sets "
+            f"MLFLOW_TRACKING_SERVER_CERT_PATH to it."
+        )
+    if is_loopback(args.host):
+        return f"Plain HTTP on this machine only. To serve other machines, {TLS_IN_FRONT}."
+    return (
+        "WARNING: plain HTTP beyond this machine (--insecure): passwords cross the network in "
+        f"clear text. To stop that, {TLS_IN_FRONT}."
+    )
+
+
+def print_client_settings(args, lab, first_start):
+    """The URI and the variables a client sets (the admin password itself only at its creation),
+    and how the passwords travel."""
+    url = public_url(args)
     password_file = lab / "admin_password"
     if first_start and password_file.exists():
         password = f"{password_file.read_text().strip()}  # printed once, kept in {password_file}"
@@ -252,6 +363,7 @@ def print_client_settings(url, lab, first_start):
         f"  export MLFLOW_TRACKING_URI={url}\n"
         f"  export MLFLOW_TRACKING_USERNAME={ADMIN}\n"
         f"  export MLFLOW_TRACKING_PASSWORD={password}\n"
+        f"{transport_note(args).replace('PORT', str(args.port))}\n"
         f"The admin gives each person a login at {url}/signup. Ctrl-C stops the server.",
         flush=True,
     )

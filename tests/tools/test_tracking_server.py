@@ -5,6 +5,8 @@ end, even when a test fails.
 """
 
 import base64
+import grp
+import json
 import os
 import shutil
 import signal
@@ -25,7 +27,7 @@ from mlflow.server.auth.client import AuthServiceClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
 import report
-from tools import postgres, tracking_server
+from tools import postgres, server_processes, tracking_server
 from tp4.tracking import liveness, runs, store
 
 TINY = (
@@ -81,13 +83,13 @@ class Server:
         password = (self.lab / "admin_password").read_text().strip()
         return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
 
-    def stop(self):
-        """SIGTERM, as a service manager would; then make sure that nothing it started is left.
-        Returns its exit status."""
+    def stop(self, sig=signal.SIGTERM):
+        """SIGTERM, as a service manager would (or `sig`); then make sure that nothing it started
+        is left. Returns its exit status."""
         if self.process.poll() is None:
             # mlflow server and its workers are its children; PostgreSQL is a daemon.
             self.children = psutil.Process(self.process.pid).children(recursive=True)
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(sig)
         try:
             return self.process.wait(timeout=120)
         finally:
@@ -287,7 +289,8 @@ def test_a_port_in_use_is_one_line_and_creates_nothing(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         f"tracking_server.py: error: cannot listen on 127.0.0.1 port {port}: "
-        "Address already in use\n"
+        f"Address already in use (another program: `ss -ltnp 'sport = :{port}'` names it; or "
+        "give another --port)\n"
     )
     assert not (tmp_path / "lab").exists()
 
@@ -328,3 +331,130 @@ def test_a_missing_postgresql_names_the_package_to_install(tmp_path, monkeypatch
 def test_the_server_answers_to_the_names_of_the_address_it_listens_on():
     assert tracking_server.client_names("127.0.0.1") == ["127.0.0.1", "localhost"]
     assert tracking_server.client_names("10.1.2.3") == ["10.1.2.3"]
+
+
+@pytest.mark.slow
+def test_a_second_server_on_a_served_dir_is_refused_naming_the_first(server, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tracking_server.main([str(server.lab), "--port", str(_free_port())])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"tracking_server.py: error: {server.lab} is served already by tracking_server.py PID "
+        f"{server.process.pid}: stop it first (kill {server.process.pid}), or give another DIR\n"
+    )
+
+
+@pytest.mark.slow
+def test_dir_is_private_to_its_owner(server):
+    if os.geteuid() == 0:  # PostgreSQL runs as `postgres`, which must enter DIR
+        assert server.lab.stat().st_mode & 0o777 == 0o750
+        assert server.lab.stat().st_gid == grp.getgrnam("postgres").gr_gid
+    else:
+        assert server.lab.stat().st_mode & 0o777 == 0o700
+    assert (server.lab / "artifacts").stat().st_mode & 0o777 == 0o700
+    for name in ("mlflow.log", "login_failures.sqlite", "basic_auth.ini"):
+        assert (server.lab / name).stat().st_mode & 0o077 == 0, name
+
+
+def _request(url, method="GET", user=None, password=None, body=None):
+    """(status, headers) of one request with basic auth."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if user:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers
+
+
+@pytest.mark.slow
+def test_repeated_wrong_passwords_lock_out_that_user_only(server):
+    admin = server.credentials()["MLFLOW_TRACKING_PASSWORD"]
+    create = f"{server.url}/api/2.0/mlflow/users/create"
+    body = {"username": "carol", "password": "carol-right-1234"}
+    assert _request(create, "POST", "admin", admin, body)[0] == 200
+    search = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _request(search, user="carol", password="carol-right-1234")[0] == 200
+    for _ in range(5):  # --max-failed-logins 5
+        assert _request(search, user="carol", password="wrong")[0] == 401
+    status, headers = _request(search, user="carol", password="carol-right-1234")
+    assert status == 429 and 55 <= int(headers["Retry-After"]) <= 60  # --lockout 60
+    assert _request(search, user="admin", password=admin)[0] == 200  # another user: not locked
+
+
+@pytest.mark.slow
+def test_sighup_stops_everything_and_a_start_after_kill_9_stops_the_leftovers(server, client):
+    assert server.stop(signal.SIGHUP) == 0  # a closed terminal
+    assert server.text().splitlines()[-1].startswith("stopped;")
+    assert not any(child.is_running() for child in server.children)
+    assert not (server.lab / "postgres" / "postmaster.pid").exists()
+
+    server.start()
+    mlflow_group = int((server.lab / "mlflow.pid").read_text())
+    left = psutil.Process(server.process.pid).children(recursive=True)
+    server.process.kill()  # kill -9: mlflow server (its own session) and PostgreSQL stay
+    server.process.wait()
+    assert any(process.is_running() for process in left)
+    assert (server.lab / "postgres" / "postmaster.pid").exists()
+
+    server.start()  # on the same port: the leftovers held it
+    assert f"stopped the mlflow server (process group {mlflow_group}) of an earlier start\n" in (
+        server.text()
+    )
+    assert f"stopped the PostgreSQL of an earlier start in {server.lab / 'postgres'}\n" in (
+        server.text()
+    )
+    assert not any(process.is_running() for process in left)
+    assert client.search_experiments()  # the new server answers
+
+
+def test_listening_beyond_loopback_needs_tls_or_insecure(tmp_path, capsys):
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        tracking_server.check_exposure(tracking_server.parse_args(["d", "--host", host])[0])
+    for host in ("0.0.0.0", "::", "10.1.2.3", "lab.example"):
+        args = tracking_server.parse_args(["d", "--host", host])[0]
+        with pytest.raises(ValueError, match="clear text: put TLS in front: a reverse proxy"):
+            tracking_server.check_exposure(args)
+        tracking_server.check_exposure(
+            tracking_server.parse_args(["d", "--host", host, "--insecure"])[0]
+        )
+    (tmp_path / "c.pem").write_text("")
+    (tmp_path / "k.pem").write_text("")
+    tls = ["--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem")]
+    tracking_server.check_exposure(tracking_server.parse_args(["d", "--host", "0.0.0.0", *tls])[0])
+    with pytest.raises(ValueError, match="go together"):
+        tracking_server.check_exposure(tracking_server.parse_args(["d", *tls[:2]])[0])
+    # As a command: one line, before anything is made.
+    with pytest.raises(SystemExit) as exit_info:
+        tracking_server.main([str(tmp_path / "lab"), "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "Caddy" in err and "nginx" in err and "--insecure" in err
+    assert not (tmp_path / "lab").exists()
+
+
+def test_the_start_message_says_how_the_passwords_travel(tmp_path):
+    note = tracking_server.transport_note
+    assert "To serve other machines, put TLS in front" in note(tracking_server.parse_args(["d"])[0])
+    insecure = tracking_server.parse_args(["d", "--host", "0.0.0.0", "--insecure"])[0]
+    assert note(insecure).startswith("WARNING: plain HTTP beyond this machine")
+    tls = tracking_server.parse_args(["d", "--tls-cert", "c.pem", "--tls-key", "k.pem"])[0]
+    assert "MLFLOW_TRACKING_SERVER_CERT_PATH" in note(tls)
+    assert tracking_server.public_url(tls) == "https://127.0.0.1:5000"
+
+
+def test_one_owner_per_dir(tmp_path):
+    with server_processes.Owner(tmp_path):
+        assert (tmp_path / "tracking_server.pid").read_text() == f"{os.getpid()}\n"
+        with (
+            pytest.raises(OSError, match=f"served already by tracking_server.py PID {os.getpid()}"),
+            server_processes.Owner(tmp_path),
+        ):
+            pass
+    assert not (tmp_path / "tracking_server.pid").exists()
+    with server_processes.Owner(tmp_path):  # free again
+        pass
