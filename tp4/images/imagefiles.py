@@ -167,8 +167,18 @@ def read_image(path, channels=1):
 
 def read_mask(path):
     """(H, W) label values of a 2D mask file, as stored: multi-band masks are reduced to grey levels
-    first, palette masks give their palette indices (the usual way to store labels in a PNG)."""
+    first, palette masks give their palette indices (the usual way to store labels in a PNG).
+
+    A mask drawn in the alpha channel (one colour everywhere, often black, the shape in the
+    transparency: some drawing tools export it so) is read from its alpha: its grey levels would be
+    an empty mask. A mask whose colour and alpha both vary is read from its colour, alpha dropped.
+    """
     image = _open(path)
+    if "A" in image.getbands():
+        pixels = np.asarray(image.convert("LA" if image.mode in ("LA", "La") else "RGBA"))
+        colour, alpha = pixels[..., :-1], pixels[..., -1]
+        if (colour == colour[:1, :1]).all() and not (alpha == alpha.flat[0]).all():
+            return alpha
     if len(image.getbands()) > 1:
         image = image.convert("L")
     return check_finite(np.asarray(image), path)

@@ -147,3 +147,28 @@ def test_imagefiles_describes_the_good_files_and_exits_2_for_the_others(
     assert len(err.splitlines()) == 1 and err.startswith(
         f"imagefiles.py: error: cannot read {files[1]}"
     )
+
+
+def _square_mask():
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:10, 5:12] = 255
+    return mask
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_a_mask_drawn_in_the_alpha_channel_is_read_from_it(mode, tmp_path):
+    """One colour everywhere (black), the shape in the transparency: the grey levels are empty."""
+    shape = _square_mask()
+    black = np.zeros((16, 16, 3 if mode == "RGBA" else 1), np.uint8)
+    Image.fromarray(np.dstack([black, shape]).squeeze(), mode).save(tmp_path / "m.png")
+    assert np.asarray(Image.open(tmp_path / "m.png").convert("L")).max() == 0  # the old reading
+    labels = imagefiles.read_mask(str(tmp_path / "m.png"))
+    np.testing.assert_array_equal(labels, shape)
+    np.testing.assert_array_equal(imagefiles.label_map(labels, "m.png"), shape > 0)
+
+
+def test_a_mask_in_colour_with_an_alpha_channel_is_read_from_its_colour(tmp_path):
+    shape, alpha = _square_mask(), np.full((16, 16), 255, np.uint8)
+    alpha[0, :] = 0  # a varying alpha too: the colour decides
+    Image.fromarray(np.dstack([shape, shape, shape, alpha]), "RGBA").save(tmp_path / "m.png")
+    np.testing.assert_array_equal(imagefiles.read_mask(str(tmp_path / "m.png")), shape)
