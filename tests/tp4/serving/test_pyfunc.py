@@ -1,23 +1,14 @@
 """The logged model as a service: `mlflow models serve` answers with predict.py's masks; a bad
 request is a 400 with one line."""
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
-import requests
 from helpers import AFFINE, log_tiny_model, run_predict
 from PIL import Image
 
+from tools import serve_bench
 from tp4.serving import pyfunc
 from tp4.tracking import registry
 
@@ -56,48 +47,6 @@ def test_the_signature_says_what_the_service_takes_and_gives(store):
     assert "raw intensities" in metadata.metadata["serving"]
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _server(model_uri, env=None):
-    """`mlflow models serve` of `model_uri` on 127.0.0.1 (its own process group, stopped after);
-    yields its /invocations address."""
-    port, bin = _free_port(), Path(sys.executable).parent  # the environment's mlflow, uvicorn
-    command = [str(bin / "mlflow"), "models", "serve", "-m", model_uri]
-    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    log = open("server.log", "w")  # noqa: SIM115 (read after the server has stopped)
-    server = subprocess.Popen(
-        command,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "PATH": f"{bin}{os.pathsep}{os.environ['PATH']}", **(env or {})},
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, Path("server.log").read_text()[-3000:]
-            with contextlib.suppress(requests.ConnectionError):
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).ok:
-                    break
-            assert time.monotonic() < deadline, "the server did not start in 180 s"
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/invocations"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
-        log.close()
-
-
-def _post(address, values, **params):
-    body = {"inputs": np.asarray(values).tolist(), "params": params}
-    return requests.post(address, json=body, timeout=120)
-
-
 @pytest.mark.slow
 def test_the_server_answers_with_predict_pys_masks(store, tmp_path, capsys):
     network, run_id, _ = log_tiny_model("served", seed=3)
@@ -119,19 +68,20 @@ def test_the_server_answers_with_predict_pys_masks(store, tmp_path, capsys):
     expected_volume = np.asarray(nib.load(tmp_path / "out" / "case_mask.nii.gz").dataobj)
     assert 0 < expected_image.mean() < 1
 
-    with _server("models:/served@champion", {"TP4_SERVING_MAX_VALUES": "100000"}) as address:
-        answer = _post(address, image, threshold=threshold)
+    limit = {"TP4_SERVING_MAX_VALUES": "100000"}
+    with serve_bench.serve("models:/served@champion", limit) as address:
+        answer = serve_bench.post(address, image, threshold=threshold)
         assert answer.status_code == 200, answer.text
         np.testing.assert_array_equal(np.array(answer.json()["predictions"]), expected_image)
-        answer = _post(address, volume, threshold=threshold)
+        answer = serve_bench.post(address, volume, threshold=threshold)
         assert answer.status_code == 200, answer.text
         np.testing.assert_array_equal(np.array(answer.json()["predictions"]), expected_volume)
         for values, message in [*BAD_REQUESTS[:2], (np.zeros((400, 400)), "more than this")]:
-            answer = _post(address, values)
+            answer = serve_bench.post(address, values)
             assert answer.status_code == 400
             assert message in answer.json()["message"]
             assert "\n" not in answer.json()["message"]
-        answer = _post(address, image, threshold=2)
+        answer = serve_bench.post(address, image, threshold=2)
         assert (answer.status_code, answer.json()["message"]) == (
             400,
             "threshold must be between 0 and 1, got 2.0",
