@@ -22,8 +22,12 @@ normalize_intensity, split, describe and content_hash from here.
     python data.py --save outputs/sample.png   # look at a few images with their masks
 """
 
-# First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
-from tp4 import startup  # noqa: F401
+# First, before anything loads TensorFlow: its start-up notices filtered out by the project's
+# tp4/startup.py where the checkout has it; copied on its own, this module runs without it.
+import contextlib
+
+with contextlib.suppress(ImportError):
+    from tp4 import startup  # noqa: F401
 
 # isort: split
 import argparse
