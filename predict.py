@@ -1,10 +1,11 @@
-"""Segment new images with a trained model: PNG, JPEG, TIFF or NIfTI in, masks of that geometry out.
+"""Segment new images with a trained model: images or volumes in, masks of their geometry out.
 
 What this script teaches:
 - a model is only half of a prediction: the preprocessing of training is replayed and undone on the
   output (tp4/inference/segment.py), so that the mask lies pixel for pixel over the input, whatever
-  its size; a NIfTI mask keeps the input's affine and header, so that a viewer lays it over the scan
-  in millimetres;
+  its size; a volume (NIfTI, NRRD, MHA, a DICOM series folder) is segmented in RAS orientation, as
+  in training, and its mask written back on the input's own grid, so that a viewer lays it over
+  the scan in millimetres;
 - a 2D model segments a volume slice by slice, a 3D model by overlapping sliding windows;
   `--tta` averages over the flips of every spatial axis (nnU-Net's test-time mirroring);
 - the precision and XLA setting of inference are chosen for this machine (tp4/perf/speed.py),
@@ -14,9 +15,10 @@ What this script teaches:
 
 Outputs in --output: `<name>_mask.<ext>` (PNG/TIFF: uint8 of the input's size, 0/255 for a binary
 model, the labels 0..C-1 themselves for a model of C classes; a JPEG input gives a PNG mask since
-JPEG compression would blur it; NIfTI: uint8 labels 0/1 or 0..C-1 with the input's affine and
-header) and `<name>_overlay.png` (the image, or the volume's slice with the most foreground, with
-the predicted contour of each class in its colour: class 1 red).
+JPEG compression would blur it; a volume: uint8 labels 0/1 or 0..C-1 in its format and grid, a
+NIfTI's affine and header, `.nrrd` for `.nhdr` and a DICOM series, `.mha` for `.mhd`) and
+`<name>_overlay.png` (the image, or the volume's slice with the most foreground, with the
+predicted contour of each class in its colour: class 1 red).
 
     python predict.py model.keras scan.png --output predictions/
     python predict.py runs:/<run_id>/model images/ --output predictions/ --threshold 0.4
@@ -49,7 +51,12 @@ def parse_args(argv=None):
         "models:/<name>/<version>, models:/<name>@<alias>, "
         "models:/<model_id>",
     )
-    add("inputs", nargs="+", help="PNG, JPEG, TIFF or NIfTI files, or folders of them")
+    add(
+        "inputs",
+        nargs="+",
+        help="PNG, JPEG, TIFF, NIfTI, NRRD or MHA/MHD files, DICOM series folders, or folders "
+        "of them",
+    )
     add(
         "--output",
         default="predictions",
@@ -80,13 +87,13 @@ def parse_args(argv=None):
 def segment_file(model, path, output, threshold=0.5, overlap=0.5, tta=False):
     """Segment one file and write its mask and overlay; returns the mask's foreground fraction."""
     mask_path, overlay_path = outputs.output_paths(output, path)
-    labels, picture, nifti = segment.segment(model, path, threshold, overlap, tta)
+    labels, picture, volume = segment.segment(model, path, threshold, overlap, tta)
     # A binary mask image is 0/255, visible in any viewer; labels of several classes stay 0..C-1.
-    binary_image = nifti is None and model.output_shape[-1] == 1
+    binary_image = volume is None and model.output_shape[-1] == 1
     mask = labels * 255 if binary_image else labels
     outputs.write_outputs(
         {
-            mask_path: lambda p: outputs.save_mask(p, mask, nifti),
+            mask_path: lambda p: outputs.save_mask(p, mask, volume),
             overlay_path: lambda p: Image.fromarray(picture).save(p, format="PNG"),
         }
     )

@@ -151,6 +151,14 @@ def ras(array, affine=AFFINE):
     return nib.apply_orientation(array, nib.io_orientation(affine))
 
 
+def from_ras(array, affine=AFFINE):
+    """The inverse of `ras`: an array in RAS order back in the order `affine` stores it."""
+    ras_axes = nib.orientations.axcodes2ornt("RAS")
+    return nib.apply_orientation(
+        array, nib.orientations.ornt_transform(ras_axes, nib.io_orientation(affine))
+    )
+
+
 def refused_in_one_line(argv, capsys):
     """train.main(argv)'s one error line, its exit status 2 checked."""
     with pytest.raises(SystemExit) as exit_info:

@@ -7,13 +7,14 @@ import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import AFFINE, run_predict
+import SimpleITK as sitk
+from helpers import AFFINE, from_ras, ras, run_predict, write_volume
 from PIL import Image
 
 import data
 import losses
 import unet
-from tp4.images import geometry
+from tp4.images import geometry, volumes
 from tp4.images.imagefiles import DataError
 from tp4.inference import outputs
 from tp4.models import batchnorm
@@ -213,8 +214,10 @@ def test_a_2d_model_on_a_volume_normalizes_per_volume_then_predicts_each_slice(
     nib.save(nib.Nifti1Image(volume, AFFINE), tmp_path / "scan.nii.gz")
     run_predict([path, str(tmp_path / "scan.nii.gz"), "--output", str(tmp_path / "out")], capsys)
     mask = np.asarray(nib.load(tmp_path / "out" / "scan_mask.nii.gz").dataobj)
-    slices = np.moveaxis(data.normalize_intensity(volume), -1, 0)[..., None]  # (Z, X, Y, 1)
+    # The slices the network sees: the volume's in RAS order (stored ALS): (S, R, A, 1).
+    slices = np.moveaxis(ras(data.normalize_intensity(volume)), -1, 0)[..., None]
     probabilities = np.moveaxis(model.predict(slices, verbose=0)[..., 0], 0, -1)
+    probabilities = from_ras(probabilities)  # in the file's order, as the mask
     clear = np.abs(probabilities - 0.5) > 1e-4
     np.testing.assert_array_equal(mask[clear], (probabilities >= 0.5)[clear])
 
@@ -240,15 +243,52 @@ def test_a_3d_prediction_keeps_the_slice_axis_last(model_3d, tmp_path, capsys):
     model, path = model_3d
     volume = _volume(
         tmp_path / "vol.nii.gz", (16, 16, 8)
-    )  # (X, Y, Z): exactly one patch (D, H, W) = (Z, X, Y)
+    )  # (X, Y, Z) stored ALS, in RAS (16, 16, 8): exactly one patch (D, H, W) = (S, R, A)
     run_predict([path, str(tmp_path / "vol.nii.gz"), "--output", str(tmp_path / "out")], capsys)
     mask = np.asarray(nib.load(tmp_path / "out" / "vol_mask.nii.gz").dataobj)
     direct = model.predict(
-        np.moveaxis(data.normalize_intensity(volume), -1, 0)[None, ..., None], verbose=0
+        np.moveaxis(ras(data.normalize_intensity(volume)), -1, 0)[None, ..., None], verbose=0
     )[0, ..., 0]
-    probabilities = np.moveaxis(direct, 0, -1)
+    probabilities = from_ras(np.moveaxis(direct, 0, -1))  # in the file's order, as the mask
     clear = np.abs(probabilities - 0.5) > 1e-4
     np.testing.assert_array_equal(mask[clear], (probabilities >= 0.5)[clear])
+
+
+def _lps_flipped():
+    """An affine of an axial scan stored as DICOM does (LPS), x and z reversed: not AFFINE's ALS."""
+    affine = np.diag([0.7, -0.7, -2.0, 1.0])
+    affine[:3, 3] = (-40.0, 60.0, 30.0)
+    return affine
+
+
+@pytest.mark.parametrize("affine", [AFFINE, _lps_flipped()], ids=["ALS", "LPS flipped"])
+def test_nrrd_mha_and_a_dicom_series_get_the_nifti_mask_on_their_own_grid(
+    model_3d, tmp_path, capsys, affine
+):
+    """Read, predict, write: each mask has its input's geometry (to 1e-6) and marks the same voxels
+    of the anatomy as the NIfTI path on the same data."""
+    stored = np.random.default_rng(0).integers(-500, 1500, (16, 20, 10)).astype(np.int16)
+    names = ["nifti.nii.gz", "nrrd.nrrd", "mha.mha", "mhd.mhd", "series"]
+    inputs = [str(write_volume(tmp_path / n, stored, affine)) for n in names]
+    code, out, err = run_predict([model_3d[1], *inputs, "--output", str(tmp_path / "out")], capsys)
+    assert code == 0 and len(out) == len(names), err
+    reference = np.asarray(nib.load(tmp_path / "out" / "nifti_mask.nii.gz").dataobj)
+    assert 0 < reference.mean() < 1  # a mask with both classes: the comparison means something
+    for path, mask_name in zip(inputs[1:4], ["nrrd_mask.nrrd", "mha_mask.mha", "mhd_mask.mha"]):
+        image = sitk.ReadImage(path)
+        mask = sitk.ReadImage(str(tmp_path / "out" / mask_name))
+        assert mask.GetSize() == image.GetSize()
+        for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+            np.testing.assert_allclose(getattr(mask, get)(), getattr(image, get)(), atol=1e-6)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(mask).transpose(), reference)
+    series = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(inputs[-1]))
+    mask = sitk.ReadImage(str(tmp_path / "out" / "series_mask.nrrd"))
+    assert mask.GetSize() == series.GetSize()
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_allclose(getattr(mask, get)(), getattr(series, get)(), atol=1e-6)
+    # The series, read by GDCM along its normal, may store z reversed: compare in RAS.
+    series_mask = volumes.read(str(tmp_path / "out" / "series_mask.nrrd")).array
+    np.testing.assert_array_equal(series_mask, ras(reference, affine))
 
 
 def test_mlflow_model_uris(model_2d, store, tmp_path, capsys):
@@ -318,7 +358,7 @@ def test_bad_files_are_reported_one_line_each_and_the_good_ones_still_done(
     code, _, err = run_predict(
         [model_3d[1], str(inputs / "good.png"), "--output", str(tmp_path / "out3d")], capsys
     )
-    assert code == 2 and len(err) == 1 and "a 3D model segments NIfTI volumes" in err[0]
+    assert code == 2 and len(err) == 1 and "a 3D model segments volumes" in err[0]
 
 
 def test_a_failure_while_writing_leaves_no_partial_file(model_2d, tmp_path, capsys, monkeypatch):

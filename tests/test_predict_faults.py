@@ -205,4 +205,7 @@ def test_a_folder_of_outputs_only_has_nothing_to_segment(tmp_path, capsys):
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(folder / name)
     code, out, err = run_predict(["not-loaded.keras", str(folder), "--output", "x"], capsys)
     assert code == 2 and len(out) == 1 and "left out 2 file(s)" in out[0]
-    assert err == [f"predict.py: error: {folder} holds no PNG, JPEG, TIFF or NIfTI file to segment"]
+    assert err == [
+        f"predict.py: error: {folder} holds no PNG, JPEG, TIFF, NIfTI, NRRD, MHA/MHD file or "
+        "DICOM series to segment"
+    ]

@@ -6,9 +6,10 @@ folder is checked before the model is loaded (`check_output`); outputs that woul
 or a file already in an input's folder (a ground-truth `a_mask.png` next to `a.png`), and inputs
 that would write the same file are refused before anything is written (`refuse_shared_outputs`).
 A folder given as input is listed without the files named as predict.py names its outputs
-(`<name>_mask.*`, `<name>_overlay.png`): a rerun never segments its own masks. A NIfTI mask keeps
-the input's affine and header, so that a viewer (ITK-SNAP, 3D Slicer, FSLeyes) lays it over the
-scan in millimetres.
+(`<name>_mask.*`, `<name>_overlay.png`): a rerun never segments its own masks. A volume's mask
+keeps the input's grid (volumes.write_mask: a NIfTI's affine and header; an NRRD's, MetaImage's or
+DICOM series' spacing, origin and direction), so that a viewer (ITK-SNAP, 3D Slicer, FSLeyes) lays
+it over the scan in millimetres.
 """
 
 import os
@@ -17,7 +18,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from tp4.images import imagefiles
+from tp4.images import imagefiles, volumes
 from tp4.images.imagefiles import DataError
 
 
@@ -48,16 +49,20 @@ def is_output_name(path):
 
 
 def list_inputs(paths):
-    """The files to segment: files as given, folders expanded to their image files (sorted), less
-    those named like outputs (`is_output_name`; one line says which were left out).
+    """The files to segment: files and DICOM series folders as given, other folders expanded to
+    their image and volume files and series sub-folders (sorted), less those named like outputs
+    (`is_output_name`; one line says which were left out).
 
     Raises:
         DataError: a folder holds no image file to segment, or no input exists.
     """
     files = []
     for path in paths:
-        if os.path.isdir(path):
-            found = imagefiles.list_files(path)
+        if volumes.is_series(path):
+            files.append(path)
+        elif os.path.isdir(path):
+            series = [f for f in volumes.list_volumes(path) if volumes.is_series(f)]
+            found = sorted(imagefiles.list_files(path) + series)
             skipped = [f for f in found if is_output_name(f)]
             found = [f for f in found if not is_output_name(f)]
             if skipped:
@@ -69,7 +74,10 @@ def list_inputs(paths):
                     flush=True,
                 )
             if not found:
-                raise DataError(f"{path} holds no PNG, JPEG, TIFF or NIfTI file to segment")
+                raise DataError(
+                    f"{path} holds no PNG, JPEG, TIFF, NIfTI, NRRD, MHA/MHD file or DICOM series "
+                    "to segment"
+                )
             files += found
         else:
             files.append(path)  # a missing or unreadable file is reported when its turn comes
@@ -79,8 +87,9 @@ def list_inputs(paths):
 
 
 def output_paths(output, path):
-    """(mask path, overlay path) for one input: <name>_mask.<same format>, <name>_overlay.png."""
-    ext = imagefiles.suffix(path)
+    """(mask path, overlay path) for one input: <name>_mask.<same format>, <name>_overlay.png (a
+    DICOM series folder: <folder>_mask.nrrd)."""
+    ext = volumes.mask_suffix(path)
     ext = ".png" if ext in (".jpg", ".jpeg") else ext
     name = imagefiles.stem(path)
     return os.path.join(output, f"{name}_mask{ext}"), os.path.join(output, f"{name}_overlay.png")
@@ -151,15 +160,10 @@ def write_outputs(writers):
                 os.remove(partial)
 
 
-def save_mask(path, mask, nifti):
-    """Write uint8 mask values: an image file (PNG, TIFF), or a NIfTI over the input's voxels."""
-    if nifti is None:
+def save_mask(path, mask, volume):
+    """Write uint8 mask values: an image file (PNG, TIFF), or over the voxels of the input
+    `volume` (volumes.Volume) in its format."""
+    if volume is None:
         Image.fromarray(mask.astype(np.uint8)).save(path)
-        return
-    # The input's class (NIfTI-1 or -2), affine and header: the mask lands on the same voxels in
-    # millimetres. A new data array resets the header's intensity scaling, and uint8 keeps the
-    # labels exact.
-    out = type(nifti)(mask.astype(np.uint8).reshape(nifti.shape), nifti.affine, nifti.header)
-    out.set_data_dtype(np.uint8)
-    out.header["cal_min"], out.header["cal_max"] = 0, max(1, int(mask.max()))
-    out.to_filename(path)
+    else:
+        volumes.write_mask(path, mask, volume)

@@ -27,7 +27,7 @@ import data
 import losses  # noqa: F401 (registers the custom losses and metrics, so saved models deserialize)
 import metrics
 from tp4 import cli
-from tp4.images import figures, geometry, imagefiles
+from tp4.images import figures, geometry, imagefiles, volumes
 from tp4.images.imagefiles import DataError
 from tp4.inference import onnxnetwork
 from tp4.models import batchnorm  # noqa: F401 (registers the fused batch norm, for saved models)
@@ -175,24 +175,27 @@ def segment_volume(model, volume, threshold=0.5, overlap=0.5, tta=False, name="t
 
 
 def segment(model, path, threshold=0.5, overlap=0.5, tta=False):
-    """(labels, overlay RGB, nibabel image or None) of one file: uint8 labels (0/1 for a binary
-    model, 0..C-1) in the input's geometry."""
+    """(labels, overlay RGB, volumes.Volume or None) of one file or DICOM series folder: uint8
+    labels (0/1 for a binary model, 0..C-1) in the input's geometry (a volume's stored order)."""
     channels = model.input_shape[-1]
     if not imagefiles.suffix(path) and os.path.isfile(path):
-        raise DataError(f"{path}: unsupported file type (PNG, JPEG, TIFF or NIfTI)")
-    if not imagefiles.is_nifti(path):
+        raise DataError(
+            f"{path}: unsupported file type (PNG, JPEG, TIFF, NIfTI, NRRD, MHA/MHD, or a folder of "
+            "one DICOM series)"
+        )
+    if not volumes.is_volume(path):
         if len(model.input_shape) == 5:
-            raise DataError(f"{path} is a 2D image: a 3D model segments NIfTI volumes")
+            raise DataError(f"{path} is a 2D image: a 3D model segments volumes")
         image = imagefiles.read_image(path, channels)
         labels, image = segment_image(model, image, threshold, tta, path)
         return labels, figures.overlay(image, labels), None
-    volume, nifti = imagefiles.read_volume(path)
+    scan = volumes.read(path)  # in RAS, as in training (datasets.py)
     if channels != 1:
         raise DataError(f"{path} is a single-channel volume, the model takes {channels} channels")
-    labels, volume = segment_volume(model, volume, threshold, overlap, tta, path)
+    labels, volume = segment_volume(model, scan.array, threshold, overlap, tta, path)
     found = labels > 0
     z = int(np.argmax(found.sum(axis=(0, 1)))) if found.any() else volume.shape[-1] // 2
-    # rot90: array rows are X; in RAS storage this shows anterior up and the patient's right on the
-    # right
+    # rot90: array rows are X (towards the patient's right, RAS): anterior up, the patient's right
+    # on the right
     picture = figures.overlay(np.rot90(volume[..., z])[..., None], np.rot90(labels[..., z]))
-    return labels, picture, nifti
+    return scan.stored(labels), picture, scan
