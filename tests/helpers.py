@@ -2,6 +2,7 @@
 runs of the scripts. Test files import from here, never from each other.
 """
 
+import locale
 import zlib
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def write_volume(path, array, affine=AFFINE, intercept=-1024.0):
     cosines = np.reshape(direction, (3, 3))[:, :2].T.ravel()  # row, then column direction
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    process_locale = locale.setlocale(locale.LC_ALL)
     depth = image.GetDepth()
     for z in range(depth):
         slice_ = sitk.Cast(image[:, :, z], sitk.sitkInt16)
@@ -96,6 +98,9 @@ def write_volume(path, array, affine=AFFINE, intercept=-1024.0):
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(path / f"IM{depth - z:04d}.dcm"))
         writer.Execute(slice_)
+    # GDCM's writer leaves the process in the "C" locale: the session's later text pipes
+    # (subprocess output, open()) would decode as ASCII.
+    locale.setlocale(locale.LC_ALL, process_locale)
     return path
 
 
