@@ -22,8 +22,9 @@ def _label_affine(root, change):
 
 
 def _flipped(affine):
-    # First voxel axis reversed: voxel 31 of that axis moves by 31 x 2 x 0.9 = 55.8 mm, 69.75 of
-    # the smallest voxels (0.8 mm).
+    # First voxel axis reversed. Both are compared on their RAS grids (a label may be stored in
+    # another orientation than its image): there the label's axis is turned back, its origin moved
+    # to the other end, 31 x 0.9 = 27.9 mm away, 34.875 of the smallest voxels (0.8 mm).
     affine[:, 0] *= -1
     return affine
 
@@ -60,7 +61,7 @@ BAD = {
         "msd",
         lambda root: _label_affine(root, _flipped),
         r"image case_001_0000\.nii\.gz and its label case_001\.nii\.gz are not on the same grid: "
-        r"their affines \(voxel to mm\) move voxels by up to 55\.8 mm \(69\.7 voxels\)",
+        r"their affines \(voxel to mm\) move voxels by up to 27\.9 mm \(34\.9 voxels\)",
     ),
     "label affine shifted": (
         "msd",
