@@ -23,6 +23,7 @@ predicted contour of each class in its colour: class 1 red).
     python predict.py model.keras scan.png --output predictions/
     python predict.py runs:/<run_id>/model images/ --output predictions/ --threshold 0.4
     python predict.py models:/tp4-unet@champion case_001_0000.nii.gz --output predictions/ --tta
+    python predict.py runs:/<parent run id> images/    # the folds of train.py --folds K, averaged
 """
 
 # First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
@@ -37,7 +38,7 @@ from PIL import Image
 
 from tp4 import cli
 from tp4.images import imagefiles
-from tp4.inference import outputs, segment
+from tp4.inference import ensemble, outputs, segment
 from tp4.perf import speed
 
 
@@ -49,7 +50,8 @@ def parse_args(argv=None):
         help="a .keras or .onnx file (python -m tp4.serving.export), or an MLflow model URI: "
         "runs:/<run_id>/model, "
         "models:/<name>/<version>, models:/<name>@<alias>, "
-        "models:/<model_id>",
+        "models:/<model_id>; several, comma-separated, or the parent run of a cross-validation "
+        "(runs:/<run_id>, train.py --folds K): their probabilities averaged (an ensemble)",
     )
     add(
         "inputs",
@@ -112,9 +114,11 @@ def main(argv=None):
         files = outputs.list_inputs(args.inputs)
         outputs.refuse_shared_outputs(files, args.output)
         outputs.check_output(args.output)  # before the model: loading it can take a while
-        model = segment.at_speed(segment.load_model(args.model), args.precision, args.xla)
+        model = segment.at_speed(ensemble.load(args.model), args.precision, args.xla)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if ensemble.size(model) > 1:
+        print(f"ensemble of {ensemble.size(model)} models: their probabilities averaged")
     os.makedirs(args.output, exist_ok=True)
     failed = 0
     for path in files:

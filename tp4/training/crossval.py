@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 
 import data
 from tp4.distributed import distribute
-from tp4.images import datasets
+from tp4.images import datasets, geometry
 from tp4.inference import ensemble
 from tp4.tracking import runs
 from tp4.training import evaluation, folds, recipe
@@ -119,13 +119,19 @@ def ensemble_scores(config, model_uris, outer) -> dict[str, float]:
     images, masks, cases = outer
     batch = recipe.EVAL_BATCH_FACTOR * config.batch_size
     models = [mlflow.keras.load_model(uri) for uri in model_uris]
-    members = [lambda x, m=m: distribute.predict(m, x, batch) for m in models]
-    combined = ensemble.Ensemble(members, tta=config.tta)
+
+    def probabilities(model):
+        def predict(batch_images):
+            return distribute.predict(model, batch_images, batch)
+
+        return geometry.predict_mirrored(predict, images) if config.tta else predict(images)
+
+    tolerance = config.nsd_tolerance
     singles = [
-        evaluation.test_metrics(masks, combined.member(p, images), cases, config.nsd_tolerance)[0]
-        for p in members
+        evaluation.test_metrics(masks, probabilities(m), cases, tolerance)[0] for m in models
     ]
-    together, _ = evaluation.test_metrics(masks, combined(images), cases, config.nsd_tolerance)
+    combined = probabilities(ensemble.average_model(models))
+    together, _ = evaluation.test_metrics(masks, combined, cases, tolerance)
     scores = {f"ensemble_{key}": value for key, value in together.items()}
     for key, value in summary(singles).items():
         scores[f"single_{key}"] = value

@@ -50,6 +50,7 @@ def test_two_folds_make_a_parent_with_nested_runs_and_its_summary(store):
         fold = splits[int(child.data.params["cv_fold"])]
         assert sorted({row[0] for row in table["data"]}) == fold["val"]
     assert len(ensemble.fold_model_uris(parent.info.run_id)) == 2
+    assert ensemble.size(ensemble.load(f"runs:/{parent.info.run_id}")) == 2  # predict.py's
 
 
 @pytest.mark.slow
