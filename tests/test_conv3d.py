@@ -4,6 +4,8 @@ import keras
 import mlflow.keras
 import numpy as np
 import pytest
+import SimpleITK as sitk
+from helpers import blob, run_predict, write_volume
 
 import conv3d
 import unet
@@ -174,3 +176,39 @@ def test_3d_deep_supervision_and_residual_encoder_train_and_log_one_output(store
     assert (run.data.params["encoder"], run.data.params["deep_supervision"]) == ("residual", "2")
     model = mlflow.keras.load_model(results["model_uri"])
     assert len(model.outputs) == 1 and model.output_shape == (None, 8, 32, 32, 1)
+
+
+@pytest.mark.slow
+def test_a_dicom_series_an_nrrd_and_an_mha_train_and_predict_on_their_own_grids(
+    tmp_path, store, capsys
+):
+    """conv3d.py --data-dir on one case of each format (imagesTr/labelsTr), then predict.py on each
+    with the saved model: every mask has its input's size, spacing, origin and direction."""
+    rng = np.random.default_rng(0)
+    images, shape = [], (32, 32, 8)
+    for i, (ext, label_ext) in enumerate([("", ".nrrd"), (".nrrd", ".nrrd"), (".mha", ".mha")]):
+        label = blob(shape, rng)
+        image = (rng.normal(0, 50, shape) + 400.0 * label).astype(np.int16)
+        images.append(write_volume(tmp_path / "data" / "imagesTr" / f"case_{i}_0000{ext}", image))
+        (tmp_path / "data" / "labelsTr").mkdir(exist_ok=True)
+        write_volume(tmp_path / "data" / "labelsTr" / f"case_{i}{label_ext}", label)
+    model = tmp_path / "model.keras"
+    conv3d.main(
+        f"--data-dir {tmp_path / 'data'} --shape 8 16 16 --depth 2 --base-filters 4 --epochs 1 "
+        f"--batch-size 2 --seed 1 --precision float32 --xla off --no-system-metrics "
+        f"--experiment tiny --save-model {model}".split()
+    )
+    run = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.params["data_files"] == "3"
+    assert run.data.params["data_orientation"] == "RAS (closest canonical), stored 3 ALS"
+    capsys.readouterr()
+    args = [str(model), *map(str, images), "--output", str(tmp_path / "out")]
+    code, out, err = run_predict(args, capsys)
+    assert code == 0 and len(out) == 3, err
+    for image, suffix in zip(images, [".nrrd", ".nrrd", ".mha"]):
+        series = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(image)) if image.is_dir() else ()
+        scan = sitk.ReadImage(series or str(image))
+        mask = sitk.ReadImage(str(tmp_path / "out" / f"{image.name.split('.')[0]}_mask{suffix}"))
+        assert mask.GetSize() == scan.GetSize() and mask.GetPixelID() == sitk.sitkUInt8
+        for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+            np.testing.assert_allclose(getattr(mask, get)(), getattr(scan, get)(), atol=1e-6)
