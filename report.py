@@ -11,6 +11,7 @@ the experiments in the store and how many runs each holds.
     python report.py tp4-grid --params loss,optimizer   # the loss x optimizer comparison
     python report.py tp4-unet --all                 # every run, whatever its status
     python report.py --cases RUN_ID                 # one run's per-case test table
+    python report.py tp4-unet --cv                  # cross-validations (train.py --folds K)
     python report.py --update README.md REPORT.md   # regenerate the tables marked in those files
     python report.py --promote RUN_ID tp4-unet@champion  # the alias names that run's model
 
@@ -88,6 +89,53 @@ def runs_table(experiment, params=(), metrics=METRICS, sort="test_dice", all_run
     return "\n".join(lines)
 
 
+# A cross-validation's columns: (header, parent metric); a mean comes with its spread (`_std`).
+CV_COLUMNS = (
+    ("Dice", "test_dice_mean"),
+    ("IoU", "test_iou_mean"),
+    ("HD95", "test_hd95_mean"),
+    ("NSD", "test_nsd_mean"),
+    ("ensemble Dice (test split)", "ensemble_test_dice"),
+    ("one fold's Dice (test split)", "single_test_dice_mean"),
+)
+
+
+def cv_table(experiment, params=()):
+    """Markdown table of the FINISHED cross-validations of `experiment` (parent runs of train.py
+    --folds K): the held-out folds' mean ± standard deviation, then on the test split outside the
+    folds the folds' ensemble against one fold's model alone; raises ValueError if none."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no experiment {experiment!r} in {mlflow.get_tracking_uri()}")
+    runs = [
+        run
+        for run in client.search_runs(
+            [found.experiment_id],
+            "attributes.status = 'FINISHED'",
+            order_by=["metrics.test_dice_mean DESC"],
+            max_results=1000,
+        )
+        if "cv_folds" in run.data.params and "mlflow.parentRunId" not in run.data.tags
+    ]
+    if not runs:
+        raise ValueError(f"experiment {experiment!r} has no finished cross-validation")
+    header = ["run", "dataset", *params, "folds", *(label for label, _ in CV_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        cells = [run.info.run_name, _datasets(run), *(run.data.params.get(p, "") for p in params)]
+        cells.append(run.data.params["cv_folds"])
+        for _, key in CV_COLUMNS:
+            value, spread = (
+                run.data.metrics.get(key),
+                run.data.metrics.get(key.removesuffix("_mean") + "_std"),
+            )
+            text = _format(key, value)
+            cells.append(f"{text} ± {spread:.3f}" if key.endswith("_mean") and text else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 MARKED = re.compile(
     r"(<!-- report\.py (?P<args>.*?) -->\n)(?P<table>.*?)(<!-- end report -->)", re.S
 )
@@ -103,9 +151,12 @@ def update_file(path):
         nonlocal count
         args = _parser().parse_args(shlex.split(match["args"]))
         count += 1
-        table = runs_table(
-            args.experiment, _items(args.params), _items(args.metrics), args.sort, args.all
-        )
+        if args.cv:
+            table = cv_table(args.experiment, _items(args.params))
+        else:
+            table = runs_table(
+                args.experiment, _items(args.params), _items(args.metrics), args.sort, args.all
+            )
         return f"{match.group(1)}{table}\n{match.group(4)}"
 
     text = MARKED.sub(regenerate, text)
@@ -172,6 +223,12 @@ def _parser():
     )
     parser.add_argument("--cases", metavar="RUN_ID", help="print a run's per-case test table")
     parser.add_argument(
+        "--cv",
+        action="store_true",
+        help="the experiment's cross-validations (train.py --folds K): mean ± std over the folds, "
+        "the folds' ensemble against one fold on the test split",
+    )
+    parser.add_argument(
         "--promote",
         nargs=2,
         metavar=("RUN_ID", "NAME@ALIAS"),
@@ -201,6 +258,8 @@ def main(argv=None):
         elif args.update:
             for path in args.update:
                 print(f"{path}: {update_file(path)} tables regenerated")
+        elif args.experiment and args.cv:
+            print(cv_table(args.experiment, _items(args.params)))
         elif args.experiment:
             print(
                 runs_table(

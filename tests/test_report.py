@@ -105,3 +105,23 @@ def test_cases_prints_a_runs_per_case_table(store, capsys):
         report.main(["--cases", bare.info.run_id])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith(f"report.py: error: run {bare.info.run_id} has no")
+
+
+def test_cv_lists_the_parent_runs_with_their_spread_not_their_folds(store, capsys):
+    mlflow.set_experiment("cv")
+    with mlflow.start_run(run_name="UNet_cv2"):
+        mlflow.log_params({"cv_folds": 2, "encoder": "plain"})
+        mlflow.log_metrics({"test_dice_mean": 0.81, "test_dice_std": 0.02})
+        mlflow.log_metrics({"ensemble_test_dice": 0.84, "single_test_dice_mean": 0.8})
+        mlflow.log_metric("single_test_dice_std", 0.01)
+        with mlflow.start_run(run_name="UNet_fold0", nested=True):
+            mlflow.log_params({"cv_folds": 2, "cv_fold": 0})
+            mlflow.log_metric("test_dice", 0.83)
+    report.main(["cv", "--cv", "--params", "encoder"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| run | dataset | encoder | folds | Dice | IoU |")
+    assert len(lines) == 3  # the header, its rule, the parent: no fold
+    assert lines[2].startswith("| UNet_cv2 |  | plain | 2 | 0.810 ± 0.020 |")
+    assert "| 0.840 | 0.800 ± 0.010 |" in lines[2]
+    with pytest.raises(SystemExit):
+        report.main(["demo-none", "--cv"])
