@@ -4,7 +4,8 @@ What this script teaches: what a request costs beyond the network. The same U-Ne
 128x128, 32 filters, depth 4, float32; its weights do not change its speed) is timed
 - called directly: `model.predict` on batches already at the network's size, the floor;
 - on predict.py's path (tp4/inference/segment.py: read the file, normalize, fit to the network,
-  predict, undo the fit, threshold), one file at a time as predict.py does, writing aside;
+  predict, undo the fit, threshold), one file at a time as predict.py does, writing aside; and
+  the same with the network exported to ONNX (tp4/serving/export.py), run by onnxruntime;
 - behind `mlflow models serve` (tp4/serving/pyfunc.py, the same code): one JSON request at a time
   from a client on 127.0.0.1, encoding and decoding included.
 For each: images per second, 2D volumes (slice by slice) per second, and the latency of one image
@@ -39,14 +40,16 @@ from PIL import Image
 
 import unet
 from tp4 import cli
-from tp4.inference import segment
+from tp4.inference import onnxnetwork, segment
 from tp4.models import batchnorm
+from tp4.serving import export
 from tp4.tracking import runs
 
 FULL = dict(size=128, filters=32, depth=4, images=32, volume=(128, 128, 16), volumes=3, repeats=9)
 WAYS = (
     "Keras model, called directly",
     "predict.py's path (segment.py)",
+    "predict.py's path, model.onnx (onnxruntime)",
     "server (mlflow models serve)",
 )
 QUICK = dict(size=32, filters=8, depth=2, images=4, volume=(32, 32, 4), volumes=1, repeats=2)
@@ -160,10 +163,17 @@ def measure(c: dict, folder: str) -> dict:
             _latency(lambda: segment.segment(fast, paths[0]), r),
         ),
     }
+    export.export(model, os.path.join(folder, "exported"))
+    exported = onnxnetwork.OnnxNetwork(os.path.join(folder, "exported", export.ONNX_FILE))
+    results[WAYS[2]] = (
+        _rate(n, lambda: [segment.segment(exported, path) for path in paths], 3),
+        _rate(v, lambda: [segment.segment_volume(exported, volume) for volume in volumes], 3),
+        _latency(lambda: segment.segment(exported, paths[0]), r),
+    )
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     with serve(info.model_uri, env, os.path.join(folder, "server.log")) as address:
         post(address, images[0])  # warmed up
-        results[WAYS[2]] = (
+        results[WAYS[3]] = (
             _rate(n, lambda: [post(address, image) for image in images]),
             _rate(v, lambda: [post(address, volume) for volume in volumes]),
             _latency(lambda: post(address, images[0]), r),
