@@ -17,6 +17,7 @@ from PIL import Image
 import predict
 import train
 import unet
+from tp4 import cli
 from tp4.models import batchnorm
 from tp4.tracking import runs
 
@@ -162,6 +163,18 @@ def from_ras(array, affine=AFFINE):
     return nib.apply_orientation(
         array, nib.orientations.ornt_transform(ras_axes, nib.io_orientation(affine))
     )
+
+
+def crafted_run(experiment, argv, status, tags=None, script=train):
+    """A run as `script` (train, conv3d) starts one (params skipped), ended with `status`; no
+    training."""
+    args = script.parse_args(argv + ["--experiment", experiment])
+    cli.setup()  # as train.main: MLflow's INFO lines (a new experiment) off stderr
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="crafted", tags=tags) as run:
+        mlflow.log_dict(args.to_json(), "config.json")
+    mlflow.MlflowClient().set_terminated(run.info.run_id, status)
+    return run.info.run_id, args.to_json()
 
 
 def refused_in_one_line(argv, capsys):

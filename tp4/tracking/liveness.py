@@ -1,13 +1,15 @@
 """No run RUNNING forever: a run whose process died without a word is recognized and marked KILLED.
 
 A process can end without running any clean-up: `kill -9`, the out-of-memory killer, a power
-loss. Its MLflow run would stay RUNNING forever. So a run carries three tags while it runs: `host`,
-`pid`, and `heartbeat` (Unix time, refreshed every HEARTBEAT_SECONDS by a daemon thread and at each
-epoch); the next command that uses the store (store.open_store) looks at every RUNNING run:
-- same host: dead when no process has that pid any more, or when the process with that pid
-  started after the last heartbeat (the pid was reused): certain;
-- another host: dead only when its heartbeat is older than STALE_SECONDS: clearly stale, not just
-  late.
+loss. Its MLflow run would stay RUNNING forever. So a run carries tags while it runs: `host`,
+`pid`, `pid_namespace`, and `heartbeat` (Unix time, refreshed every HEARTBEAT_SECONDS by a daemon
+thread and at each epoch); the next command that uses the store (store.open_store) looks at every
+RUNNING run:
+- same host and PID namespace: dead when no process has that pid any more, or when the process
+  with that pid started after the last heartbeat (the pid was reused): certain;
+- another host, or another PID namespace of this one (a container: its pids are not ours, its
+  host name may be): dead only when its heartbeat is older than STALE_SECONDS: clearly stale, not
+  just late.
 On a shared tracking server, a dead run of another user that this one may only read is left for
 its owner's next command: one user's fault never blocks another.
 """
@@ -32,8 +34,12 @@ STALE_SECONDS = 600  # 20 missed heartbeats
 
 
 def process_tags() -> dict[str, str]:
-    """The tags that tie a run to this process: host, pid, heartbeat."""
-    return {"host": socket.gethostname(), "pid": str(os.getpid()), "heartbeat": _now()}
+    """The tags that tie a run to this process: host, pid, heartbeat, and the PID namespace where
+    Linux has them (containers share a host name, not their pids)."""
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid()), "heartbeat": _now()}
+    with contextlib.suppress(OSError):  # no /proc: not Linux
+        tags["pid_namespace"] = os.readlink("/proc/self/ns/pid")
+    return tags
 
 
 def _now():
@@ -78,7 +84,11 @@ def death(run, now: float | None = None) -> str | None:
     if not {"host", "pid", "heartbeat"} <= tags.keys():
         return None
     heartbeat = float(tags["heartbeat"])
-    if tags["host"] == socket.gethostname():
+    namespace = tags.get("pid_namespace")  # absent: a run of an older version, or not Linux
+    if tags["host"] == socket.gethostname() and namespace in (
+        None,
+        process_tags().get("pid_namespace"),
+    ):
         try:
             process = psutil.Process(int(tags["pid"]))
             if process.create_time() <= heartbeat and process.status() != psutil.STATUS_ZOMBIE:
@@ -87,7 +97,7 @@ def death(run, now: float | None = None) -> str | None:
             pass
         return f"process {tags['pid']} is gone"
     silent = (now or time.time()) - heartbeat
-    if silent > STALE_SECONDS:
+    if silent > STALE_SECONDS:  # another machine, or another container of this one
         return f"no heartbeat from {tags['host']} for {silent / 60:.0f} min"
     return None
 

@@ -4,6 +4,7 @@
   exception (tag `failure`: why), KILLED on Ctrl-C, SIGTERM or SIGHUP (never left RUNNING), with
   the metrics logged so far kept; the resolved configuration is logged first (it also checks that
   the artifact store can be written, before any training); `run_id` continues a run (--resume);
+  one process owns a run while it runs (ownership.py): another one resuming it is refused;
 - `TrackedRun`: what the run logs goes through it. Epoch metrics go through a background sender
   (outbox.py: a tracking server that goes away does not stop training), a heartbeat thread tells
   other commands the run is alive (liveness.py), and it counts the seconds the training waited on
@@ -46,7 +47,7 @@ from mlflow.models import Model, infer_signature
 
 from tp4 import cli
 from tp4.serving import pyfunc
-from tp4.tracking import liveness, outbox, registry, store
+from tp4.tracking import liveness, outbox, ownership, registry, store
 
 EPOCH_METRICS = ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou")
 # At a run's end, the unsent epochs may wait for the store ten times as long as one request may
@@ -144,6 +145,24 @@ class TrackedRun:
         return {key: value for key, value in metrics.items() if key not in logged}
 
 
+def _claim(run_id: str, folder: str, data: dict | None) -> contextlib.ExitStack:
+    """Run `run_id`'s lock (ownership.py, in its `folder`), taken before start_run makes the run
+    this process's; ValueError (one line) when another process owns it, took it since the command
+    checked it, or when its data changed (`data`: data.describe's params)."""
+    owned = contextlib.ExitStack()
+    owned.enter_context(ownership.own(run_id, folder))
+    try:
+        status = MlflowClient().get_run(run_id).info.status
+        if status in ("RUNNING", "FINISHED"):
+            raise ownership.RunOwned(f"run {run_id} is {status}: another process resumed it")
+        if data:
+            _refuse_other_data(run_id, data)
+    except BaseException:
+        owned.close()
+        raise
+    return owned
+
+
 def _refuse_other_data(run_id: str, description: dict) -> None:
     """ValueError (one line) unless run `run_id` logged the data_hash and data_count of
     `description`: the content of every example as the network sees it, and their number."""
@@ -174,8 +193,7 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_met
     (MLflow's many kinds) becomes one line: a TrackingError. `system_metrics`: MLflow samples the
     machine's CPU, memory, disk, network and GPU use into the run's `system/...` metrics."""
     uri = mlflow.get_tracking_uri()
-    if run_id and data:
-        _refuse_other_data(run_id, data)
+    owned = _claim(run_id, os.path.join(folder, run_id), data) if run_id else contextlib.ExitStack()
     start = time.perf_counter()
     try:
         experiment_id = mlflow.set_experiment(experiment).experiment_id
@@ -191,6 +209,7 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_met
             nested=mlflow.active_run() is not None,  # a fold's run, inside cross-validation's
         )
     except Exception as error:  # MLflow raises many types here (HTTP, SQL, permissions)
+        owned.close()
         raise store.TrackingError(
             f"cannot use the MLflow tracking store {uri}: {cli.first_line(error)}"
         ) from None
@@ -200,6 +219,8 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_met
     previous_handlers = {s: signal.signal(s, _interrupt) for s in handled}
     status = "FAILED"
     try:
+        if not run_id:  # a new run: this process's from the start
+            owned.enter_context(ownership.own(run.info.run_id, tracked.folder))
         tracked.seconds += time.perf_counter() - start
         try:
             yield tracked
@@ -248,6 +269,8 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_met
                     f"the run could not be ended in {uri} ({cli.first_line(error)}); "
                     f"end it with: {_resume_command(run.info.run_id)}"
                 ) from None
+        finally:
+            owned.close()  # another process may resume it now
 
 
 def dataset(description: dict, splits: dict, seed: int):

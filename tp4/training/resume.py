@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tp4 import cli
-from tp4.tracking import liveness
+from tp4.tracking import liveness, ownership
 from tp4.training import checkpoint, config, divergence
 
 PLACE_FLAGS = {"resume", "experiment", "checkpoint_dir"}  # where and which, not what is computed
@@ -53,6 +53,7 @@ def configuration(given, command_line, argv: list[str]):
             raise ValueError(f"run {given.resume} cannot be resumed: {reason}")
     run_id = run.info.run_id
     folder = os.path.join(given.checkpoint_dir, run_id)
+    ownership.refuse_if_owned(run_id, folder)  # another --resume of it, started a moment ago
     readable, _ = checkpoint.newest_readable(folder)  # ValueError: damaged, none to fall back to
     if not readable and client.get_metric_history(run_id, "loss"):
         raise ValueError(

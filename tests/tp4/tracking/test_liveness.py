@@ -1,5 +1,6 @@
 """Runs whose process died without a word are marked KILLED by the next command; live ones stay."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -62,6 +63,19 @@ def test_report_marks_dead_runs_and_says_how_to_resume(store, capsys):
     assert "marked KILLED; continue it with: python " in line
     assert line.endswith(f" --resume {run_id}")
     assert store.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_run_of_another_pid_namespace_is_judged_by_its_heartbeat_not_its_pid(store):
+    """A container with this machine's host name (docker --network host): its pids are not ours."""
+    here, now, dead_here = socket.gethostname(), time.time(), _dead_pid()
+    alive = _running_run("container", here, dead_here, now)
+    stale = _running_run("stale container", here, dead_here, now - liveness.STALE_SECONDS - 60)
+    for run_id in (alive, stale):
+        store.set_tag(run_id, "pid_namespace", "pid:[1]")  # not this process's
+    (line,) = liveness.mark_dead_runs(store)
+    assert line.startswith(f"run {stale} (stale container) ended without a word (no heartbeat ")
+    assert store.get_run(alive).info.status == "RUNNING"
+    assert liveness.process_tags()["pid_namespace"] == os.readlink("/proc/self/ns/pid")
 
 
 def test_a_dead_run_that_never_logged_its_configuration_is_not_offered_for_resuming(store):

@@ -8,12 +8,11 @@ import time
 
 import mlflow
 import pytest
-from helpers import LEARNS, REPO, TINY, refused_in_one_line, wait_for_line
+from helpers import LEARNS, REPO, TINY, crafted_run, refused_in_one_line, wait_for_line
 
 import conv3d
 import train
 import unet
-from tp4 import cli
 from tp4.tracking import liveness, runs
 from tp4.training import checkpoint, resume
 
@@ -89,30 +88,18 @@ def test_sighup_marks_the_run_killed(store):
     assert len(store.get_metric_history(run.info.run_id, "loss")) >= 1
 
 
-def _crafted_run(experiment, argv, status, tags=None, script=train):
-    """A run as `script` (train, conv3d) starts one (params skipped), ended with `status`; no
-    training."""
-    args = script.parse_args(argv + ["--experiment", experiment])
-    cli.setup()  # as train.main: MLflow's INFO lines (a new experiment) off stderr
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name="crafted", tags=tags) as run:
-        mlflow.log_dict(args.to_json(), "config.json")
-    mlflow.MlflowClient().set_terminated(run.info.run_id, status)
-    return run.info.run_id, args.to_json()
-
-
 def _configuration(argv):
     return resume.configuration(train.parse_args(argv), train.command_line(), argv)
 
 
 def test_resume_alone_takes_the_newest_interrupted_run_and_its_configuration(store):
-    old, _ = _crafted_run("e", ["--lr", "0.1"], "KILLED")
-    newest, config = _crafted_run("e", ["--lr", "0.2", "--epochs", "3"], "FAILED")
-    _crafted_run("e", ["--lr", "0.3"], "FINISHED")
-    _crafted_run(
+    old, _ = crafted_run("e", ["--lr", "0.1"], "KILLED")
+    newest, config = crafted_run("e", ["--lr", "0.2", "--epochs", "3"], "FAILED")
+    crafted_run("e", ["--lr", "0.3"], "FINISHED")
+    crafted_run(
         "e", ["--lr", "0.4"], "FAILED", {"failure": "training diverged at epoch 1 (loss nan)"}
     )
-    _crafted_run("e", ["--lr", "0.5"], "RUNNING", liveness.process_tags())  # alive: this process
+    crafted_run("e", ["--lr", "0.5"], "RUNNING", liveness.process_tags())  # alive: this process
     resumed = _configuration(["--resume", "--experiment", "e"])
     assert vars(resumed) == {**config, "resume": newest}
     assert resumed.shard == (0, 1)  # a tuple again, as argparse gives it
@@ -130,7 +117,7 @@ def test_resume_alone_takes_the_newest_interrupted_run_and_its_configuration(sto
     ],
 )
 def test_a_flag_that_would_change_the_run_is_refused_in_one_line(store, capsys, argv, message):
-    run_id, _ = _crafted_run("e", ["--lr", "0.1", "--epochs", "3"], "KILLED")
+    run_id, _ = crafted_run("e", ["--lr", "0.1", "--epochs", "3"], "KILLED")
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--resume", run_id, *argv])
     assert exit_info.value.code == 2
@@ -151,7 +138,7 @@ def test_a_flag_that_would_change_the_run_is_refused_in_one_line(store, capsys, 
     ],
 )
 def test_a_finished_or_diverged_run_is_not_resumed(store, capsys, status, tags, reason):
-    run_id, _ = _crafted_run("e", [], status, tags)
+    run_id, _ = crafted_run("e", [], status, tags)
     with pytest.raises(SystemExit):
         train.main(["--resume", run_id])
     assert capsys.readouterr().err == f"train.py: error: run {run_id} cannot be resumed: {reason}\n"
@@ -239,7 +226,7 @@ def test_a_damaged_checkpoint_without_an_older_one_is_one_line_and_the_run_stays
 
 
 def test_resume_alone_passes_over_a_run_killed_before_its_configuration(store, capsys):
-    usable, _ = _crafted_run("e", ["--lr", "0.1"], "KILLED")
+    usable, _ = crafted_run("e", ["--lr", "0.1"], "KILLED")
     time.sleep(0.01)  # a later start time
     with mlflow.start_run(run_name="early") as early:  # killed before it logged config.json
         pass
@@ -263,7 +250,7 @@ def test_a_run_of_the_other_script_is_refused_in_one_line_before_any_model(
 ):
     script = f"{started_by.__name__}.py"
     tags = {"mlflow.source.name": f"/home/user/tp4/{script}"}
-    run_id, _ = _crafted_run("e", [], "KILLED", tags, script=started_by)
+    run_id, _ = crafted_run("e", [], "KILLED", tags, script=started_by)
     for build in ("build_unet", "build_unet3d"):
         monkeypatch.setattr(unet, build, lambda *args, **kwargs: pytest.fail("a model was built"))
     with pytest.raises(SystemExit) as exit_info:
