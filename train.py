@@ -46,7 +46,7 @@ from tp4.distributed import distribute
 from tp4.images import datasets, figures
 from tp4.perf import speed
 from tp4.tracking import runs, store
-from tp4.training import checkpoint, config, crossval, divergence, folds, recipe, resume
+from tp4.training import checkpoint, config, crossval, divergence, folds, grid, recipe, resume
 from tp4.training.config import option
 
 
@@ -280,13 +280,21 @@ def train(config: Config, loaded=None) -> dict:
 
 def run_grid(config: Config) -> None:
     """Every loss x optimizer of the shard as a separate run of the same experiment, then a
-    Markdown table of their results."""
+    Markdown table of their results. With --resume: the FINISHED cells kept, the interrupted one
+    resumed, those that never ran run (tp4/training/grid.py)."""
+    cells = [
+        dataclasses.replace(config, loss=loss, optimizer=optimizer, run_name=None, grid=False)
+        for loss, optimizer in grid_cells(config.shard)
+    ]
+    labels = [(losses.LOSSES[c.loss].label, recipe.OPTIMIZERS[c.optimizer].label) for c in cells]
+    planned = [grid.Cell(cell, "", "never ran") for cell in cells]
+    if config.resume:
+        planned = grid.plan(cells, labels, command_line())
+        print("\n".join(grid.summary(planned)), flush=True)
     rows = []
-    for loss, optimizer in grid_cells(config.shard):
-        cell = dataclasses.replace(
-            config, loss=loss, optimizer=optimizer, run_name=None, grid=False
-        )
-        rows.append((losses.LOSSES[loss].label, recipe.OPTIMIZERS[optimizer].label, train(cell)))
+    for cell, (loss, optimizer) in zip(planned, labels):
+        if cell.kind != "left":
+            rows.append((loss, optimizer, cell.metrics or train(cell.config)))
     if config.shard != (0, 1):
         index, count = config.shard
         print(f"\nshard {index}/{count}: {len(rows)} of the {len(grid_cells())} cells")
@@ -297,7 +305,7 @@ def run_grid(config: Config) -> None:
     for loss, optimizer, r in sorted(rows, key=lambda row: -row[2]["test_dice"]):
         print(
             f"| {loss} | {optimizer} | {r['test_dice']:.3f} | {r['test_iou']:.3f} | "
-            f"{r['test_dice_per_image']:.3f} | {r['best_epoch']} |"
+            f"{r['test_dice_per_image']:.3f} | {int(r['best_epoch'])} |"
         )
 
 
@@ -308,7 +316,7 @@ def main(argv=None):
         chief = distribute.is_chief(settings)  # under multiworker, the one that talks to MLflow
         if chief:
             store.open_store()
-            if settings.resume:
+            if settings.resume and not settings.grid:  # the grid resumes cell by cell
                 argv = sys.argv[1:] if argv is None else argv
                 settings = resume.configuration(settings, command_line(), argv)
         settings = distribute.setup(settings)  # multiworker: the chief's configuration everywhere

@@ -1,0 +1,43 @@
+"""train.py --grid --resume: the FINISHED cells kept, the interrupted one resumed, the rest run."""
+
+import mlflow
+from helpers import TINY
+
+import train
+from tp4.tracking import liveness
+
+
+def _interrupted_run(store, loss):
+    """A run of train.py killed after logging its params and config.json, before any epoch."""
+    config = train.parse_args(TINY + ["--loss", loss, "--optimizer", "adam"])
+    experiment_id = store.get_experiment_by_name("tiny").experiment_id  # made by cell 0's run
+    with mlflow.start_run(experiment_id=experiment_id, tags={"mlflow.source.name": "train.py"}):
+        mlflow.log_params({"loss": train.losses.LOSSES[loss].label, "optimizer": "Adam"})
+        mlflow.log_dict(config.to_json(), liveness.CONFIGURATION)
+        run_id = mlflow.active_run().info.run_id
+    store.set_terminated(run_id, "KILLED")
+    return run_id
+
+
+def test_the_grid_resume_keeps_finished_cells_resumes_the_killed_one_and_runs_the_rest(
+    store, capsys
+):
+    cells = train.grid_cells((0, 8))  # 3 cells: 3 losses, each with Adam
+    assert [optimizer for _, optimizer in cells] == ["adam"] * 3 and cells[0][0] == "bce"
+    first, second, third = (train.losses.LOSSES[loss].label for loss, _ in cells)
+    train.main(TINY + ["--loss", "bce", "--optimizer", "adam"])  # cell 0 FINISHED
+    killed = _interrupted_run(store, cells[1][0])  # cell 1
+    capsys.readouterr()
+
+    train.main(TINY + ["--grid", "--shard", "0/8", "--resume"])
+    out = capsys.readouterr().out.splitlines()
+    assert f"grid --resume: 1 finished: {first} x Adam" in out
+    assert f"grid --resume: 1 resume: {second} x Adam (run {killed})" in out
+    assert f"grid --resume: 1 never ran: {third} x Adam" in out
+    experiment = store.get_experiment_by_name("tiny").experiment_id
+    runs = store.search_runs([experiment])
+    assert sorted((r.data.params["loss"], r.info.status) for r in runs) == sorted(
+        [(first, "FINISHED"), (second, "FINISHED"), (third, "FINISHED")]
+    )  # the finished cell not trained again, the killed one finished as the same run
+    assert store.get_run(killed).info.status == "FINISHED"
+    assert sum(line.startswith("| ") for line in out) == 1 + 3  # the table: header, every cell
