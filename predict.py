@@ -89,7 +89,7 @@ def parse_args(argv=None):
 def segment_file(model, path, output, threshold=0.5, overlap=0.5, tta=False):
     """Segment one file and write its mask and overlay; returns the mask's foreground fraction."""
     mask_path, overlay_path = outputs.output_paths(output, path)
-    labels, picture, volume = segment.segment(model, path, threshold, overlap, tta)
+    labels, picture, volume, overlay_shows = segment.segment(model, path, threshold, overlap, tta)
     # A binary mask image is 0/255, visible in any viewer; labels of several classes stay 0..C-1.
     binary_image = volume is None and model.output_shape[-1] == 1
     mask = labels * 255 if binary_image else labels
@@ -100,8 +100,10 @@ def segment_file(model, path, output, threshold=0.5, overlap=0.5, tta=False):
         }
     )
     foreground = float(np.mean(labels > 0))
+    shown = f" ({overlay_shows})" if overlay_shows else ""
     print(
-        f"{path}: {imagefiles.shape_text(mask.shape)} -> {mask_path}, foreground {foreground:.2%}",
+        f"{path}: {imagefiles.shape_text(mask.shape)} -> {mask_path} and {overlay_path}{shown}, "
+        f"foreground {foreground:.2%}",
         flush=True,
     )
     return foreground

@@ -327,7 +327,10 @@ def main(argv=None):
         elif settings.grid:
             run_grid(settings)
             if chief:
-                print(f"\nnext: python report.py {settings.experiment} --params loss,optimizer")
+                print(
+                    f"\nnext: {cli.command()} report.py {settings.experiment} "
+                    "--params loss,optimizer"
+                )
         else:
             outcome = train(settings)
             if chief:

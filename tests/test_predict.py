@@ -16,7 +16,7 @@ import losses
 import unet
 from tp4.images import geometry, volumes
 from tp4.images.imagefiles import DataError
-from tp4.inference import outputs
+from tp4.inference import outputs, segment
 from tp4.models import batchnorm
 from tp4.perf import hardware, speed
 
@@ -227,14 +227,19 @@ def test_a_2d_model_on_a_volume_normalizes_per_volume_then_predicts_each_slice(
 )  # larger than the 8x16x16 patch; smaller: padded
 def test_a_3d_model_segments_through_the_sliding_window(model_3d, tmp_path, capsys, shape):
     _volume(tmp_path / "vol.nii.gz", shape)
-    assert (
-        run_predict(
-            [model_3d[1], str(tmp_path / "vol.nii.gz"), "--output", str(tmp_path / "out")], capsys
-        )[0]
-        == 0
+    out = tmp_path / "out"
+    code, printed, _ = run_predict(
+        [model_3d[1], str(tmp_path / "vol.nii.gz"), "--output", str(out)], capsys
     )
-    mask = nib.load(tmp_path / "out" / "vol_mask.nii.gz")
+    assert code == 0
+    mask = nib.load(out / "vol_mask.nii.gz")
     assert mask.shape == shape
+    z = segment.overlay_slice(np.asarray(mask.dataobj))  # AFFINE swaps X and Y, keeps Z
+    shows = f"(axial slice {z} of {shape[-1]}, in RAS order)"
+    assert any(  # every file written named, and the slice the overlay shows
+        f"-> {out / 'vol_mask.nii.gz'} and {out / 'vol_overlay.png'} {shows}" in line
+        for line in printed
+    )
     np.testing.assert_allclose(mask.affine, AFFINE)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
 

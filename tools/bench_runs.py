@@ -35,10 +35,18 @@ def train_py(epochs: int, n_images: int, quick: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as store:
         uri = f"sqlite:///{store}/mlflow.db"
         start = time.perf_counter()
-        subprocess.run(
-            command, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, cwd=store, check=True
+        done = subprocess.run(
+            command,
+            env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+            cwd=store,
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         wall = time.perf_counter() - start
+        # Its output up to the run's id and next steps: they point into this store, deleted below.
+        print(done.stdout.partition("\nrun ")[0])
+        print("(train.py's run was in a temporary store, deleted now)")
         client = mlflow.MlflowClient(uri)
         run = client.search_runs([client.get_experiment_by_name("bench").experiment_id])[0]
         history = {

@@ -7,6 +7,8 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
+import sys
 
 # MLflow's defaults suit a rate-limited cloud service: 7 retries of up to 120 s each, minutes before
 # an error. Here a tracking server that does not answer a request within 3 s, twice, is down: every
@@ -111,7 +113,19 @@ def ui_address(tracking_uri, experiment_id, run_id):
         return f"open {tracking_uri.rstrip('/')}/{page}"
     here = ("sqlite:///mlflow.db", f"sqlite:///{os.path.abspath('mlflow.db')}")  # MLflow's default
     store = "" if tracking_uri in here else f" --backend-store-uri {tracking_uri}"
-    return f"mlflow ui{store}   then open http://127.0.0.1:5000/{page}"
+    return f"{command('mlflow')} ui{store}   then open http://127.0.0.1:5000/{page}"
+
+
+def command(name: str = "python") -> str:
+    """How to call this Python's `name` (python, mlflow) in a printed command: the bare name where
+    a shell finds this one (an activated virtual environment), else its path, relative to here if
+    inside (.venv/bin/python): a printed command works as printed."""
+    own = os.path.join(os.path.dirname(sys.executable), name)
+    found = shutil.which(name)
+    if found and os.path.realpath(found) == os.path.realpath(own):
+        return name
+    relative = os.path.relpath(own)
+    return own if relative.startswith("..") else relative
 
 
 def print_next_steps(outcome, tracking_uri, saved_model=None):
@@ -121,6 +135,7 @@ def print_next_steps(outcome, tracking_uri, saved_model=None):
     if saved_model:
         print(f"model file: {saved_model}")
     print("next:")
-    print(f"  segment images:  python predict.py {model} IMAGE_OR_FOLDER --output predictions/")
+    predict = f"{command()} predict.py"
+    print(f"  segment images:  {predict} {model} IMAGE_OR_FOLDER --output predictions/")
     address = ui_address(tracking_uri, outcome["experiment_id"], outcome["run_id"])
     print(f"  see the run:     {address}")

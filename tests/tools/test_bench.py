@@ -108,6 +108,7 @@ def test_quick_benchmark_writes_its_report(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     bench.main(["--quick", "--output", str(out)])
     report = json.loads(out.read_text())
+    assert "next:" not in report["printed"] and "temporary store, deleted" in report["printed"]
     supported = hardware.supported_precisions(hardware.machine())
     assert set(report["peak_gflops"]) == set(supported)
     assert (

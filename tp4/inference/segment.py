@@ -18,6 +18,7 @@ predict.py runs it over files; the model's own serving (tp4/serving) shares it.
 """
 
 import os
+from typing import NamedTuple
 
 import keras
 import mlflow.keras
@@ -174,9 +175,26 @@ def segment_volume(model, volume, threshold=0.5, overlap=0.5, tta=False, name="t
     return metrics.label_map(probabilities, threshold), volume
 
 
-def segment(model, path, threshold=0.5, overlap=0.5, tta=False):
-    """(labels, overlay RGB, volumes.Volume or None) of one file or DICOM series folder: uint8
-    labels (0/1 for a binary model, 0..C-1) in the input's geometry (a volume's stored order)."""
+def overlay_slice(labels: np.ndarray) -> int:
+    """The slice (along the last axis) a volume's overlay shows: the one with the most foreground,
+    the middle one if there is none."""
+    found = labels > 0
+    return int(np.argmax(found.sum(axis=(0, 1)))) if found.any() else labels.shape[-1] // 2
+
+
+class Segmentation(NamedTuple):
+    """One input segmented: uint8 labels (0/1 for a binary model, 0..C-1) in the input's geometry
+    (a volume's stored order), the overlay (RGB), the volumes.Volume read (None for an image), and
+    which slice of a volume the overlay shows ("" for an image)."""
+
+    labels: np.ndarray
+    overlay: np.ndarray
+    volume: object
+    overlay_shows: str
+
+
+def segment(model, path, threshold=0.5, overlap=0.5, tta=False) -> Segmentation:
+    """The Segmentation of one file or DICOM series folder."""
     channels = model.input_shape[-1]
     if not imagefiles.suffix(path) and os.path.isfile(path):
         raise DataError(
@@ -188,14 +206,14 @@ def segment(model, path, threshold=0.5, overlap=0.5, tta=False):
             raise DataError(f"{path} is a 2D image: a 3D model segments volumes")
         image = imagefiles.read_image(path, channels)
         labels, image = segment_image(model, image, threshold, tta, path)
-        return labels, figures.overlay(image, labels), None
+        return Segmentation(labels, figures.overlay(image, labels), None, "")
     scan = volumes.read(path)  # in RAS, as in training (datasets.py)
     if channels != 1:
         raise DataError(f"{path} is a single-channel volume, the model takes {channels} channels")
     labels, volume = segment_volume(model, scan.array, threshold, overlap, tta, path)
-    found = labels > 0
-    z = int(np.argmax(found.sum(axis=(0, 1)))) if found.any() else volume.shape[-1] // 2
+    z = overlay_slice(labels)
     # rot90: array rows are X (towards the patient's right, RAS): anterior up, the patient's right
     # on the right
     picture = figures.overlay(np.rot90(volume[..., z])[..., None], np.rot90(labels[..., z]))
-    return scan.stored(labels), picture, scan
+    shown = f"axial slice {z} of {labels.shape[-1]}, in RAS order"
+    return Segmentation(scan.stored(labels), picture, scan, shown)

@@ -1,5 +1,7 @@
 """What the scripts tell a user: progress while they run, and what to do next when they are done."""
 
+import os
+import sys
 import time
 
 import keras
@@ -22,7 +24,20 @@ def test_time_left_is_the_median_epoch_times_the_epochs_left():
     assert runs.time_left([9.0, 2.0], 0) == "done"
 
 
-def test_the_ui_address_opens_the_run_in_the_model_training_view():
+def test_printed_commands_name_this_python_unless_a_shell_finds_it(monkeypatch, tmp_path):
+    venv = os.path.dirname(sys.executable)
+    monkeypatch.setenv("PATH", f"{venv}{os.pathsep}{os.environ['PATH']}")  # activated
+    assert (cli.command(), cli.command("mlflow")) == ("python", "mlflow")
+    monkeypatch.setenv("PATH", str(tmp_path))  # not activated: its path, relative if inside
+    environment = os.path.dirname(venv)  # .venv
+    monkeypatch.chdir(os.path.dirname(environment))
+    assert cli.command() == os.path.join(os.path.basename(environment), "bin", "python")
+    monkeypatch.chdir(tmp_path)
+    assert cli.command("mlflow") == os.path.join(venv, "mlflow")
+
+
+def test_the_ui_address_opens_the_run_in_the_model_training_view(monkeypatch):
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     page = "#/experiments/7/runs/abc?workflowType=machine_learning"
     assert cli.ui_address("http://lab:5000/", "7", "abc") == f"open http://lab:5000/{page}"
     assert cli.ui_address("sqlite:///mlflow.db", "7", "abc") == (
@@ -39,6 +54,7 @@ def test_a_run_prints_its_progress_and_what_to_do_next_and_saves_its_model(
 ):
     path = tmp_path / "unet.keras"
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     train.main(TINY + ["--epochs", "2", "--save-model", str(path)])
     out = capsys.readouterr().out.splitlines()
     run = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])[0]
