@@ -24,6 +24,7 @@ datasets.py (training) and tp4/inference (predict.py) read and write volumes thr
     python -m tp4.images.volumes PATH...  # the geometry of each volume or DICOM series folder
 """
 
+import contextlib
 import os
 import sys
 from collections import namedtuple
@@ -82,9 +83,24 @@ def is_volume(path) -> bool:
     return imagefiles.suffix(path) in VOLUME_SUFFIXES or os.path.isdir(path)
 
 
+@contextlib.contextmanager
+def _itk_quiet():
+    """ITK's warnings off (multi-line, on stderr: "No Series were found", uneven steps): what
+    matters is said here, in one line."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def is_series(folder) -> bool:
     """True if `folder` holds DICOM slices (GDCM finds a series UID in it)."""
-    return os.path.isdir(folder) and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    if not os.path.isdir(folder):
+        return False
+    with _itk_quiet():
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
 def list_volumes(folder):
@@ -142,7 +158,8 @@ def _sitk_call(function, path, *args):
 def series_files(folder):
     """The slices of the one DICOM series in `folder`, ordered along the slice normal (GDCM)."""
     folder = str(folder)
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    with _itk_quiet():
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not uids:
         raise DataError(f"{folder} holds no DICOM series (no DICOM file with a series UID)")
     if len(uids) > 1:
@@ -167,12 +184,8 @@ def _read_series(folder):
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's header: its position
-    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's about uneven steps: ours is one line
-    try:
+    with _itk_quiet():
         image = _sitk_call(reader.Execute, folder)
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if len(files) > 1:
         _check_steps(reader, files, np.reshape(image.GetDirection(), (3, 3))[:, 2], folder)
     return image

@@ -189,8 +189,9 @@ def test_bad_volumes_are_one_line_naming_the_file(tmp_path, case):
 def test_the_command_line_says_each_volumes_geometry_or_its_error(tmp_path):
     good = write_volume(tmp_path / "series", _intensities())
     bad = _bad_header("bad.mha")(tmp_path)[0]
+    empty = _no_dicom(tmp_path)[0]  # GDCM's own multi-line warnings stay silent
     result = subprocess.run(
-        [sys.executable, "-m", "tp4.images.volumes", str(good), str(bad)],
+        [sys.executable, "-m", "tp4.images.volumes", str(good), str(bad), str(empty)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -200,4 +201,5 @@ def test_the_command_line_says_each_volumes_geometry_or_its_error(tmp_path):
         f"{good}: 12x16x8 int32, stored ALS -> RAS, voxels 0.8x0.9x2.5 mm, origin (11.2, -15, 7) "
         "mm RAS, values -1000 to 999"
     ]
-    assert len(result.stderr.splitlines()) == 1 and str(bad) in result.stderr
+    errors = result.stderr.splitlines()
+    assert len(errors) == 2 and str(bad) in errors[0] and str(empty) in errors[1], errors
