@@ -99,10 +99,24 @@ def check_output_file(flag: str, path: str, suffix: str = "") -> None:
 
 def save_model(model, path):
     """`model` as a .keras file at `path`, written under a temporary name and renamed: a crash never
-    leaves half a file where a model is expected."""
+    leaves half a file where a model is expected, and a failed write (a full disk) leaves none.
+
+    Raises:
+        OSError: the file cannot be written (one line; the run, logged before, is not touched).
+    """
     partial = f"{path}.partial.keras"  # Keras wants the suffix
-    model.save(partial)
-    os.replace(partial, path)
+    try:
+        model.save(partial)
+        os.replace(partial, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        if not isinstance(error, OSError):
+            raise
+        raise OSError(
+            f"--save-model {path}: cannot write the model ({first_line(error)}); the run and its "
+            "model are logged in MLflow all the same"
+        ) from None
 
 
 def ui_address(tracking_uri, experiment_id, run_id):
