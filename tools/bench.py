@@ -174,32 +174,6 @@ def peak_memory(model, batch, peaks):
     return found
 
 
-def vs_pytorch(c, supported, unet2d):
-    """PyTorch's rates at the same shape, and train.py's default (auto) against its best path."""
-    torch_rates = bench_runs.pytorch(c, [p for p in ("float32", "bfloat16") if p in supported])
-    if torch_rates is None:
-        print("\n--vs-pytorch: torch is not installed here (pip install torch): skipped")
-        return None
-    print(f"\nthe same U-Net in PyTorch {torch_rates['torch']} (channels_last), batch {c['batch']}")
-    for precision, rates in torch_rates["rates"].items():
-        path = "bf16 autocast" if precision == "bfloat16" else "float32"
-        print(
-            f"{path:<15}{rates['train_examples_per_s']:>12.2f} train ex/s"
-            f"{rates['infer_examples_per_s']:>12.2f} infer ex/s"
-        )
-    for mode in ("train", "infer") if unet2d else ():
-        key = f"{mode}_examples_per_s"
-        auto = unet2d["auto"][mode]
-        ours = [r for r in unet2d["cells"] if (r["precision"], r["xla"]) == tuple(auto.values())]
-        theirs = max(rates[key] for rates in torch_rates["rates"].values())
-        if ours:
-            print(
-                f"{mode}: auto ({speed.Choice(**auto).label}) {ours[0][key]:.2f} ex/s = "
-                f"{ours[0][key] / theirs:.2f}x PyTorch's best path ({theirs:.2f})"
-            )
-    return torch_rates
-
-
 def parse_args(argv=None):
     parser = cli.argument_parser("bench.py", __doc__)
     add = parser.add_argument
@@ -255,7 +229,15 @@ def measure(args, c):
     for name, (build, batch) in models(c, args).items():
         report[name] = bench_model(name, build, batch, c, args, report["peak_gflops"])
     if args.vs_pytorch:
-        report["pytorch"] = vs_pytorch(c, supported, report.get("unet2d"))
+        if "unet2d" not in report:
+            raise ValueError("--vs-pytorch compares the 2D U-Net: not with --only conv3d")
+        build = models(c, args)["unet2d"][0]
+        report["pytorch"] = bench_runs.vs_pytorch(
+            c,
+            supported,
+            report["unet2d"]["auto"],
+            lambda cell: measure_cell(build, c["batch"], cell, c, 1),
+        )
     if not args.skip_end_to_end and "unet2d" in report:
         e2e = bench_runs.train_py(args.e2e_epochs or c["e2e_epochs"], c["e2e_images"], args.quick)
         report["train_py"] = e2e

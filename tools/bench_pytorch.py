@@ -7,6 +7,7 @@ What this script teaches:
   1e-3 and Dice/IoU counts at every step, on random images;
 - PyTorch's best CPU path: channels_last memory (NHWC, what oneDNN's convolutions want) and, where
   the CPU has bfloat16 arithmetic, bf16 autocast (convolutions in bfloat16, the loss in float32);
+  eager, or compiled by `torch.compile` (inductor: the `-compiled` paths; the warm-up compiles);
 - timed as bench.py times Keras (throughput.py): epochs of --steps batches, the median of --repeats
   epochs after a warm-up epoch; inference, the median of --repeats forward passes of one batch.
 
@@ -28,6 +29,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from tp4 import cli
+
+# The paths timed: precision (bfloat16: autocast), eager or through torch.compile.
+PATHS = ("float32", "bfloat16", "float32-compiled", "bfloat16-compiled")
 
 
 def block(c_in, c_out):
@@ -77,11 +81,13 @@ def bce_dice(logits, masks, epsilon=1e-6):
     return F.binary_cross_entropy_with_logits(logits, masks) + 1 - dice
 
 
-def measure(args, precision):
-    """(training, inference) images per second of the U-Net at `precision`."""
+def measure(args, path):
+    """(training, inference) images per second of the U-Net on `path` (one of PATHS)."""
     torch.manual_seed(0)
+    precision, _, compiled = path.partition("-")
     model = UNet(args.filters, args.depth).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if compiled else model
     shape = (args.batch, 1, args.size, args.size)
     images = [
         torch.rand(shape).contiguous(memory_format=torch.channels_last) for _ in range(args.steps)
@@ -99,7 +105,7 @@ def measure(args, precision):
         for x, y in zip(images, masks):
             optimizer.zero_grad(set_to_none=True)
             with autocast():
-                logits = model(x)
+                logits = forward(x)
             loss = bce_dice(logits, y)
             loss.backward()
             optimizer.step()
@@ -113,7 +119,7 @@ def measure(args, precision):
         model.eval()
         start = time.perf_counter()
         with torch.inference_mode(), autocast():
-            torch.sigmoid(model(images[0]))
+            torch.sigmoid(forward(images[0]))
         return args.batch / (time.perf_counter() - start)
 
     rates = []
@@ -135,9 +141,10 @@ def parse_args(argv=None):
     add(
         "--precisions",
         nargs="+",
-        choices=("float32", "bfloat16"),
+        choices=PATHS,
         default=["float32", "bfloat16"],
-        help="float32, and bfloat16 autocast (where the CPU has bfloat16 arithmetic)",
+        help="float32, bfloat16 autocast (where the CPU has bfloat16 arithmetic); -compiled: "
+        "through torch.compile",
     )
     return parser.parse_args(argv)
 
@@ -146,10 +153,10 @@ def main(argv=None):
     args = parse_args(argv)
     print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, channels_last")
     results = {}
-    for precision in args.precisions:
-        train, infer = measure(args, precision)
-        results[precision] = {"train_examples_per_s": train, "infer_examples_per_s": infer}
-        print(f"{precision:<10}{train:>10.2f} img/s training{infer:>10.2f} img/s inference")
+    for path in args.precisions:
+        train, infer = measure(args, path)
+        results[path] = {"train_examples_per_s": train, "infer_examples_per_s": infer}
+        print(f"{path:<18}{train:>10.2f} img/s training{infer:>10.2f} img/s inference")
     print(json.dumps({"torch": torch.__version__, "rates": results}))
 
 

@@ -22,6 +22,7 @@ import time
 import mlflow
 
 import tp4
+from tp4.perf import speed
 from tp4.training import recipe
 
 
@@ -159,16 +160,80 @@ def levers(quick: bool) -> dict[str, dict]:
     return rows
 
 
-def pytorch(c: dict, precisions: list[str]) -> dict | None:
+def has_torch() -> bool:
+    """Whether PyTorch is installed (optional: comparisons only)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def pytorch(c: dict, precisions: list[str]) -> dict:
     """The same U-Net in PyTorch (bench_pytorch.py, in a process of its own) at bench.py's 2D shape,
-    or None where torch is not installed."""
-    if importlib.util.find_spec("torch") is None:
-        return None
+    on each of its `precisions` paths (bench_pytorch.PATHS)."""
     command = [sys.executable, "-m", "tools.bench_pytorch", "--precisions", *precisions]
     command += f"--size {c['size']} --filters {c['filters']} --depth {c['depth']}".split()
     command += f"--batch {c['batch']} --steps {c['steps']} --repeats {c['repeats']}".split()
     done = subprocess.run(command, cwd=tp4.ROOT, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --vs-pytorch: Keras' auto cells and PyTorch's paths measured in turns, this many rounds; the
+# median round counts (a change of the machine's load hits both sides alike).
+ROUNDS = 3
+PYTORCH_PATHS = {
+    "float32": "float32",
+    "float32-compiled": "float32, torch.compile",
+    "bfloat16": "bf16 autocast",
+    "bfloat16-compiled": "bf16 autocast, torch.compile",
+}
+
+
+def vs_pytorch(c, supported, auto, measure_cell):
+    """PyTorch's rates at bench.py's 2D shape (eager and torch.compile, bf16 autocast where the CPU
+    has it), and train.py's and predict.py's defaults against its best path: training and
+    inference, the median of ROUNDS rounds alternated with Keras.
+
+    Args:
+        c: bench.py's sizes.
+        supported: the precisions of this machine.
+        auto: the auto cells, {"train": ..., "infer": ...} as Choice dicts.
+        measure_cell: a Choice -> bench.py's row of that cell (train and infer examples/s).
+    """
+    if not has_torch():
+        print("\n--vs-pytorch: torch is not installed here (pip install torch): skipped")
+        return None
+    paths = ["float32", "float32-compiled"]
+    if "bfloat16" in supported:
+        paths = ["float32", "bfloat16", "bfloat16-compiled"]
+    auto = {mode: speed.Choice(**auto[mode]) for mode in ("train", "infer")}
+    theirs, ours = [], []
+    for _ in range(ROUNDS):
+        found = pytorch(c, paths)
+        theirs.append(found["rates"])
+        cells = {cell: measure_cell(cell) for cell in set(auto.values())}
+        ours.append({mode: cells[cell][f"{mode}_examples_per_s"] for mode, cell in auto.items()})
+    print(
+        f"\nthe same U-Net in PyTorch {found['torch']} (channels_last), batch {c['batch']}, "
+        f"median of {ROUNDS} rounds alternated with Keras"
+    )
+    medians = {
+        path: {key: statistics.median(r[path][key] for r in theirs) for key in theirs[0][path]}
+        for path in paths
+    }
+    for path, rates in medians.items():
+        print(
+            f"{PYTORCH_PATHS[path]:<30}{rates['train_examples_per_s']:>10.2f} train ex/s"
+            f"{rates['infer_examples_per_s']:>10.2f} infer ex/s"
+        )
+    ratios = {}
+    for mode, label in (("train", "training"), ("infer", "inference")):
+        key = f"{mode}_examples_per_s"
+        best = max(paths, key=lambda path: medians[path][key])
+        mine = statistics.median(r[mode] for r in ours)
+        ratios[mode] = mine / medians[best][key]
+        print(
+            f"{label}: auto ({auto[mode].label}) {mine:.2f} ex/s = {ratios[mode]:.2f}x PyTorch's "
+            f"best path ({PYTORCH_PATHS[best]}, {medians[best][key]:.2f})"
+        )
+    return {"torch": found["torch"], "rates": medians, "keras_auto": ours, "ratios": ratios}
 
 
 # A pasted block: `<!-- bench.py output: FILE -->`, the output of the run that wrote FILE (a

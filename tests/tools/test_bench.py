@@ -148,3 +148,33 @@ def test_the_pytorch_unet_has_the_keras_unets_parameters_and_runs(tmp_path):
         dict(size=32, filters=8, depth=3, batch=2, steps=1, repeats=1), ["float32"]
     )
     assert rates["rates"]["float32"]["train_examples_per_s"] > 0
+
+
+def test_vs_pytorch_alternates_rounds_and_compares_medians_to_pytorchs_best_path(
+    monkeypatch, capsys
+):
+    rounds = iter([(30.0, 40.0), (50.0, 60.0), (10.0, 20.0)])  # torch.compile's train, infer
+    torch_paths = []
+
+    def fake_pytorch(c, paths):
+        torch_paths.append(paths)
+        train, infer = next(rounds)
+        rates = {path: {"train_examples_per_s": 1.0, "infer_examples_per_s": 1.0} for path in paths}
+        rates["bfloat16-compiled"] = {"train_examples_per_s": train, "infer_examples_per_s": infer}
+        return {"torch": "2.13.0", "rates": rates}
+
+    keras_rates = iter([45.0, 33.0, 99.0])
+    monkeypatch.setattr(bench_runs, "has_torch", lambda: True)
+    monkeypatch.setattr(bench_runs, "pytorch", fake_pytorch)
+    rate = lambda cell: {"train_examples_per_s": next(keras_rates), "infer_examples_per_s": 80.0}  # noqa: E731
+    auto = {mode: {"precision": "bfloat16", "xla": False} for mode in ("train", "infer")}
+    found = bench_runs.vs_pytorch({"batch": 8}, ("float32", "bfloat16"), auto, rate)
+    assert torch_paths == [["float32", "bfloat16", "bfloat16-compiled"]] * 3
+    assert found["rates"]["bfloat16-compiled"] == {
+        "train_examples_per_s": 30.0,
+        "infer_examples_per_s": 40.0,
+    }
+    assert found["ratios"] == {"train": 45.0 / 30.0, "infer": 80.0 / 40.0}  # medians
+    out = capsys.readouterr().out
+    assert "training: auto (bfloat16, XLA off) 45.00 ex/s = 1.50x PyTorch's best path" in out
+    assert "inference: auto (bfloat16, XLA off) 80.00 ex/s = 2.00x" in out
