@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import psutil
 import pytest
-from helpers import TINY
+from helpers import TINY, crafted_run, refused_in_one_line
 
 import conv3d
 import data
@@ -128,3 +128,13 @@ def test_no_system_metrics_is_a_flag_of_both_scripts_that_reaches_the_run(store,
     with pytest.raises(SystemExit):
         train.main(TINY + ["--no-system-metrics"])
     assert asked["system_metrics"] is False
+
+
+def test_a_resume_on_data_that_changed_since_is_refused_in_one_line(store, capsys):
+    run_id, _ = crafted_run("tiny", TINY, "KILLED")
+    store.log_param(run_id, "data_hash", "0123abcd")  # what it trained on: other examples
+    store.log_param(run_id, "data_count", "40")
+    line = refused_in_one_line(["--resume", run_id], capsys)
+    assert line.startswith(f"train.py: error: run {run_id} trained on 40 examples of ")
+    assert line.endswith("files changed since, so it cannot be resumed; start a new run")
+    assert store.get_run(run_id).info.status == "KILLED"
