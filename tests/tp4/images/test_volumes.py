@@ -203,3 +203,17 @@ def test_the_command_line_says_each_volumes_geometry_or_its_error(tmp_path):
     ]
     errors = result.stderr.splitlines()
     assert len(errors) == 2 and str(bad) in errors[0] and str(empty) in errors[1], errors
+
+
+def test_a_2d_mha_is_one_slice_and_its_mask_stays_2d_while_4d_is_refused(tmp_path):
+    image = sitk.GetImageFromArray(_intensities((12, 16)).T)
+    image.SetSpacing((0.5, 0.6))
+    sitk.WriteImage(image, str(tmp_path / "flat.mha"))
+    volume = volumes.read(str(tmp_path / "flat.mha"))
+    assert volume.array.shape[2] == 1 and volume.stored(volume.array).shape == (12, 16, 1)
+    volumes.write_mask(str(tmp_path / "mask.mha"), volume.stored(volume.array > 0), volume)
+    mask = sitk.ReadImage(str(tmp_path / "mask.mha"))
+    assert mask.GetSize() == (12, 16) and mask.GetSpacing() == pytest.approx((0.5, 0.6))
+    sitk.WriteImage(sitk.Image([16, 16, 8, 2], sitk.sitkInt16), str(tmp_path / "time.mha"))
+    with pytest.raises(DataError, match=r"time.mha has 4 dimensions \(16x16x8x2\)"):
+        volumes.read(str(tmp_path / "time.mha"))
