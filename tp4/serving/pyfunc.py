@@ -16,7 +16,9 @@ What this module teaches:
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
         -d '{"inputs": [[0, 10, 20], [30, 40, 50], [60, 70, 80]], "params": {"tta": true}}'
 
-The signature gives the parameters and the output; its input is left open on purpose: an MLflow
+A volume is posted in RAS voxel order (axes towards the patient's right, anterior, superior): the
+order predict.py reorients a file's volume to before segmenting it, as in training. The signature
+gives the parameters and the output; its input is left open on purpose: an MLflow
 tensor spec has one rank, and a 2D model takes images (H, W) and volumes (X, Y, Z), as predict.py
 does. The model checks the input itself: MLflow's own schema errors repeat the whole input.
 """

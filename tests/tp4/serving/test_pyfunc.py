@@ -5,7 +5,7 @@ import mlflow
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import AFFINE, log_tiny_model, run_predict
+from helpers import log_tiny_model, run_predict
 from PIL import Image
 
 from tools import serve_bench
@@ -55,7 +55,9 @@ def test_the_server_answers_with_predict_pys_masks(store, tmp_path, capsys):
     image = rng.integers(0, 256, (60, 45)).astype(np.uint8)  # a PNG's 8-bit grey levels
     Image.fromarray(image).save(tmp_path / "scan.png")
     volume = (rng.random((20, 16, 5)) * 500).astype(np.float32)
-    nib.save(nib.Nifti1Image(volume, AFFINE), tmp_path / "case.nii.gz")
+    # Stored in RAS (an identity affine): the order predict.py reorients volumes to, and the one a
+    # client sends.
+    nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 2.5, 1.0])), tmp_path / "case.nii.gz")
     # A threshold at the median probability: masks half foreground, whatever the random weights.
     threshold = float(np.median(network.predict(image[None, :32, :32, None] / 255, verbose=0)))
     code, _, err = run_predict(
