@@ -19,7 +19,7 @@ from helpers import REPO
 # `with contextlib.suppress(ImportError)`, so that each still runs when copied on its own.
 EXERCISES = {"unet", "metrics", "losses", "data"}
 CONSOLE = {"tp4.startup"}
-SCRIPTS = {"train", "conv3d", "predict", "report"}
+SCRIPTS = {"train", "conv3d", "predict", "report", "plan"}
 FILES = sorted(
     path.relative_to(REPO)
     for folder in (".", "tp4", "tools")

@@ -22,6 +22,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 import data
+import unet
 from tp4.distributed import distribute
 from tp4.images import datasets, geometry
 from tp4.inference import ensemble
@@ -172,13 +173,15 @@ def run(config, train, load_data, build_model) -> dict:
             raise ValueError(f"--fold {config.fold}: the folds are 0 to {len(fold_list) - 1}")
         name = config.run_name or recipe.run_name(build_model(config), config)
         return train_fold(config, config.fold, fold_list, pool, description, train, name)[0]
-    name = recipe.run_name(build_model(config), config)
+    model = build_model(config)  # its name and architecture, as the folds' runs log them
+    name = recipe.run_name(model, config)
     parent_name = f"{name}_cv{len(fold_list)}"
     tracked = runs.tracked_run(
         config.experiment, parent_name, config.checkpoint_dir, data=description
     )
     with tracked as parent:
-        mlflow.log_params({**recipe.params(config), **description, "cv_folds": len(fold_list)})
+        mlflow.log_params({**unet.describe(model), **recipe.params(config), **description})
+        mlflow.log_param("cv_folds", len(fold_list))
         mlflow.log_dict(fold_list, folds.SPLITS_FILE)
         outcomes = [
             train_fold(config, i, fold_list, pool, description, train, name)

@@ -26,6 +26,7 @@ def test_two_folds_make_a_parent_with_nested_runs_and_its_summary(store):
         r for r in everything if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     ]
     assert parent.info.run_name == "UNet_CombinedLoss_Adam_cv2"
+    assert (parent.data.params["encoder"], parent.data.params["cv_folds"]) == ("plain", "2")
     assert sorted(r.info.run_name for r in children) == [
         "UNet_CombinedLoss_Adam_fold0",
         "UNet_CombinedLoss_Adam_fold1",

@@ -1,0 +1,1 @@
+"""nnU-Net's method: a dataset's fingerprint, the plan made from it, its preprocessing."""
