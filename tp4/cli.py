@@ -136,7 +136,9 @@ def command(name: str = "python") -> str:
     inside (.venv/bin/python): a printed command works as printed."""
     own = os.path.join(os.path.dirname(sys.executable), name)
     found = shutil.which(name)
-    if found and os.path.realpath(found) == os.path.realpath(own):
+    # The folders compared, not the files: a virtual environment's python is a link to the system's.
+    same = found and os.path.basename(found) == name
+    if same and os.path.realpath(os.path.dirname(found)) == os.path.realpath(os.path.dirname(own)):
         return name
     relative = os.path.relpath(own)
     return own if relative.startswith("..") else relative

@@ -28,7 +28,9 @@ def test_printed_commands_name_this_python_unless_a_shell_finds_it(monkeypatch, 
     venv = os.path.dirname(sys.executable)
     monkeypatch.setenv("PATH", f"{venv}{os.pathsep}{os.environ['PATH']}")  # activated
     assert (cli.command(), cli.command("mlflow")) == ("python", "mlflow")
-    monkeypatch.setenv("PATH", str(tmp_path))  # not activated: its path, relative if inside
+    # Not activated, a system python first on PATH (the venv's python links to the same file).
+    (tmp_path / "python").symlink_to(os.path.realpath(sys.executable))
+    monkeypatch.setenv("PATH", str(tmp_path))  # its path then, relative if inside
     environment = os.path.dirname(venv)  # .venv
     monkeypatch.chdir(os.path.dirname(environment))
     assert cli.command() == os.path.join(os.path.basename(environment), "bin", "python")
