@@ -59,7 +59,7 @@ def _optional(tree):
 def _project_imports(path):
     """(project modules imported, line numbers of imports not at the top level; an optional import
     of a top-level `with contextlib.suppress(ImportError):` counts as at the top)."""
-    tree = ast.parse((REPO / path).read_text())
+    tree = ast.parse((REPO / path).read_text(encoding="utf-8"))
     names, nested, optional = set(), [], _optional(tree)
     for node in ast.walk(tree):
         if not isinstance(node, ast.Import | ast.ImportFrom):
@@ -86,7 +86,7 @@ def test_imports_point_down_and_are_at_the_top(module):
     names, nested = _project_imports(MODULES[module])
     names.discard("tp4")  # tp4.ROOT: the checkout
     if module in EXERCISES:
-        tree = ast.parse((REPO / MODULES[module]).read_text())
+        tree = ast.parse((REPO / MODULES[module]).read_text(encoding="utf-8"))
         optional = set().union(*map(_imported, _optional(tree))) - {"tp4"}
         assert names <= optional <= CONSOLE, f"{module}.py, an exercise, imports a project module"
     upward = {
@@ -121,12 +121,14 @@ def test_the_package_has_no_import_cycle():
 
 def test_the_readme_lists_every_command_once():
     """A module with a __main__ is a command: the README's table of commands lists each one."""
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     table = readme[readme.index("## Every command") :].split("\n## ")[0]
     rows = [line.split("|")[2] for line in table.splitlines() if line.startswith("| ")][1:]
     listed = [re.match(r" `python (?:-m )?([\w.]+?)(?:\.py)?[ `]", row).group(1) for row in rows]
     commands = {
-        module for module, path in MODULES.items() if "__main__" in (REPO / path).read_text()
+        module
+        for module, path in MODULES.items()
+        if "__main__" in (REPO / path).read_text(encoding="utf-8")
     }
     assert sorted(listed) == sorted(commands)
 
@@ -137,7 +139,7 @@ def test_every_third_party_import_is_a_requirement():
     distributions = importlib.metadata.packages_distributions()
     required = set()
     for name in ("requirements.txt", "requirements-dev.txt"):
-        for line in (REPO / name).read_text().splitlines():
+        for line in (REPO / name).read_text(encoding="utf-8").splitlines():
             found = re.match(r"^([A-Za-z0-9_.\-]+)", line)
             if found and not line.startswith("-r"):
                 required.add(re.sub(r"[-_.]+", "-", found.group(1)).lower())
@@ -145,7 +147,7 @@ def test_every_third_party_import_is_a_requirement():
     ours = {module.split(".")[0] for module in MODULES} | {"helpers"}
     missing = {}
     for path in code:
-        for node in ast.walk(ast.parse((REPO / path).read_text())):
+        for node in ast.walk(ast.parse((REPO / path).read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 tops = [alias.name.split(".")[0] for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -164,7 +166,7 @@ def test_every_third_party_import_is_a_requirement():
 
 def test_no_configuration_is_rebuilt_from_a_namespace():
     for path in FILES:
-        assert "Namespace(**" not in (REPO / path).read_text(), path
+        assert "Namespace(**" not in (REPO / path).read_text(encoding="utf-8"), path
 
 
 def test_importing_the_package_changes_no_environment_variable():
