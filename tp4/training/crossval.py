@@ -182,6 +182,8 @@ def run(config, train, load_data, build_model) -> dict:
     with tracked as parent:
         mlflow.log_params({**unet.describe(model), **recipe.params(config), **description})
         mlflow.log_param("cv_folds", len(fold_list))
+        examples = {"folds": (pool.images, pool.masks), "test": (outer[0], outer[1])}
+        mlflow.log_input(runs.dataset(description, examples, config.seed), context="training")
         mlflow.log_dict(fold_list, folds.SPLITS_FILE)
         outcomes = [
             train_fold(config, i, fold_list, pool, description, train, name)

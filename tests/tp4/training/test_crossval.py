@@ -27,6 +27,8 @@ def test_two_folds_make_a_parent_with_nested_runs_and_its_summary(store):
     ]
     assert parent.info.run_name == "UNet_CombinedLoss_Adam_cv2"
     assert (parent.data.params["encoder"], parent.data.params["cv_folds"]) == ("plain", "2")
+    (logged,) = mlflow.get_run(parent.info.run_id).inputs.dataset_inputs  # report.py's Dataset
+    assert logged.dataset.name == "synthetic-2d seed 1"
     assert sorted(r.info.run_name for r in children) == [
         "UNet_CombinedLoss_Adam_fold0",
         "UNet_CombinedLoss_Adam_fold1",
