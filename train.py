@@ -107,6 +107,8 @@ def parse_args(argv=None) -> Config:
         parser.error("--shard goes with --grid")
     if settings.grid and settings.save_model:
         parser.error("--save-model saves one model: it does not go with --grid")
+    if settings.grid and settings.resume not in (None, config.NEWEST):
+        parser.error("--grid --resume finishes the grid's cells: it takes no run id")
     if not grid_cells(settings.shard):
         shard = "/".join(map(str, settings.shard))
         parser.error(f"--shard {shard}: the grid has {len(grid_cells())} cells")

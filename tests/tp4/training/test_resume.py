@@ -114,7 +114,10 @@ def test_resume_alone_takes_the_newest_interrupted_run_and_its_configuration(sto
     [
         (["--lr", "0.5"], "as it was configured: --lr 0.5 (the run has 0.1) would change it"),
         (["--epochs", "30"], "as it was configured: --epochs 30 (the run has 3) would change it"),
-        (["--grid"], "as it was configured: --grid True (the run has False) would change it"),
+        (
+            ["--loss", "dice"],
+            "as it was configured: --loss dice (the run has bce_dice) would change it",
+        ),
     ],
 )
 def test_a_flag_that_would_change_the_run_is_refused_in_one_line(store, capsys, argv, message):
@@ -124,6 +127,15 @@ def test_a_flag_that_would_change_the_run_is_refused_in_one_line(store, capsys, 
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         f"train.py: error: --resume continues run {run_id} {message}\n"
+    )
+
+
+def test_the_grid_resumes_its_cells_not_one_run(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--grid", "--resume", "0123abcd"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "train.py: error: --grid --resume finishes the grid's cells: it takes no run id\n"
     )
 
 
