@@ -1,4 +1,4 @@
-"""Every command of README.md is run here: a wrong example fails CI.
+"""Every command of README.md (and CLUSTER.md) is run here: a wrong example fails CI.
 
 The quick ones run for real (in this process, in a temporary folder); the long ones (a training, a
 benchmark, a server) have their command line parsed by the script's own parser, with its checks.
@@ -15,6 +15,7 @@ import pytest
 from helpers import REPO, write_png_folder
 
 README = (REPO / "README.md").read_text()
+CLUSTER = (REPO / "CLUSTER.md").read_text()  # the README's "Beyond one machine", in full
 RUN = {"unet", "metrics", "data", "tp4.images.datasets"}  # quick: run them
 PARSE = {"train", "conv3d", "predict", "tools.bench", "report", "tools.tracking_server"}
 
@@ -22,7 +23,7 @@ PARSE = {"train", "conv3d", "predict", "tools.bench", "report", "tools.tracking_
 def _commands():
     """The command lines of the README's bash blocks, comments and prompts removed."""
     found = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", README + CLUSTER, re.S):
         for line in block.splitlines():
             words = shlex.split(line, comments=True)
             if words:
