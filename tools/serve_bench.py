@@ -202,7 +202,10 @@ def main(argv=None):
     print(f"machine: {cpu.get('brand_raw')}, {os.cpu_count()} cores", flush=True)
     before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
-        results = measure(c, folder)
+        try:
+            results = measure(c, folder)
+        finally:
+            mlflow.set_tracking_uri(None)  # measure's store goes with its folder
     print(f"load average (1 min): {before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(table(c, results))
 
