@@ -24,7 +24,6 @@ import contextlib
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import unet
 from tp4 import cli
 from tp4.inference import onnxnetwork, segment
 from tp4.models import batchnorm
+from tp4.perf import throughput
 from tp4.serving import export
 from tp4.tracking import runs
 
@@ -113,16 +113,6 @@ def _rate(count, run, repeats=1) -> float:
     return count / best
 
 
-def _latency(run, repeats) -> float:
-    """The median seconds of one `run()` over `repeats`."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(c: dict, folder: str) -> dict:
     """{row: (images/s, volumes/s, seconds per image request)} for the three ways."""
     keras.utils.set_random_seed(0)
@@ -155,12 +145,12 @@ def measure(c: dict, folder: str) -> dict:
         WAYS[0]: (
             _rate(n, lambda: model.predict(batch, batch_size=8, verbose=0), 3),
             _rate(v, lambda: [model.predict(slices, batch_size=8, verbose=0) for _ in volumes], 3),
-            _latency(lambda: model.predict_on_batch(batch[:1]), r),
+            throughput.median_seconds(lambda: model.predict_on_batch(batch[:1]), r, warmup=0),
         ),
         WAYS[1]: (
             _rate(n, lambda: [segment.segment(fast, path) for path in paths], 3),
             _rate(v, lambda: [segment.segment_volume(fast, volume) for volume in volumes], 3),
-            _latency(lambda: segment.segment(fast, paths[0]), r),
+            throughput.median_seconds(lambda: segment.segment(fast, paths[0]), r, warmup=0),
         ),
     }
     export.export(model, os.path.join(folder, "exported"))
@@ -168,7 +158,7 @@ def measure(c: dict, folder: str) -> dict:
     results[WAYS[2]] = (
         _rate(n, lambda: [segment.segment(exported, path) for path in paths], 3),
         _rate(v, lambda: [segment.segment_volume(exported, volume) for volume in volumes], 3),
-        _latency(lambda: segment.segment(exported, paths[0]), r),
+        throughput.median_seconds(lambda: segment.segment(exported, paths[0]), r, warmup=0),
     )
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
     with serve(info.model_uri, env, os.path.join(folder, "server.log")) as address:
@@ -176,7 +166,7 @@ def measure(c: dict, folder: str) -> dict:
         results[WAYS[3]] = (
             _rate(n, lambda: [post(address, image) for image in images]),
             _rate(v, lambda: [post(address, volume) for volume in volumes]),
-            _latency(lambda: post(address, images[0]), r),
+            throughput.median_seconds(lambda: post(address, images[0]), r, warmup=0),
         )
     return results
 
