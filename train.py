@@ -325,12 +325,12 @@ def main(argv=None):
         if settings.folds is not None or settings.fold is not None:  # tp4/training/crossval.py
             crossval.run(settings, train, load_data, build_model)
             if chief:
-                print(f"\nnext: python report.py {settings.experiment} --cv")
+                print(f"\nnext: {cli.script('report.py')} {settings.experiment} --cv")
         elif settings.grid:
             run_grid(settings)
             if chief:
                 print(
-                    f"\nnext: {cli.command()} report.py {settings.experiment} "
+                    f"\nnext: {cli.script('report.py')} {settings.experiment} "
                     "--params loss,optimizer"
                 )
         else:

@@ -10,6 +10,8 @@ import os
 import shutil
 import sys
 
+import tp4
+
 # MLflow's defaults suit a rate-limited cloud service: 7 retries of up to 120 s each, minutes before
 # an error. Here a tracking server that does not answer a request within 3 s, twice, is down: every
 # script (and MLflow's HTTP artifact repository, which reads the same settings) gives up after about
@@ -140,8 +142,18 @@ def command(name: str = "python") -> str:
     same = found and os.path.basename(found) == name
     if same and os.path.realpath(os.path.dirname(found)) == os.path.realpath(os.path.dirname(own)):
         return name
-    relative = os.path.relpath(own)
-    return own if relative.startswith("..") else relative
+    return _as_typed(own)
+
+
+def script(name: str) -> str:
+    """How to run a script from here, as printed: this Python (command()) and the script's path
+    (`name`: a path, or a file of the checkout such as predict.py), relative to here if inside."""
+    return f"{command()} {_as_typed(os.path.join(tp4.ROOT, name))}"
+
+
+def _as_typed(path):
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def print_next_steps(outcome, tracking_uri, saved_model=None):
@@ -151,7 +163,7 @@ def print_next_steps(outcome, tracking_uri, saved_model=None):
     if saved_model:
         print(f"model file: {saved_model}")
     print("next:")
-    predict = f"{command()} predict.py"
+    predict = script("predict.py")
     print(f"  segment images:  {predict} {model} IMAGE_OR_FOLDER --output predictions/")
     address = ui_address(tracking_uri, outcome["experiment_id"], outcome["run_id"])
     print(f"  see the run:     {address}")

@@ -25,6 +25,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, ErrorCode
 
+from tp4 import cli
+
 CONFIGURATION = "config.json"  # logged by the scripts before training: what --resume reads back
 NO_CONFIGURATION = (
     f"it never logged its {CONFIGURATION} (it stopped before training): start a new run"
@@ -127,7 +129,7 @@ def mark_dead_runs(client: MlflowClient) -> list[str]:
             run_id, "KILLED", end_time=int(float(run.data.tags["heartbeat"]) * 1e3)
         )
         script = os.path.basename(run.data.tags.get("mlflow.source.name", "train.py"))
-        then = f"continue it with: python {script} --resume {run_id}"
+        then = f"continue it with: {cli.script(script)} --resume {run_id}"
         if not has_configuration(client, run_id):
             then = NO_CONFIGURATION
         lines.append(

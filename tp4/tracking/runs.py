@@ -178,7 +178,7 @@ def _refuse_other_data(run_id: str, description: dict) -> None:
 
 
 def _resume_command(run_id):
-    return f"python {os.path.basename(sys.argv[0])} --resume {run_id}"
+    return f"{cli.script(os.path.abspath(sys.argv[0]))} --resume {run_id}"
 
 
 def _interrupt(signum, frame):

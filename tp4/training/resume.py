@@ -109,7 +109,7 @@ def _configuration_to_resume(client, run, given, script):
     if foreign and started_by != script:
         settings = ", ".join(f"--{name.replace('_', '-')}" for name in foreign[:3])
         command = (
-            f"python {started_by} --resume {run.info.run_id}"
+            f"{cli.script(started_by)} --resume {run.info.run_id}"
             if started_by.endswith(".py")
             else "the script that started it"
         )

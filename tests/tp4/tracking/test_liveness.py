@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
 import report
+from tp4 import cli
 from tp4.tracking import liveness
 
 
@@ -60,7 +61,7 @@ def test_report_marks_dead_runs_and_says_how_to_resume(store, capsys):
         report.main(["e"])  # no finished run: exit 2, after the sweep
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run ")]
     assert line.startswith(f"run {run_id} (dead) ended without a word (process ")
-    assert "marked KILLED; continue it with: python " in line
+    assert f"marked KILLED; continue it with: {cli.command()} " in line
     assert line.endswith(f" --resume {run_id}")
     assert store.get_run(run_id).info.status == "KILLED"
 

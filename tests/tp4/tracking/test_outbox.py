@@ -16,6 +16,8 @@ import pytest
 from helpers import LEARNS, REPO, wait_for_line
 from mlflow import MlflowClient
 
+from tp4 import cli
+
 EPOCHS = 10
 
 
@@ -108,7 +110,7 @@ def test_training_survives_a_server_blip_and_uploads_later_when_it_never_came_ba
         run_id = output[-1].split()[-1]
         assert output[-1].endswith(
             f"the model is saved in checkpoints/{run_id}/model.keras and the run's metrics in "
-            f"checkpoints/{run_id}; send them with: python train.py --resume {run_id}"
+            f"checkpoints/{run_id}; send them with: {cli.script('train.py')} --resume {run_id}"
         )
         assert os.path.exists(f"checkpoints/{run_id}/model.keras")
 

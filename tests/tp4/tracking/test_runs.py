@@ -13,6 +13,7 @@ from helpers import TINY, crafted_run, refused_in_one_line
 
 import conv3d
 import data
+import tp4
 import train
 from tp4 import cli
 from tp4.tracking import runs
@@ -69,7 +70,8 @@ def test_a_run_prints_its_progress_and_what_to_do_next_and_saves_its_model(
     assert f"run {run.info.run_id}, model {model_uri}" in out
     assert f"model file: {path}" in out
     assert (
-        f"  segment images:  python predict.py {path} IMAGE_OR_FOLDER --output predictions/" in out
+        f"  segment images:  {cli.script('predict.py')} {path} IMAGE_OR_FOLDER --output "
+        "predictions/" in out
     )
     page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     see = f"  see the run:     mlflow ui   then open http://127.0.0.1:5000/{page}"
@@ -140,3 +142,12 @@ def test_a_resume_on_data_that_changed_since_is_refused_in_one_line(store, capsy
     assert line.startswith(f"train.py: error: run {run_id} trained on 40 examples of ")
     assert line.endswith("files changed since, so it cannot be resumed; start a new run")
     assert store.get_run(run_id).info.status == "KILLED"
+
+
+def test_printed_scripts_have_their_path_from_here(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tp4.ROOT)
+    assert cli.script("predict.py") == "python predict.py"
+    monkeypatch.chdir(tmp_path)  # outside the checkout: the script's own path
+    assert cli.script("predict.py") == f"python {os.path.join(tp4.ROOT, 'predict.py')}"
+    assert cli.script(str(tmp_path / "mine.py")) == "python mine.py"

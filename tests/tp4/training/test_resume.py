@@ -14,6 +14,7 @@ from helpers import LEARNS, REPO, TINY, crafted_run, refused_in_one_line, wait_f
 import conv3d
 import train
 import unet
+from tp4 import cli
 from tp4.tracking import liveness, runs
 from tp4.training import checkpoint, resume
 
@@ -56,7 +57,7 @@ def test_a_run_killed_with_sigkill_resumes_as_the_same_run_and_ends_as_if_never_
     assert err == [
         f"run {killed.info.run_id} (UNet_CombinedLoss_Adam) ended without a word "
         f"(process {process.pid} is gone): marked KILLED; continue it with: "
-        f"python train.py --resume {killed.info.run_id}"
+        f"{cli.script('train.py')} --resume {killed.info.run_id}"
     ]
     train.main(run_epochs + ["--experiment", "uninterrupted"])
 
@@ -269,6 +270,6 @@ def test_a_run_of_the_other_script_is_refused_in_one_line_before_any_model(
     assert capsys.readouterr().err == (
         f"{other}: error: run {run_id} cannot be resumed: it is a run of {script}, not of "
         f"{other} (its settings {settings} are not {other}'s): resume it with "
-        f"python {script} --resume {run_id}\n"
+        f"{cli.script(script)} --resume {run_id}\n"
     )
     assert store.get_run(run_id).info.status == "KILLED"
