@@ -40,8 +40,9 @@ import losses
 import unet
 from tp4 import cli
 from tp4.distributed import distribute
-from tp4.images import datasets, figures
+from tp4.images import figures
 from tp4.perf import memory, speed
+from tp4.planning import auto
 from tp4.tracking import runs, store
 from tp4.training import checkpoint, config, divergence, recipe, resume
 from tp4.training.config import default_of, option
@@ -104,7 +105,9 @@ def load_volumes(config: Config):
     (--data-dir, --dataset) cut into --shape patches, a padding of shallow volumes said."""
     source = config.data_dir or (None if config.dataset == "synthetic" else config.dataset)
     if source:
-        splits, description, cases = datasets.load_split(source, config.shape, config.seed)
+        splits, description, cases = auto.load_split(
+            config.planned, source, config.shape, config.seed
+        )
         if "data_padded" in description:
             print(f"{source}: {description['data_padded']} (--shape {config.shape})")
     else:
@@ -221,6 +224,7 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
             mlflow.log_params({**unet.describe(model), **architecture, **recipe.params(config)})
             mlflow.log_params({"output_bias": config.output_bias, **description})
             mlflow.log_input(runs.dataset(description, splits, config.seed), context="training")
+            auto.log(config.planned)  # --plan auto: plan.json and plan_* params
             resolved = dataclasses.replace(
                 config, lr=recipe.peak_learning_rate(config), run_name=name
             )
@@ -267,7 +271,7 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
                 model, (x_test[:1], probabilities[:1]), config.register
             )
     if config.save_model:
-        cli.save_model(model, config.save_model)
+        cli.save_model(model, config.save_model, auto.model_entries(config.planned))
     recipe.print_results(name, results, len(x_test), config.nsd_tolerance)
     return {**results, **run.location(logged_model)}
 
@@ -305,6 +309,9 @@ def main(argv=None):
             if settings.resume:
                 argv = sys.argv[1:] if argv is None else argv
                 settings = resume.configuration(settings, command_line(), argv)
+        if chief and settings.plan == "auto" and not settings.skip_training:  # flags kept
+            given = config.given(command_line(), sys.argv[1:] if argv is None else argv)
+            settings = auto.configure(settings, given, "shape")
         settings = distribute.setup(settings)  # multiworker: the chief's configuration everywhere
         if settings.resume:  # only the interrupted run (its config.json says which of the two)
             outcome = train_on_slices(settings) if settings.slices else train3d(settings)

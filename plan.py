@@ -7,6 +7,9 @@ budget, depth, normalization by modality). The plan is printed and written as pl
 
     python plan.py DIR                    # DIR: imagesTr/ + labelsTr/ (NIfTI, NRRD, MHA, DICOM)
     python plan.py DIR --modality CT --output plan.json
+    python plan.py mni-wm --write DIR --spacing 1 1 3   # the MNI volume at 1x1x3 mm, as 8 cases
+
+train.py and conv3d.py make the same plan with --plan auto, and train on it.
 """
 
 # First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
@@ -18,22 +21,49 @@ import sys
 
 from tp4 import cli
 from tp4.images.imagefiles import DataError
-from tp4.planning import fingerprint, plan
+from tp4.planning import anisotropic, auto, fingerprint, plan
 
 
 def main(argv=None):
     parser = cli.argument_parser("plan.py", __doc__)
     add = parser.add_argument
-    add("folder", help="the dataset: imagesTr/ + labelsTr/ volumes")
-    add("--modality", default="other", help="CT (dataset-wide clip and z-score) or any other")
+    add("folder", help="the dataset: imagesTr/ + labelsTr/ volumes, or mni-wm (built in)")
+    add(
+        "--modality",
+        help="CT (dataset-wide clip and z-score) or any other [default: the "
+        "dataset.json's, else other]",
+    )
+    add("--dims", type=int, choices=(2, 3), default=3, help="3D patches or 2D slices (train.py)")
     add("--base-filters", type=cli.at_least(1), default=8, help="the U-Net's first level")
     add("--budget-mib", type=cli.at_least(1), default=2048, help="activation memory per step")
     add("--output", default="plan.json", help="where the plan is written (JSON)")
+    add(
+        "--write",
+        metavar="DIR",
+        help="with mni-wm: first write it resampled to --spacing, cut "
+        f"into {anisotropic.BLOCKS[0] * anisotropic.BLOCKS[1]} cases, as NIfTI in DIR; plan that",
+    )
+    add(
+        "--spacing",
+        type=cli.positive,
+        nargs=3,
+        default=(1.0, 1.0, 3.0),
+        metavar=("X", "Y", "Z"),
+        help="--write: the voxel size, mm",
+    )
     args = parser.parse_args(argv)
+    if args.write and args.folder != "mni-wm":
+        parser.error("--write takes the built-in mni-wm")
     cli.setup()
     try:
-        measured = fingerprint.measure(args.folder)
-        planned = plan.make(measured, args.modality, args.base_filters, args.budget_mib * 2**20)
+        if args.write:
+            names = anisotropic.write_mni(args.write, args.spacing)
+            print(f"written: {len(names)} cases in {args.write}")
+            args.folder = args.write
+        modality = args.modality or auto.dataset_modality(args.folder) or "other"
+        measured = fingerprint.measure_cases(auto.cases(args.folder))
+        budget = args.budget_mib * 2**20
+        planned = plan.make(measured, modality, args.base_filters, budget, args.dims)
         with open(args.output, "w") as file:
             json.dump({"fingerprint": measured, "plan": planned}, file, indent=2)
     except (DataError, ValueError, OSError) as error:

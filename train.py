@@ -43,8 +43,9 @@ import losses
 import unet
 from tp4 import cli
 from tp4.distributed import distribute
-from tp4.images import datasets, figures
+from tp4.images import figures
 from tp4.perf import speed
+from tp4.planning import auto
 from tp4.tracking import runs, store
 from tp4.training import checkpoint, config, crossval, divergence, folds, grid, recipe, resume
 from tp4.training.config import option
@@ -141,8 +142,8 @@ def load_data(config: Config):
     if source:
         print(f"reading and checking {source}", flush=True)
         size = (config.image_size, config.image_size)
-        splits, description, cases = datasets.load_split(
-            source, size, config.seed, config.num_classes
+        splits, description, cases = auto.load_split(
+            config.planned, source, size, config.seed, config.num_classes
         )
     else:
         size = f"{config.image_size}x{config.image_size}"
@@ -227,6 +228,7 @@ def train(config: Config, loaded=None) -> dict:
             classes = {"num_classes": config.num_classes, "output_bias": config.output_bias}
             mlflow.log_params({**unet.describe(model), **classes, **recipe.params(config)})
             mlflow.log_params(description)  # the data: source, split, shape, hash...
+            auto.log(config.planned)  # --plan auto: plan.json and plan_* params
             mlflow.log_input(runs.dataset(description, splits, config.seed), context="training")
             resolved = dataclasses.replace(
                 config, lr=recipe.peak_learning_rate(config), run_name=name
@@ -275,7 +277,7 @@ def train(config: Config, loaded=None) -> dict:
             example = (x_test[:1], probabilities[:1])
             logged_model = runs.log_keras_model(model, example, config.register)
     if config.save_model:
-        cli.save_model(model, config.save_model)
+        cli.save_model(model, config.save_model, auto.model_entries(config.planned))
     recipe.print_results(name, results, len(x_test), config.nsd_tolerance)
     return {**results, **run.location(logged_model)}
 
@@ -321,6 +323,9 @@ def main(argv=None):
             if settings.resume and not settings.grid:  # the grid resumes cell by cell
                 argv = sys.argv[1:] if argv is None else argv
                 settings = resume.configuration(settings, command_line(), argv)
+            if settings.plan == "auto":  # the data's plan, every flag given kept
+                given = config.given(command_line(), sys.argv[1:] if argv is None else argv)
+                settings = auto.configure(settings, given, "image_size")
         settings = distribute.setup(settings)  # multiworker: the chief's configuration everywhere
         if settings.folds is not None or settings.fold is not None:  # tp4/training/crossval.py
             crossval.run(settings, train, load_data, build_model)

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sys
+import zipfile
 
 import tp4
 
@@ -99,9 +100,10 @@ def check_output_file(flag: str, path: str, suffix: str = "") -> None:
         raise ValueError(f"{flag} {path}: {folder} is not a folder this user can write to")
 
 
-def save_model(model, path):
+def save_model(model, path, entries=None):
     """`model` as a .keras file at `path`, written under a temporary name and renamed: a crash never
     leaves half a file where a model is expected, and a failed write (a full disk) leaves none.
+    `entries` ({name: text}) are added to the file's zip (Keras reads only its own): the plan.
 
     Raises:
         OSError: the file cannot be written (one line; the run, logged before, is not touched).
@@ -109,6 +111,9 @@ def save_model(model, path):
     partial = f"{path}.partial.keras"  # Keras wants the suffix
     try:
         model.save(partial)
+        with zipfile.ZipFile(partial, "a") as archive:
+            for name, text in (entries or {}).items():
+                archive.writestr(name, text)
         os.replace(partial, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):

@@ -146,9 +146,15 @@ def _by_key(paths, strip_channel):
     return by_key
 
 
-def load_folder(folder, shape, num_classes=2):
+def percentiles(image, mask, spacing):
+    """The project's preprocessing of a volume: percentiles 0.5-99.5 to [0, 1], its grid kept."""
+    return data.normalize_intensity(image.astype(np.float32)), mask, spacing
+
+
+def load_folder(folder, shape, num_classes=2, prepare=percentiles):
     """Examples fitted to `shape` ((H, W): 2D, (D, H, W): 3D patches) from a dataset folder, checked
-    first; masks hold num_classes classes (2: binary)."""
+    first; masks hold num_classes classes (2: binary); each volume, mask and spacing go through
+    `prepare` first (tp4/planning/auto.py's: resampled and normalized by a plan)."""
     layout, pairs = find_pairs(folder)
     if layout == "images+masks" and len(shape) == 3:
         raise DataError(
@@ -177,15 +183,16 @@ def load_folder(folder, shape, num_classes=2):
                 image.shape, volume.affine, label_volume.affine, image_path, mask_path
             )
         mask = imagefiles.label_map(labels, mask_path, num_classes)
-        image = data.normalize_intensity(image.astype(np.float32))
         shapes.append(image.shape)
         if layout == "images+masks":
+            image = data.normalize_intensity(image.astype(np.float32))
             fitted, transform = geometry.fit(image, shape)
             fitted_mask = geometry.fit(mask, shape, order=0)[0]
             spacing = np.divide(transform.original, transform.scaled)  # 1 px, larger once shrunk
             parts.append((fitted[None, ..., None], fitted_mask[None, ..., None], [case], spacing))
         else:
-            found = volume_examples(image, mask, shape, image_path, volume.spacing)
+            image, mask, spacing = prepare(image, mask, volume.spacing)
+            found = volume_examples(image, mask, shape, image_path, spacing)
             images, masks, _, where, spacing = found
             parts.append((images, masks, [f"{case} {w}" for w in where], spacing))
     names = [imagefiles.stem(mask_path) for _, mask_path in pairs]
@@ -234,18 +241,23 @@ def volume_examples(volume, mask, shape, name, voxel_size=(1.0, 1.0, 1.0)):
     return np.stack(images)[..., None], np.stack(masks)[..., None], np.array(kept), where, spacing
 
 
-def mni_wm(shape):
+def mni_wm_volume():
+    """The `mni-wm` volume as nilearn ships it: (T1 (X, Y, Z), white-matter mask, voxel size mm)."""
+    t1 = nilearn_datasets.load_mni152_template(resolution=MNI_RESOLUTION)
+    wm = nilearn_datasets.load_mni152_wm_template(resolution=MNI_RESOLUTION)
+    mask = (wm.get_fdata(dtype=np.float32) > 0.5).astype(np.float32)
+    return t1.get_fdata(dtype=np.float32), mask, imagefiles.voxel_size_mm(t1)
+
+
+def mni_wm(shape, prepare=percentiles):
     """Built-in `mni-wm`: T1 MNI152 template -> white matter (probability > 0.5), as 2D slices or 3D
-    patches.
+    patches (the volume through `prepare` first).
 
     Groups, the split unit: blocks of SLICE_BLOCK consecutive slices (2D) or slabs one patch deep
     (3D).
     """
-    t1 = nilearn_datasets.load_mni152_template(resolution=MNI_RESOLUTION)
-    wm = nilearn_datasets.load_mni152_wm_template(resolution=MNI_RESOLUTION)
-    volume = data.normalize_intensity(t1.get_fdata(dtype=np.float32))
-    mask = (wm.get_fdata(dtype=np.float32) > 0.5).astype(np.float32)
-    voxel_size = imagefiles.voxel_size_mm(t1)
+    t1, mask, voxel_size = mni_wm_volume()
+    volume, mask, voxel_size = prepare(t1, mask, voxel_size)
     images, masks, positions, where, spacing = volume_examples(
         volume, mask, shape, "mni-wm", voxel_size
     )
@@ -255,24 +267,24 @@ def mni_wm(shape):
     ids = [f"mni-wm {w}" for w in where]
     spacing = np.tile(spacing, (len(images), 1))
     return Examples(
-        images, masks, groups, names, "mni-wm", "builtin", [volume.shape], ids, spacing, "mm"
+        images, masks, groups, names, "mni-wm", "builtin", [t1.shape], ids, spacing, "mm"
     )
 
 
 BUILTIN = {"mni-wm": mni_wm}
 
 
-def load(source, shape, num_classes=2):
+def load(source, shape, num_classes=2, prepare=percentiles):
     """Examples from `source`: a built-in name (BUILTIN) or a dataset folder (write ./mni-wm for a
     folder of that name). `shape` is the network's spatial input: (H, W) or (D, H, W); masks hold
-    num_classes classes, background included."""
+    num_classes classes, background included; volumes go through `prepare` (load_folder's)."""
     if source not in BUILTIN:
-        return load_folder(source, tuple(shape), num_classes)
+        return load_folder(source, tuple(shape), num_classes, prepare)
     if num_classes != 2:
         raise DataError(
             f"{source} has two classes (background and one structure): no --num-classes"
         )
-    return BUILTIN[source](tuple(shape))
+    return BUILTIN[source](tuple(shape), prepare)
 
 
 def split(examples, seed=0, val_fraction=0.15, test_fraction=0.15):
@@ -351,10 +363,10 @@ def split_cases(examples, assignment, name="test"):
     return data.Cases([ids[i] for i in np.flatnonzero(selected)], spacing[selected])
 
 
-def load_split(source, shape, seed=0, num_classes=2):
+def load_split(source, shape, seed=0, num_classes=2, prepare=percentiles):
     """Load, check, split `source` for a network input of spatial `shape`, masks of num_classes
-    classes: (splits, description, test cases)."""
-    examples = load(source, shape, num_classes)
+    classes, volumes through `prepare` (load_folder's): (splits, description, test cases)."""
+    examples = load(source, shape, num_classes, prepare)
     splits, assignment = split(examples, seed)
     return splits, describe(examples, splits, assignment), split_cases(examples, assignment)
 

@@ -28,14 +28,27 @@ def measure(folder: str, seed: int = 0) -> dict:
         DataError: a folder or file that cannot be read (one line naming it).
     """
     _, pairs = datasets.find_pairs(folder)
+    read = ((volumes.read(i), volumes.read(m)) for i, m in pairs)
+    return measure_cases(((i.array, m.array, i.spacing) for i, m in read), seed)
+
+
+def measure_cases(cases, seed: int = 0) -> dict:
+    """The fingerprint of (image, label map, spacing) cases: `measure`'s, from arrays.
+
+    Args:
+        cases: an iterable of (X, Y, Z) image, its (X, Y, Z) label map and its voxel size (mm).
+        seed: of the foreground sample.
+
+    Returns:
+        `measure`'s dict.
+    """
     rng = np.random.default_rng(seed)
     spacings, shapes, samples, counts = [], [], [], {}
-    for image_path, label_path in pairs:
-        image, label = volumes.read(image_path), volumes.read(label_path)
-        spacings.append([float(s) for s in image.spacing])
-        shapes.append(list(image.array.shape))
-        labels = np.rint(label.array).astype(np.int64)
-        foreground = image.array[labels > 0]
+    for image, label, spacing in cases:
+        spacings.append([float(s) for s in spacing])
+        shapes.append(list(image.shape))
+        labels = np.rint(label).astype(np.int64)
+        foreground = image[labels > 0]
         if foreground.size:
             take = min(SAMPLES_PER_CASE, foreground.size)
             samples.append(rng.choice(foreground.ravel(), take, replace=False))
@@ -44,7 +57,7 @@ def measure(folder: str, seed: int = 0) -> dict:
     pooled = np.concatenate(samples) if samples else np.zeros(1)
     total = sum(counts.values())
     return {
-        "cases": len(pairs),
+        "cases": len(shapes),
         "spacings": spacings,
         "shapes": shapes,
         "foreground_percentiles": {

@@ -4,10 +4,15 @@ What this module teaches, the rules nnU-Net (Isensee et al. 2021) applies, in sm
 - target spacing: the median spacing of the cases on each axis; on a very anisotropic axis (more
   than ANISOTROPY times the finest), the 10th percentile instead, no finer than the other axes, so
   that the coarse axis is not interpolated into slices that were never scanned;
-- patch: the median shape at that spacing, cut down (the largest axis first) until one training
+- patch: the median shape at that spacing, rounded up to what the pools divide (datasets.py tiles
+  whole cases, padded to the patch: nnU-Net crops at random, and rounds down), cut down (the
+  largest axis first) until one training
   step's activations (tp4/perf/memory.py counts them on the real network) fit MEMORY_BUDGET with a
   batch of 2; then the batch grows while they still fit;
 - depth: pools until the bottleneck is 4 to 8 voxels along the smallest patch axis;
+- the 2D configuration (train.py, a volume's axial slices) plans in-plane only: the first two axes'
+  target spacing (the slices keep theirs), a square patch (the project's 2D U-Net is square) of
+  the larger median in-plane side, counted on the 2D U-Net;
 - normalization by modality: CT clipped to the foreground's 0.5-99.5 percentiles, then z-scored
   with the foreground's mean and std (the dataset's); anything else: z-score per image.
 """
@@ -35,19 +40,23 @@ def target_spacing(spacings: np.ndarray) -> list[float]:
 
 
 def depth_for(patch) -> int:
-    """Levels (bottleneck included) so that the smallest axis ends at 4 to 8 voxels."""
-    pools = int(np.floor(np.log2(min(patch) / BOTTLENECK)))
-    return max(1, pools + 1)
+    """Levels (bottleneck included) so that the smallest axis ends at 4 to 8 voxels, fewer where
+    an axis is not divisible by every pool (a patch the user chose)."""
+    depth = max(1, int(np.floor(np.log2(min(patch) / BOTTLENECK))) + 1)
+    while depth > 1 and any(int(s) % 2 ** (depth - 1) for s in patch):
+        depth -= 1
+    return depth
 
 
-def _round_down(size, multiple):
-    return max(multiple, int(size) // multiple * multiple)
+def _round_up(size, multiple):
+    return -(-int(size) // multiple) * multiple
 
 
 def step_bytes(patch, base_filters, batch) -> int:
-    """Activation bytes of one training step of the planned U-Net (float32)."""
-    depth = depth_for(patch)
-    model = unet.build_unet3d((*patch, 1), base_filters, depth)
+    """Activation bytes of one training step of the planned U-Net (float32), 2D or 3D by the
+    patch's length."""
+    build = unet.build_unet3d if len(patch) == 3 else unet.build_unet
+    model = build((*patch, 1), base_filters, depth_for(patch))
     return memory.activation_bytes(model, batch)
 
 
@@ -55,33 +64,53 @@ def patch_and_batch(median_shape, base_filters=8, budget=MEMORY_BUDGET):
     """(patch, batch): the median shape cut to the memory budget (largest axis first)."""
     patch = [int(s) for s in median_shape]
     while True:
-        multiple = 2 ** (depth_for(patch) - 1)
-        patch = [_round_down(s, multiple) for s in patch]
+        multiple = 2 ** max(0, int(np.floor(np.log2(min(patch) / BOTTLENECK))))
+        patch = [_round_up(s, multiple) for s in patch]
         if step_bytes(patch, base_filters, MIN_BATCH) <= budget or max(patch) <= 2 * BOTTLENECK:
             break
-        largest = int(np.argmax(patch))
-        patch[largest] = int(patch[largest] * 0.75)
+        if len(patch) == 2:  # the square 2D patch: both sides
+            patch = [int(side * 0.75) for side in patch]
+        else:
+            largest = int(np.argmax(patch))
+            patch[largest] = int(patch[largest] * 0.75)
+    return patch, batch_for(patch, base_filters, budget)
+
+
+def batch_for(patch, base_filters=8, budget=MEMORY_BUDGET) -> int:
+    """The largest batch (MIN_BATCH to MAX_BATCH) whose step's activations fit the budget."""
     batch = MIN_BATCH
     per_example = step_bytes(patch, base_filters, 1)
     while batch < MAX_BATCH and per_example * (batch + 1) <= budget:
         batch += 1
-    return patch, batch
+    return batch
 
 
-def make(fingerprint: dict, modality: str = "other", base_filters: int = 8, budget=MEMORY_BUDGET):
-    """The plan of a fingerprint (fingerprint.measure's): a flat dict, for plan.json and params.
+def make(
+    fingerprint: dict,
+    modality: str = "other",
+    base_filters: int = 8,
+    budget=MEMORY_BUDGET,
+    dims: int = 3,
+) -> dict:
+    """The plan of a fingerprint (fingerprint.measure's): a dict, for plan.json and params.
 
     Args:
         fingerprint: the dataset's measures.
         modality: "CT" (fixed intensity scale: dataset-wide clip and z-score) or anything else.
         base_filters: the U-Net's first level (the memory count depends on it).
         budget: activation bytes per step.
+        dims: 3 (volumes: patches (X, Y, Z)) or 2 (axial slices: a square in-plane patch).
+
+    Returns:
+        target_spacing (mm, one per planned axis: X, Y[, Z]), median_shape, patch, batch_size,
+        depth, normalization, resampling and what they were counted with.
     """
     spacings = np.asarray(fingerprint["spacings"], float)
     shapes = np.asarray(fingerprint["shapes"], float)
-    target = target_spacing(spacings)
-    median_shape = np.median(shapes * spacings / np.asarray(target), axis=0)
-    patch, batch = patch_and_batch(np.round(median_shape), base_filters, budget)
+    target = target_spacing(spacings)[:dims]
+    median_shape = np.median(shapes[:, :dims] * spacings[:, :dims] / np.asarray(target), axis=0)
+    wanted = np.round(median_shape) if dims == 3 else [np.round(median_shape.max())] * 2
+    patch, batch = patch_and_batch(wanted, base_filters, budget)
     stats = fingerprint["foreground_percentiles"]
     if modality.upper() == "CT":
         normalization = {
@@ -101,5 +130,10 @@ def make(fingerprint: dict, modality: str = "other", base_filters: int = 8, budg
         "base_filters": base_filters,
         "step_activation_mib": round(step_bytes(patch, base_filters, batch) / 2**20, 1),
         "normalization": normalization,
-        "resampling": {"images": "third order (spline)", "labels": "nearest"},
+        "dims": dims,
+        "resampling": {
+            "images": "third order (spline)",
+            "labels": "linear on one-hot, then the most probable class",
+            "probabilities back": "linear",
+        },
     }

@@ -104,6 +104,20 @@ class Recipe:
         choices=("synthetic", "mni-wm"),
         group="data",
     )
+    # nnU-Net's plan of the data (tp4/planning): any flag given still wins over it.
+    plan: Literal["none", "auto"] = option(
+        "none",
+        "auto: measure the training volumes (spacings, shapes, intensities) and plan as nnU-Net "
+        "does: resample every case to the target spacing, normalize by modality, choose the "
+        "patch, --batch-size and --depth (python plan.py DIR shows the plan alone)",
+    )
+    modality: str | None = option(
+        None,
+        "--plan auto: CT (clipped to the foreground's 0.5-99.5 percentiles, z-scored with the "
+        "dataset's statistics) or any other (z-score per image) [default: the dataset.json's, "
+        "else other]",
+    )
+    planned: dict | None = option(None, "the plan, once made", flag=False)
     # Evaluation on the test set.
     tta: bool = option(
         False,

@@ -26,6 +26,7 @@ import unet
 from tp4.distributed import distribute
 from tp4.images import datasets, geometry
 from tp4.inference import ensemble
+from tp4.planning import auto
 from tp4.tracking import runs
 from tp4.training import evaluation, folds, recipe
 
@@ -51,7 +52,9 @@ def load_pool(config, load_data):
             description,
         )
     print(f"reading and checking {source}", flush=True)
-    examples = datasets.load(source, (config.image_size,) * 2, config.num_classes)
+    examples = datasets.load(
+        source, (config.image_size,) * 2, config.num_classes, auto.preprocessing(config.planned)
+    )
     splits, assignment = datasets.split(examples, config.seed)
     description = datasets.describe(examples, splits, assignment)
     data.require_foreground(splits, description["data_source"])
@@ -185,6 +188,7 @@ def run(config, train, load_data, build_model) -> dict:
         examples = {"folds": (pool.images, pool.masks), "test": (outer[0], outer[1])}
         mlflow.log_input(runs.dataset(description, examples, config.seed), context="training")
         mlflow.log_dict(fold_list, folds.SPLITS_FILE)
+        auto.log(config.planned)  # --plan auto: the folds' plan, for predict.py's ensemble
         outcomes = [
             train_fold(config, i, fold_list, pool, description, train, name)
             for i in range(len(fold_list))
