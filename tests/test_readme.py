@@ -89,3 +89,8 @@ def test_a_readme_command_runs_or_parses(words, dataset, store, monkeypatch, cap
         module._parser().parse_args(argv)
     else:
         module.parse_args(argv)  # its checks too; a bad flag exits 2
+
+
+def test_the_readme_reads_in_one_sitting():
+    """At most 2,000 words, counted as `wc -w` does: detail goes to REPORT, PERFORMANCE, CLUSTER."""
+    assert len(README.split()) <= 2000
