@@ -40,6 +40,7 @@ from tp4 import cli
 from tp4.images import imagefiles
 from tp4.inference import ensemble, outputs, segment
 from tp4.perf import speed
+from tp4.planning import auto
 
 
 def parse_args(argv=None):
@@ -86,10 +87,12 @@ def parse_args(argv=None):
     return args, parser
 
 
-def segment_file(model, path, output, threshold=0.5, overlap=0.5, tta=False):
-    """Segment one file and write its mask and overlay; returns the mask's foreground fraction."""
+def segment_file(model, path, output, threshold=0.5, overlap=0.5, tta=False, plan=None):
+    """Segment one file and write its mask and overlay; returns the mask's foreground fraction.
+    `plan`: the model's (--plan auto), replayed on the file and undone on its mask."""
     mask_path, overlay_path = outputs.output_paths(output, path)
-    labels, picture, volume, overlay_shows = segment.segment(model, path, threshold, overlap, tta)
+    found = segment.segment(model, path, threshold, overlap, tta, plan)
+    labels, picture, volume, overlay_shows = found
     # A binary mask image is 0/255, visible in any viewer; labels of several classes stay 0..C-1.
     binary_image = volume is None and model.output_shape[-1] == 1
     mask = labels * 255 if binary_image else labels
@@ -117,15 +120,18 @@ def main(argv=None):
         outputs.refuse_shared_outputs(files, args.output)
         outputs.check_output(args.output)  # before the model: loading it can take a while
         model = segment.at_speed(ensemble.load(args.model), args.precision, args.xla)
-    except ValueError as error:
+        plan = auto.model_plan(args.model)  # --plan auto: the training's resampling, replayed
+    except (ValueError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if plan:
+        print(auto.predicting_with(plan))
     if ensemble.size(model) > 1:
         print(f"ensemble of {ensemble.size(model)} models: their probabilities averaged")
     os.makedirs(args.output, exist_ok=True)
     failed = 0
     for path in files:
         try:
-            segment_file(model, path, args.output, args.threshold, args.overlap, args.tta)
+            segment_file(model, path, args.output, args.threshold, args.overlap, args.tta, plan)
         except (
             segment.ModelError
         ) as error:  # a broken model gives nothing useful on the other files either

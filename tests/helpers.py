@@ -2,6 +2,7 @@
 runs of the scripts. Test files import from here, never from each other.
 """
 
+import json
 import locale
 import zlib
 from pathlib import Path
@@ -216,3 +217,22 @@ def log_tiny_model(registered_name=None, output_bias=0.0, seed=0):
             model, (example, model.predict(example, verbose=0)), registered_name
         )
     return model, run.info.run_id, info
+
+
+def write_anisotropic_folder(root, spacings, shape=(32, 32, 8), seed=0, modality=None):
+    """An MSD folder of learnable cases (a bright box on noise) with the given voxel sizes, each
+    axis-aligned (affine diag(spacing)); a dataset.json naming `modality` if given. Returns the
+    image paths."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    paths = []
+    for i, spacing in enumerate(spacings):
+        label = blob(shape, rng)
+        image = (rng.normal(100, 10, shape) + 100.0 * label).astype(np.float32)
+        affine = np.diag([*spacing, 1.0])
+        paths.append(write_volume(root / "imagesTr" / f"case_{i:03d}_0000.nii.gz", image, affine))
+        write_volume(root / "labelsTr" / f"case_{i:03d}.nii.gz", label, affine)
+    if modality:
+        (root / "dataset.json").write_text(json.dumps({"modality": {"0": modality}}))
+    return paths

@@ -2,10 +2,12 @@
 
 import keras
 import mlflow.keras
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import blob, run_predict, write_volume
+from helpers import blob, run_predict, write_anisotropic_folder, write_volume
+from scipy import ndimage
 
 import conv3d
 import unet
@@ -212,3 +214,52 @@ def test_a_dicom_series_an_nrrd_and_an_mha_train_and_predict_on_their_own_grids(
         assert mask.GetSize() == scan.GetSize() and mask.GetPixelID() == sitk.sitkUInt8
         for get in ("GetSpacing", "GetOrigin", "GetDirection"):
             np.testing.assert_allclose(getattr(mask, get)(), getattr(scan, get)(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_plan_auto_trains_on_resampled_cases_and_predicts_back_on_the_input_grid(
+    tmp_path, store, capsys
+):
+    """conv3d.py --plan auto on cases of 1 x 1 x 3 mm and one of 0.5 x 0.5 x 3 mm (resampled to the
+    others'): it learns, logs plan.json and plan_* params (its --batch-size kept), and predict.py
+    with the saved model resamples a 0.5 mm volume to the plan, predicts, and writes the mask on
+    that volume's own grid, equal to the same steps done by hand with scipy."""
+    spacings = [(1.0, 1.0, 3.0)] * 7 + [(0.5, 0.5, 3.0)]
+    write_anisotropic_folder(tmp_path / "data", spacings, seed=2)
+    model_path = tmp_path / "model.keras"
+    conv3d.main(
+        f"--data-dir {tmp_path / 'data'} --plan auto --batch-size 2 --base-filters 8 --epochs 8 "
+        f"--patience 8 --lr 1e-2 --seed 1 --precision float32 --xla off --no-system-metrics "
+        f"--experiment tiny --save-model {model_path}".split()
+    )
+    run = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])[0]
+    planned = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/plan.json")
+    params = run.data.params
+    assert planned["target_spacing"] == [1.0, 1.0, 3.0] and planned["patch"] == [32, 32, 8]
+    assert params["plan_patch"] == "32x32x8" and params["plan_target_spacing"] == "1x1x3"
+    assert params["data_shape"] == "8x32x32x1" and params["batch_size"] == "2"  # the flag kept
+    assert params["plan_batch_size"] == str(planned["batch_size"]) != "2"
+    assert run.data.metrics["test_dice"] > 0.6, run.data.metrics
+
+    rng = np.random.default_rng(5)
+    label = np.zeros((64, 64, 8), np.uint8)
+    label[16:40, 20:48, 2:6] = 1
+    image = (rng.normal(100, 10, label.shape) + 100.0 * label).astype(np.float32)
+    affine = np.diag([0.5, 0.5, 3.0, 1.0])
+    affine[:3, 3] = [10.0, -4.0, 2.0]
+    scan = write_volume(tmp_path / "scan.nii.gz", image, affine)
+    capsys.readouterr()
+    code, out, err = run_predict([str(model_path), str(scan), "--output", str(tmp_path)], capsys)
+    assert code == 0 and "the model's plan: each volume resampled to 1 x 1 x 3 mm" in out[0], err
+    written = nib.load(tmp_path / "scan_mask.nii.gz")
+    assert written.shape == image.shape
+    np.testing.assert_allclose(written.affine, affine)
+    resampled = ndimage.zoom(image, (0.5, 0.5, 1), order=3, grid_mode=True, mode="nearest")
+    normalized = (resampled - resampled.mean()) / resampled.std()
+    model = keras.models.load_model(model_path)
+    network_input = np.moveaxis(normalized, -1, 0)[None, ..., None]  # (D, H, W) = (Z, X, Y)
+    probability = np.moveaxis(model.predict(network_input, verbose=0)[0, ..., 0], 0, -1)
+    back = ndimage.zoom(probability, (2, 2, 1), order=1, grid_mode=True, mode="nearest")
+    reference = (back >= 0.5).astype(np.uint8)
+    mask = np.asarray(written.dataobj)
+    assert np.mean(mask != reference) < 1e-3 and reference.sum() > 0

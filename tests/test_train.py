@@ -3,9 +3,10 @@
 import keras
 import mlflow
 import mlflow.keras
+import nibabel as nib
 import numpy as np
 import pytest
-from helpers import TINY
+from helpers import TINY, run_predict, write_anisotropic_folder, write_volume
 
 import conv3d
 import data
@@ -358,3 +359,33 @@ def test_deep_supervision_and_residual_encoder_log_a_one_output_model(store, tmp
         assert model.count_params() == int(p["n_params"]) - 17
     dice = [m.value for m in store.get_metric_history(run.info.run_id, "dice")]
     assert len(dice) == results["epochs_run"] and 0 <= results["test_dice"] <= 1
+
+
+@pytest.mark.slow
+def test_plan_auto_plans_in_plane_logs_the_plan_and_predict_replays_it_from_the_run(
+    store, tmp_path, capsys
+):
+    """train.py --plan auto on axial slices: the plan is in-plane (spacing and a square patch, as
+    nnU-Net's 2D configuration), --batch-size given wins, plan.json and plan_* params are logged,
+    and predict.py given the run's model (runs:/) resamples a coarser volume to the plan and
+    writes its mask on that volume's own grid."""
+    paths = write_anisotropic_folder(tmp_path / "data", [(1.0, 1.0, 3.0)] * 4, (24, 24, 6))
+    argv = f"--data-dir {tmp_path / 'data'} --plan auto --batch-size 4 --base-filters 8 --epochs 1"
+    train.main(argv.split() + "--seed 1 --experiment tiny --precision float32 --xla off".split())
+    run = _only_run(store)
+    params = run.data.params
+    assert (params["plan_target_spacing"], params["plan_patch"]) == ("1x1", "24x24")
+    assert params["data_shape"] == "24x24x1" and params["batch_size"] == "4"
+    assert params["plan_batch_size"] == "16" and params["depth"] == params["plan_depth"]
+    planned = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/plan.json")
+    assert planned["dims"] == 2 and planned["chosen_image_size"] == 24
+    coarse = np.asarray(nib.load(paths[0]).dataobj)[::2, ::2]  # 12 x 12 voxels of 2 mm
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    scan = write_volume(tmp_path / "coarse.nii.gz", coarse, affine)
+    capsys.readouterr()
+    model = f"runs:/{run.info.run_id}/model"
+    code, out, err = run_predict([model, str(scan), "--output", str(tmp_path / "out")], capsys)
+    assert code == 0 and "resampled to 1 x 1 mm" in out[0], err
+    written = nib.load(tmp_path / "out" / "coarse_mask.nii.gz")
+    assert written.shape == coarse.shape
+    np.testing.assert_allclose(written.affine, affine)

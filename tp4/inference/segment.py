@@ -33,6 +33,7 @@ from tp4.images.imagefiles import DataError
 from tp4.inference import onnxnetwork
 from tp4.models import batchnorm  # noqa: F401 (registers the fused batch norm, for saved models)
 from tp4.perf import speed
+from tp4.planning import auto
 
 # Images per predict call (2D), patches per call (3D sliding windows).
 BATCH_2D, BATCH_3D = 8, 4
@@ -166,13 +167,22 @@ def segment_image(model, image, threshold=0.5, tta=False, name="the image"):
     return metrics.label_map(probabilities, threshold), image
 
 
-def segment_volume(model, volume, threshold=0.5, overlap=0.5, tta=False, name="the volume"):
+def segment_volume(
+    model, volume, threshold=0.5, overlap=0.5, tta=False, name="the volume", plan=None, spacing=None
+):
     """(uint8 labels (X, Y, Z), normalized volume) of a volume (X, Y, Z) of raw intensities:
     normalized per volume as in training (datasets.py), then segment_image's steps, slice by slice
-    (2D model) or by sliding windows (3D model)."""
-    volume = data.normalize_intensity(volume.astype(np.float32))
-    probabilities = finite(predict_volume(model, volume, overlap, tta), name)
-    return metrics.label_map(probabilities, threshold), volume
+    (2D model) or by sliding windows (3D model). A model trained with a `plan` (--plan auto)
+    predicts on the volume resampled and normalized by it (voxels of `spacing`), and its
+    probabilities come back to the volume's grid (tp4/planning/auto.py)."""
+    normalized = data.normalize_intensity(volume.astype(np.float32))
+    if plan:
+        probabilities = auto.predict_planned(
+            lambda v: predict_volume(model, v, overlap, tta), volume, spacing, plan
+        )
+    else:
+        probabilities = predict_volume(model, normalized, overlap, tta)
+    return metrics.label_map(finite(probabilities, name), threshold), normalized
 
 
 def overlay_slice(labels: np.ndarray) -> int:
@@ -193,8 +203,8 @@ class Segmentation(NamedTuple):
     overlay_shows: str
 
 
-def segment(model, path, threshold=0.5, overlap=0.5, tta=False) -> Segmentation:
-    """The Segmentation of one file or DICOM series folder."""
+def segment(model, path, threshold=0.5, overlap=0.5, tta=False, plan=None) -> Segmentation:
+    """The Segmentation of one file or DICOM series folder (`plan`: the model's, if it has one)."""
     channels = model.input_shape[-1]
     if not imagefiles.suffix(path) and os.path.isfile(path):
         raise DataError(
@@ -202,15 +212,18 @@ def segment(model, path, threshold=0.5, overlap=0.5, tta=False) -> Segmentation:
             "one DICOM series)"
         )
     if not volumes.is_volume(path):
-        if len(model.input_shape) == 5:
-            raise DataError(f"{path} is a 2D image: a 3D model segments volumes")
+        if len(model.input_shape) == 5 or plan:
+            kind = "a 3D model" if len(model.input_shape) == 5 else "a model planned on volumes"
+            raise DataError(f"{path} is a 2D image: {kind} segments volumes")
         image = imagefiles.read_image(path, channels)
         labels, image = segment_image(model, image, threshold, tta, path)
         return Segmentation(labels, figures.overlay(image, labels), None, "")
     scan = volumes.read(path)  # in RAS, as in training (datasets.py)
     if channels != 1:
         raise DataError(f"{path} is a single-channel volume, the model takes {channels} channels")
-    labels, volume = segment_volume(model, scan.array, threshold, overlap, tta, path)
+    labels, volume = segment_volume(
+        model, scan.array, threshold, overlap, tta, path, plan, scan.spacing
+    )
     z = overlay_slice(labels)
     # rot90: array rows are X (towards the patient's right, RAS): anterior up, the patient's right
     # on the right

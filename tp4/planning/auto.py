@@ -183,6 +183,22 @@ def model_entries(planned: dict | None) -> dict:
     return {PLAN_FILE: json.dumps(planned, indent=2)} if planned else {}
 
 
+def predict_planned(predict, volume, spacing, planned: dict) -> np.ndarray:
+    """Probabilities (X, Y, Z, classes) of a raw volume on its own grid, by a model trained on the
+    plan: the volume resampled to the target spacing and normalized as in training, `predict`ed
+    there, the probabilities resampled back (linearly) to the volume's exact shape.
+
+    Args:
+        predict: normalized (X, Y, Z) volume -> its probabilities (X, Y, Z, classes).
+        volume: (X, Y, Z) raw intensities; spacing: its voxel size (mm).
+        planned: the plan the model was trained with.
+    """
+    target = target_of(planned, spacing)
+    resampled = preprocess.resample(np.asarray(volume, np.float32), spacing, target)
+    probabilities = predict(preprocess.normalize(resampled, planned["normalization"]))
+    return preprocess.resample(probabilities, target, spacing, shape=volume.shape, order=1)
+
+
 def model_plan(location: str) -> dict | None:
     """The plan a model was trained with (None: trained without one).
 
@@ -198,11 +214,26 @@ def model_plan(location: str) -> dict | None:
         return None
     if not location.startswith(("runs:/", "models:/")):
         return None
-    if location.startswith("runs:/"):
-        run_id = location.removeprefix("runs:/").split("/")[0]
-    else:
-        run_id = mlflow.models.get_model_info(location).run_id
-    if not run_id:
-        return None
-    names = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id)]
-    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{PLAN_FILE}") if PLAN_FILE in names else None
+    try:
+        if location.startswith("runs:/"):
+            run_id = location.removeprefix("runs:/").split("/")[0]
+        else:
+            run_id = mlflow.models.get_model_info(location).run_id
+        if not run_id:
+            return None
+        names = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id)]
+        if PLAN_FILE not in names:
+            return None
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{PLAN_FILE}")
+    except Exception as error:  # MLflow raises several types for a store or a model it lacks
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{location}: cannot read the model's plan ({first})") from None
+
+
+def predicting_with(planned: dict) -> str:
+    """One line: how predict.py replays a plan."""
+    spacing = " x ".join(f"{s:g}" for s in planned["target_spacing"])
+    return (
+        f"the model's plan: each volume resampled to {spacing} mm and normalized "
+        f"({planned['normalization']['scheme']}), its mask resampled back onto the volume's grid"
+    )
