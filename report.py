@@ -21,6 +21,8 @@ and an end mark:
     <!-- report.py tp4-grid --params loss,optimizer -->
     | run | loss | ... (replaced by --update)
     <!-- end report -->
+
+A marked table of an experiment the store lacks (made from another store) is kept as it is.
 """
 
 import re
@@ -142,14 +144,22 @@ MARKED = re.compile(
 
 
 def update_file(path):
-    """Regenerate every marked table of a Markdown file in place; returns how many it did."""
+    """Regenerate every marked table of a Markdown file in place.
+
+    Returns:
+        (how many tables it regenerated, the experiments whose tables it kept as they were: the
+        store has no such experiment, so they came from another store).
+    """
     with open(path) as f:
         text = f.read()
-    count = 0
+    count, kept = 0, []
 
     def regenerate(match):
         nonlocal count
         args = _parser().parse_args(shlex.split(match["args"]))
+        if MlflowClient().get_experiment_by_name(args.experiment) is None:
+            kept.append(args.experiment)
+            return match.group(0)
         count += 1
         if args.cv:
             table = cv_table(args.experiment, _items(args.params))
@@ -162,7 +172,7 @@ def update_file(path):
     text = MARKED.sub(regenerate, text)
     with open(path, "w") as f:
         f.write(text)
-    return count
+    return count, kept
 
 
 def cases_table(run_id):
@@ -239,7 +249,8 @@ def _parser():
         "--update",
         nargs="+",
         metavar="MARKDOWN",
-        help="regenerate the marked tables of these files",
+        help="regenerate the marked tables of these files (a table of an experiment this store "
+        "lacks is kept as it is, said in one line)",
     )
     return parser
 
@@ -257,7 +268,11 @@ def main(argv=None):
             print(f"{uri}: version {version}, from run {args.promote[0]}")
         elif args.update:
             for path in args.update:
-                print(f"{path}: {update_file(path)} tables regenerated")
+                count, kept = update_file(path)
+                print(f"{path}: {count} tables regenerated")
+                if kept:  # tables made from another store (an earlier session's, a server's)
+                    names = ", ".join(kept)
+                    print(f"{path}: kept as they were (no such experiment here): {names}")
         elif args.experiment and args.cv:
             print(cv_table(args.experiment, _items(args.params)))
         elif args.experiment:

@@ -43,7 +43,7 @@ def test_update_regenerates_marked_tables_and_leaves_the_rest(demo_runs):
     path = demo_runs / "README.md"
     marker = "<!-- report.py demo --params loss --metrics test_dice -->"
     path.write_text(f"intro\n{marker}\nstale\n<!-- end report -->\nend\n")
-    assert report.update_file(path) == 1
+    assert report.update_file(path) == (1, [])
     assert path.read_text() == (
         "intro\n<!-- report.py demo --params loss --metrics test_dice -->\n"
         "| run | dataset | loss | test_dice |\n|---|---|---|---|\n| b | scans | BCELoss | 0.900 |\n"
@@ -51,9 +51,28 @@ def test_update_regenerates_marked_tables_and_leaves_the_rest(demo_runs):
     )
 
 
-def test_update_with_an_unknown_experiment_leaves_the_file_untouched(demo_runs):
+def test_update_keeps_the_table_of_an_experiment_this_store_lacks_and_says_so(demo_runs, capsys):
     path = demo_runs / "REPORT.md"
-    text = "<!-- report.py missing -->\nold\n<!-- end report -->\n"
+    elsewhere = "<!-- report.py from-another-store --cv -->\n| old | table |\n<!-- end report -->\n"
+    path.write_text(
+        f"{elsewhere}<!-- report.py demo --metrics test_dice -->\nstale\n<!-- end report -->\n"
+    )
+    report.main(["--update", str(path)])
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}: 1 tables regenerated",
+        f"{path}: kept as they were (no such experiment here): from-another-store",
+    ]
+    text = path.read_text()
+    assert text.startswith(elsewhere) and "| b | scans | 0.900 |" in text and "stale" not in text
+
+
+def test_update_with_an_experiment_without_finished_runs_leaves_the_file_untouched(demo_runs):
+    mlflow.set_experiment("only-failed")
+    with mlflow.start_run(run_name="crashed"):
+        mlflow.end_run("FAILED")
+    path = demo_runs / "REPORT.md"
+    demo = "<!-- report.py demo -->\nold\n<!-- end report -->\n"
+    text = demo + "<!-- report.py only-failed -->\n<!-- end report -->\n"
     path.write_text(text)
     with pytest.raises(SystemExit) as exit_info:
         report.main(["--update", str(path)])
