@@ -219,6 +219,7 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
         system_metrics=not config.no_system_metrics,
     )
     with tracked as run, distribute.lost_workers(config):  # a lost worker: one line, run FAILED
+        mlflow.set_tag("speed_choice", config.speed_choice)  # this process's, resumed or not
         if not config.resume:  # a resumed run logged them when it started
             architecture = {"architecture": "UNet2D on slices"} if config.slices else {}
             mlflow.log_params({**unet.describe(model), **architecture, **recipe.params(config)})

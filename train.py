@@ -224,6 +224,7 @@ def train(config: Config, loaded=None) -> dict:
         system_metrics=not config.no_system_metrics,
     )
     with tracked as run, distribute.lost_workers(config):  # a lost worker: one line, run FAILED
+        mlflow.set_tag("speed_choice", config.speed_choice)  # this process's, resumed or not
         if not config.resume:  # a resumed run logged them when it started
             classes = {"num_classes": config.num_classes, "output_bias": config.output_bias}
             mlflow.log_params({**unet.describe(model), **classes, **recipe.params(config)})

@@ -132,6 +132,7 @@ def test_tracked_3d_training_learns_and_logs_like_train_py(store):
     assert run.info.run_name == "Conv3D_Baseline" and run.info.status == "FINISHED"
     params = run.data.params
     assert params["architecture"] == "UNet3D" and params["data_shape"] == "8x32x32x1"
+    assert run.data.tags["speed_choice"] == "float32, XLA off (as asked)"
     dice = [m.value for m in store.get_metric_history(run.info.run_id, "dice")]
     assert len(dice) == results["epochs_run"] and dice[-1] > dice[0] + 0.2, dice
     assert run.data.metrics["test_dice"] == pytest.approx(results["test_dice"])

@@ -177,6 +177,8 @@ def test_auto_precision_and_xla_are_measured_once_printed_and_logged(
     assert " parameters, bfloat16, XLA off" in out  # the run's header line
     run = _only_run(store)
     assert (run.data.params["precision"], run.data.params["xla"]) == ("bfloat16", "False")
+    # The printed reasons are the run's too.
+    assert run.data.tags["speed_choice"].startswith("bfloat16, XLA off (bfloat16 convolutions 4.0x")
     assert run.info.status == "FINISHED"
 
 

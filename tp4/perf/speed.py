@@ -178,14 +178,14 @@ def _warn_if_busy():
         )
 
 
-def choose(
+def decide(
     precision: str,
     xla: str | bool,
     build: Callable[[], keras.Model],
     batch: int,
     measure: Callable[[list[Choice], Callable, int], dict] | None = None,
     speedup: Callable[[], float] | None = None,
-) -> Choice:
+) -> tuple[Choice, str]:
     """Resolve `auto` in --precision and --xla for training the model `build()` makes at `batch`.
 
     Explicit values are returned as given. Otherwise the hardware's rules decide first: XLA is a
@@ -204,11 +204,12 @@ def choose(
         speedup: bfloat16's convolution speed over float32's [default: bfloat16_speedup].
 
     Returns:
-        The Choice.
+        The Choice, and why: its label with the reasons, the printed line's (runs log it).
     """
     xla_options = (False, True) if xla == "auto" else (xla in ("on", True),)
     if precision != "auto" and len(xla_options) == 1:
-        return Choice(precision, xla_options[0])
+        choice = Choice(precision, xla_options[0])
+        return choice, f"{choice.label} (as asked)"
     found, why = hardware.machine(), []
     if len(xla_options) == 2 and not hardware.xla_can_win(found):
         xla_options = (False,)
@@ -226,8 +227,14 @@ def choose(
         why.append(measured)
     else:
         best = candidates[0]
-    print(f"precision and XLA for this machine: {best.label} ({'; '.join(why)})")
-    return best
+    line = f"{best.label} ({'; '.join(why)})"
+    print(f"precision and XLA for this machine: {line}")
+    return best, line
+
+
+def choose(*args, **kwargs) -> Choice:
+    """decide's Choice alone (same arguments)."""
+    return decide(*args, **kwargs)[0]
 
 
 def _probe(found, candidates, build, batch, measure):

@@ -151,6 +151,7 @@ class Recipe:
         metavar="N",
     )
     replicas: int = option(1, "replicas of the strategy, once started", flag=False)
+    speed_choice: str = option("", "precision and XLA as chosen, with why", flag=False)
     # The MLflow run.
     experiment: str = option("tp4-unet", "MLflow experiment name")
     run_name: str | None = option(

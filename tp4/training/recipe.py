@@ -80,18 +80,18 @@ def inference_model(model: keras.Model) -> keras.Model:
 
 
 def choose_speed(config, build: Callable[[], keras.Model]):
-    """`config` with its precision and XLA setting resolved for this machine (speed.choose: `auto`
+    """`config` with its precision and XLA setting resolved for this machine (speed.decide: `auto`
     by the hardware's rules, measured on the model `build()` makes at the batch size where they
-    cannot decide, and cached) and its replicas set.
+    cannot decide, and cached), why (`speed_choice`, for the run's tag) and its replicas set.
     Call it before seeding. Under a strategy: XLA off, the precision measured on one replica (the
     chief's choice for all)."""
     config = distribute.with_replicas(config)
     xla = "off" if config.strategy != "none" else config.xla
-    precision, xla = multiworker.from_chief(
+    (precision, xla), why = multiworker.from_chief(
         distribute.strategy(config),
-        lambda: speed.choose(config.precision, xla, build, config.batch_size),
+        lambda: speed.decide(config.precision, xla, build, config.batch_size),
     )
-    return dataclasses.replace(config, precision=precision, xla=xla)
+    return dataclasses.replace(config, precision=precision, xla=xla, speed_choice=why)
 
 
 def epoch_size(n_train: int, config) -> tuple[int, int]:

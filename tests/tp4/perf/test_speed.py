@@ -80,6 +80,7 @@ def test_explicit_values_are_taken_as_given_without_measuring(on):
     on(XEON)
     assert speed.choose("float16", "on", _build, 8, refuse, refuse) == Choice("float16", True)
     assert speed.choose("bfloat16", False, _build, 8, refuse, refuse) == Choice("bfloat16", False)
+    assert speed.decide("float32", "off", _build, 8)[1] == "float32, XLA off (as asked)"
 
 
 @pytest.mark.parametrize(
@@ -95,12 +96,13 @@ def test_on_an_avx512_cpu_no_xla_and_bfloat16_only_if_clearly_faster_nothing_tim
         asked.append(1)
         return speedup
 
-    assert speed.choose("auto", "auto", _build, 8, refuse, measured) == expected
-    out = capsys.readouterr().out.strip()
-    assert out == (
-        f"precision and XLA for this machine: {expected.label} (XLA never won on CPUs with "
+    choice, why = speed.decide("auto", "auto", _build, 8, refuse, measured)
+    assert choice == expected
+    assert why == (
+        f"{expected.label} (XLA never won on CPUs with "
         f"AVX-512; bfloat16 convolutions {speedup:.1f}x float32's here, measured now)"
     )
+    assert capsys.readouterr().out.strip() == f"precision and XLA for this machine: {why}"
     # The convolution's speed is cached per machine: another model or batch does not time it again.
     build = lambda: unet.build_unet((32, 32, 1), 4, 2)  # noqa: E731
     assert speed.choose("auto", "auto", build, 4, refuse, refuse) == expected
