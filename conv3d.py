@@ -21,6 +21,7 @@ The 3D U-Net is unet.build_unet3d: unet.py's blocks with Conv3D layers.
     python conv3d.py --precision bfloat16  # the same training in mixed bfloat16 (auto: fastest)
     python conv3d.py --skip-training       # the Exercise 3 demo: architecture and memory tables
     python conv3d.py --dataset mni-wm      # white matter in 3D patches of a real T1 MRI (MNI152)
+    python conv3d.py --folds 5             # 5-fold cross-validation by volume, nested MLflow runs
 """
 
 # First, before anything loads TensorFlow: its start-up notices filtered out (tp4/startup.py).
@@ -44,14 +45,15 @@ from tp4.images import figures
 from tp4.perf import memory, speed
 from tp4.planning import auto
 from tp4.tracking import runs, store
-from tp4.training import checkpoint, config, divergence, recipe, resume
+from tp4.training import checkpoint, config, crossval, divergence, folds, recipe, resume
 from tp4.training.config import default_of, option
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(config.Recipe):
+class Config(folds.Settings, config.Recipe):
     """conv3d.py's settings. With the recipe's (tp4/training/config.py), whose defaults change here
-    for a few epochs of a small 3D U-Net."""
+    for a few epochs of a small 3D U-Net, and cross-validation's (tp4/training/folds.py: its cases
+    are volumes)."""
 
     n_volumes: int = option(40, "synthetic volumes (split 70/15/15)", type=cli.at_least(1))
     shape: tuple[int, int, int] = option(
@@ -97,7 +99,23 @@ def command_line() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> Config:
     """The configuration of a command line; a contradiction is refused by argparse (exit 2)."""
-    return config.parse(Config, command_line(), argv, xla_flags=("xla", "slice_xla"))
+    parser = command_line()
+    settings = config.parse(Config, parser, argv, xla_flags=("xla", "slice_xla"))
+    if cross_validation(settings):
+        if settings.compare_2d or settings.skip_training or settings.save_model:
+            parser.error(
+                "--folds and --fold train K 3D models: not with --compare-2d, --skip-training "
+                "or --save-model"
+            )
+        if settings.resume and settings.fold is None:
+            parser.error("--resume continues one fold's run: --resume RUN_ID of that fold")
+    if settings.splits and not cross_validation(settings):
+        parser.error("--splits goes with --folds or --fold")
+    return settings
+
+
+def cross_validation(settings: Config) -> bool:
+    return settings.folds is not None or settings.fold is not None
 
 
 def load_volumes(config: Config):
@@ -149,9 +167,9 @@ def build_2d(config: Config, output_bias=0.0) -> keras.Model:
     )
 
 
-def train3d(config: Config, memory_rows=None, loaded=None) -> dict:
+def train3d(config: Config, loaded=None, memory_rows=None) -> dict:
     """A tracked 3D training run (same MLflow conventions as train.py); `loaded`: load_volumes'
-    result if done already."""
+    result if done already (or a fold's)."""
     splits, description, test_cases = loaded or load_volumes(config)
     tables = {"memory_levers.json": {"rows": memory_rows}} if memory_rows else {}
     return fit_and_log(config, build_3d, splits, description, test_cases, tables)
@@ -314,6 +332,12 @@ def main(argv=None):
             given = config.given(command_line(), sys.argv[1:] if argv is None else argv)
             settings = auto.configure(settings, given, "shape")
         settings = distribute.setup(settings)  # multiworker: the chief's configuration everywhere
+        if cross_validation(settings):  # tp4/training/crossval.py; a fold's --resume too
+            crossval.run(settings, train3d, load_volumes, build_3d)
+            if chief:
+                print(f"\nnext: {cli.script('report.py')} {settings.experiment} --cv")
+            distribute.wait_for_the_chief(settings)
+            return
         if settings.resume:  # only the interrupted run (its config.json says which of the two)
             outcome = train_on_slices(settings) if settings.slices else train3d(settings)
         else:
@@ -321,7 +345,7 @@ def main(argv=None):
             rows = print_tables(settings) if chief else None
             if settings.skip_training:
                 return
-            outcome = train3d(settings, rows, loaded)
+            outcome = train3d(settings, loaded, rows)
             if settings.compare_2d:
                 slices = train_on_slices(settings, loaded)
                 print(

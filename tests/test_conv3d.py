@@ -182,6 +182,40 @@ def test_3d_deep_supervision_and_residual_encoder_train_and_log_one_output(store
 
 
 @pytest.mark.slow
+def test_3d_cross_validation_folds_whole_volumes_under_one_parent(store):
+    conv3d.main(
+        "--n-volumes 12 --shape 8 32 32 --depth 2 --epochs 1 --seed 3 --precision float32 "
+        "--xla off --no-system-metrics --folds 2".split()
+    )
+    everything = store.search_runs([store.get_experiment_by_name("tp4-conv3d").experiment_id])
+    (parent,) = [r for r in everything if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in everything if r is not parent]
+    assert parent.info.run_name.endswith("_cv2") and parent.data.params["architecture"] == "UNet3D"
+    assert len(children) == 2 and {r.info.status for r in everything} == {"FINISHED"}
+    assert {r.data.params["data_shape"] for r in children} == {"8x32x32x1"}
+    dice = [r.data.metrics["test_dice"] for r in children]
+    assert parent.data.metrics["test_dice_mean"] == pytest.approx(np.mean(dice))
+    oof = mlflow.artifacts.load_dict(f"{parent.info.artifact_uri}/oof_cases.json")
+    # The 10 training + validation volumes of the 12 (8/2/2), each held out once, whole.
+    assert sorted(row[1] for row in oof["data"]) == [f"case_{i:03d}" for i in range(10)]
+
+
+def test_3d_cross_validation_refuses_what_trains_other_models_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        conv3d.parse_args(["--folds", "--compare-2d"])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith(
+            "--folds and --fold train K 3D models: not with --compare-2d, --skip-training or "
+            "--save-model"
+        )
+    )
+
+
+@pytest.mark.slow
 def test_a_dicom_series_an_nrrd_and_an_mha_train_and_predict_on_their_own_grids(
     tmp_path, store, capsys
 ):

@@ -95,4 +95,9 @@ def fold_model_uris(parent_run_id: str, client: MlflowClient | None = None) -> l
     children = sorted(children, key=lambda run: int(run.data.params.get("cv_fold", 0)))
     if not children:
         raise ValueError(f"run {parent_run_id} has no finished fold runs (train.py --folds K)")
-    return [run.data.tags.get("model_uri", f"runs:/{run.info.run_id}/model") for run in children]
+    return [model_uri(run) for run in children]
+
+
+def model_uri(run) -> str:
+    """The model a fold's run logged: its `model_uri` tag (runs:/<id>/model where it lacks one)."""
+    return run.data.tags.get("model_uri", f"runs:/{run.info.run_id}/model")

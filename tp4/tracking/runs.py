@@ -16,13 +16,16 @@
   answer any more, the model is saved in the run's folder instead, with a line saying how to send
   it all later;
 - `dataset(...)`: the data a run trained on as an MLflow dataset (`mlflow.log_input`): the runs
-  table's Dataset column tells runs of the same recipe on other data apart.
+  table's Dataset column tells runs of the same recipe on other data apart;
+- `nested_under(parent_run_id)`: the runs started inside it are nested under a run that no
+  process has active (a cross-validation's parent, whose folds train on other machines).
 
 The store is MLflow's default (SQLite `mlflow.db` in the working directory) unless
 MLFLOW_TRACKING_URI says otherwise (store.py makes it ready).
 """
 
 import contextlib
+import contextvars
 import os
 import shutil
 import signal
@@ -185,6 +188,20 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+_PARENT = contextvars.ContextVar("parent_run_id", default=None)
+
+
+@contextlib.contextmanager
+def nested_under(parent_run_id: str | None):
+    """The runs tracked_run starts inside this block are nested under `parent_run_id` (its
+    `mlflow.parentRunId` tag), a run no process has active; None: as outside the block."""
+    token = _PARENT.set(parent_run_id)
+    try:
+        yield
+    finally:
+        _PARENT.reset(token)
+
+
 @contextlib.contextmanager
 def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_metrics=True):
     """Start a run in `experiment` (or continue `run_id`, on the same `data` as it started with:
@@ -207,6 +224,7 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_met
             tags=liveness.process_tags(),
             log_system_metrics=system_metrics,
             nested=mlflow.active_run() is not None,  # a fold's run, inside cross-validation's
+            parent_run_id=None if run_id else _PARENT.get(),  # or under one of another process
         )
     except Exception as error:  # MLflow raises many types here (HTTP, SQL, permissions)
         owned.close()

@@ -10,8 +10,10 @@ What this module teaches:
 - the usual test split stays out of every fold: the K models' ensemble (their mean probability,
   tp4/inference/ensemble.py) is scored there (`ensemble_test_*`), beside each model alone
   (`single_test_*_mean`, `_std`), which says what the ensemble adds;
-- `--fold I` trains one fold alone (N machines, one fold each: same --seed, same folds), and
-  `--resume RUN_ID` continues one fold's run.
+- `--fold I` trains one fold alone (N machines, one fold each: same --seed, same folds), nested
+  under the parent of its cross-validation, and `--resume RUN_ID` continues one fold's run; the
+  last fold to finish writes the parent's summary (cvparent.py);
+- 2D images (train.py) and 3D volumes (conv3d.py) alike: the network's input says the patch.
 """
 
 import dataclasses
@@ -28,17 +30,18 @@ from tp4.images import datasets, geometry
 from tp4.inference import ensemble
 from tp4.planning import auto
 from tp4.tracking import runs
-from tp4.training import evaluation, folds, recipe
+from tp4.training import cvparent, evaluation, folds, recipe
 
 
 def _source(config):
     return config.data_dir or (None if config.dataset == "synthetic" else config.dataset)
 
 
-def load_pool(config, load_data):
+def load_pool(config, load_data, shape):
     """(pool of the folds, outer test split (images, masks, cases), description): the examples of
     the usual training and validation splits pooled with their cases; synthetic scans are their
-    own cases (case_000, ...), real examples keep their scan's (datasets' groups)."""
+    own cases (case_000, ...), real examples keep their scan's (datasets' groups), cut to the
+    network's spatial `shape` ((H, W) slices or (D, H, W) patches)."""
     source = _source(config)
     if not source:
         splits, description, _ = load_data(config)
@@ -52,9 +55,8 @@ def load_pool(config, load_data):
             description,
         )
     print(f"reading and checking {source}", flush=True)
-    examples = datasets.load(
-        source, (config.image_size,) * 2, config.num_classes, auto.preprocessing(config.planned)
-    )
+    classes = getattr(config, "num_classes", 2)  # conv3d.py's masks are binary
+    examples = datasets.load(source, shape, classes, auto.preprocessing(config.planned))
     splits, assignment = datasets.split(examples, config.seed)
     description = datasets.describe(examples, splits, assignment)
     data.require_foreground(splits, description["data_source"])
@@ -77,8 +79,8 @@ def load_pool(config, load_data):
 
 def train_fold(config, index, fold_list, pool, description, train, name):
     """Train fold `index` with the script's `train(config, loaded)`, in a run named
-    `{name}_fold{index}` (nested under the active run, if any); returns its results and its
-    held-out per-case table."""
+    `{name}_fold{index}` (nested under the active run or runs.nested_under's); returns its
+    results."""
     splits, cases = pool.split(folds.assignment(fold_list[index], config.seed))
     counts = "/".join(str(len(images)) for images, _ in splits.values())
     fold_description = {**description, "data_split": counts, "cv_fold": index}
@@ -89,8 +91,7 @@ def train_fold(config, index, fold_list, pool, description, train, name):
     print(f"\nfold {index} of {len(fold_list)}: {counts} train/val/held-out examples", flush=True)
     results = train(fold_config, (splits, fold_description, cases))
     MlflowClient().log_dict(results["run_id"], fold_list, folds.SPLITS_FILE)
-    table = mlflow.artifacts.load_dict(f"runs:/{results['run_id']}/test_cases.json")
-    return results, table
+    return results
 
 
 def summary(fold_results: list[dict]) -> dict[str, float]:
@@ -161,48 +162,86 @@ def print_table(name, fold_results, scores):
     )
 
 
+def log_parent(config, model, description, pool, outer, fold_list, cv_key) -> None:
+    """The parent's params (architecture, recipe, data), dataset, splits.json and plan, logged to
+    the active run; its `cv_key` tag lets the folds of other machines find it."""
+    mlflow.set_tag(cvparent.KEY_TAG, cv_key)
+    mlflow.log_params({**unet.describe(model), **recipe.params(config), **description})
+    mlflow.log_param("cv_folds", len(fold_list))
+    examples = {"folds": (pool.images, pool.masks), "test": (outer[0], outer[1])}
+    mlflow.log_input(runs.dataset(description, examples, config.seed), context="training")
+    mlflow.log_dict(fold_list, folds.SPLITS_FILE)
+    auto.log(config.planned)  # --plan auto: the folds' plan, for predict.py's ensemble
+
+
+def write_summary(config, parent_id, fold_runs, outer) -> dict:
+    """The summary of the parent run `parent_id` from its K FINISHED fold runs (in fold order):
+    mean and std of the test metrics, the out-of-fold table, the ensemble on the outer test split;
+    logged to the parent and printed. Returns the parent's metrics."""
+    client = MlflowClient()
+    fold_results = [run.data.metrics for run in fold_runs]
+    scores = summary(fold_results)
+    uris = [ensemble.model_uri(run) for run in fold_runs]
+    scores.update(ensemble_scores(config, uris, outer))
+    for key, value in scores.items():
+        client.log_metric(parent_id, key, value)
+    tables = [
+        mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/test_cases.json") for run in fold_runs
+    ]
+    client.log_dict(parent_id, out_of_fold(tables), "oof_cases.json")
+    print_table(client.get_run(parent_id).info.run_name, fold_results, scores)
+    return scores
+
+
 def run(config, train, load_data, build_model) -> dict:
     """Cross-validate the script's `train(config, loaded)`: every fold in nested runs under one
-    parent run (its summary logged there), or the one fold of --fold.
+    parent run (its summary logged there), or the one fold of --fold (nested under the parent of
+    its cross-validation, found or created; the parent summarized once all K folds finished).
 
     Returns:
         The parent's metrics and where it is (run_id, experiment_id); with --fold, the fold's
         results.
     """
-    pool, outer, description = load_pool(config, load_data)
+    model = build_model(config)  # its name, architecture and patch, as the folds' runs log them
+    pool, outer, description = load_pool(config, load_data, tuple(model.input_shape[1:-1]))
     fold_list = folds.of(config, sorted(set(pool.cases)))
+    name = recipe.run_name(model, config)
+    parent_name = f"{name}_cv{len(fold_list)}"
+    cv_key = cvparent.key(fold_list, description, unet.describe(model), recipe.params(config))
+
+    def log():
+        log_parent(config, model, description, pool, outer, fold_list, cv_key)
+
+    def write(parent_id, fold_runs):
+        return write_summary(config, parent_id, fold_runs, outer)
+
     if config.fold is not None:
         if config.fold >= len(fold_list):
             raise ValueError(f"--fold {config.fold}: the folds are 0 to {len(fold_list) - 1}")
-        name = config.run_name or recipe.run_name(build_model(config), config)
-        return train_fold(config, config.fold, fold_list, pool, description, train, name)[0]
-    model = build_model(config)  # its name and architecture, as the folds' runs log them
-    name = recipe.run_name(model, config)
-    parent_name = f"{name}_cv{len(fold_list)}"
+        if config.resume:  # the parent it started under
+            parent_id = MlflowClient().get_run(config.resume).data.tags.get("mlflow.parentRunId")
+        else:
+            parent_id = cvparent.find_or_create(config.experiment, parent_name, cv_key, log)
+        with runs.nested_under(parent_id):
+            results = train_fold(config, config.fold, fold_list, pool, description, train, name)
+        if parent_id:
+            cvparent.complete(parent_id, len(fold_list), write)
+        return results
     tracked = runs.tracked_run(
         config.experiment, parent_name, config.checkpoint_dir, data=description
     )
     with tracked as parent:
-        mlflow.log_params({**unet.describe(model), **recipe.params(config), **description})
-        mlflow.log_param("cv_folds", len(fold_list))
-        examples = {"folds": (pool.images, pool.masks), "test": (outer[0], outer[1])}
-        mlflow.log_input(runs.dataset(description, examples, config.seed), context="training")
-        mlflow.log_dict(fold_list, folds.SPLITS_FILE)
-        auto.log(config.planned)  # --plan auto: the folds' plan, for predict.py's ensemble
-        outcomes = [
-            train_fold(config, i, fold_list, pool, description, train, name)
+        log()
+        ids = [
+            train_fold(config, i, fold_list, pool, description, train, name)["run_id"]
             for i in range(len(fold_list))
         ]
-        fold_results = [results for results, _ in outcomes]
-        scores = summary(fold_results)
-        scores.update(ensemble_scores(config, [r["model_uri"] for r in fold_results], outer))
-        mlflow.log_metrics(scores)
-        mlflow.log_dict(out_of_fold([table for _, table in outcomes]), "oof_cases.json")
-    print_table(parent_name, fold_results, scores)
+        fold_runs = [MlflowClient().get_run(run_id) for run_id in ids]
+        scores = write(parent.info.run_id, fold_runs)
     info = parent.info
     return {
         **scores,
         "run_id": info.run_id,
         "experiment_id": info.experiment_id,
-        "folds": fold_results,
+        "folds": [run.data.metrics for run in fold_runs],
     }

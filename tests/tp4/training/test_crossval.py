@@ -62,7 +62,11 @@ def test_one_fold_alone_with_a_users_splits_file(store, tmp_path):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps([{"train": cases[10:], "val": cases[:10]}] * 2))
     train.main(CV + ["--fold", "1", "--splits", str(path)])
-    (run,) = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])
+    found = store.search_runs([store.get_experiment_by_name("tiny").experiment_id])
+    (run,) = [r for r in found if "cv_fold" in r.data.params]
+    (parent,) = [r for r in found if r is not run]  # waiting for the other fold (cvparent.py)
+    assert parent.info.status == "SCHEDULED"
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.info.run_name == "UNet_CombinedLoss_Adam_fold1" and run.data.params["cv_fold"] == "1"
     assert run.data.params["data_split"].endswith("/10")  # the 10 held-out cases
     with pytest.raises(SystemExit):
