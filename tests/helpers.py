@@ -2,8 +2,13 @@
 runs of the scripts. Test files import from here, never from each other.
 """
 
+import contextlib
+import errno
 import json
 import locale
+import os
+import subprocess
+import warnings
 import zlib
 from pathlib import Path
 
@@ -35,6 +40,39 @@ LEARNS = (
     "--n-images 64 --image-size 32 --base-filters 8 --depth 3 --batch-size 8 --foreground 0.1 "
     "--noise 0.02 --lr 1e-2 --seed 1 --precision float32 --xla off"
 ).split()
+
+
+@contextlib.contextmanager
+def small_disk(folder, size="2m"):
+    """`folder` (made if needed) as a small file system of its own while the block runs: a real
+    tmpfs where this machine lets the test mount one (root). Yields whether it did; if not, a
+    warning says so, and the test injects ENOSPC instead."""
+    folder.mkdir(exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode:
+        reason = mounted.stderr.decode().strip()
+        warnings.warn(f"no tmpfs here ({reason}): ENOSPC injected", stacklevel=3)
+    try:
+        yield mounted.returncode == 0
+    finally:
+        if mounted.returncode == 0:  # lazily: a store's pooled connection may hold a file open
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def fill(folder):
+    """Fill the file system of `folder` to its last byte with a file `filler`; returns its path."""
+    path = folder / "filler"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)  # unbuffered: nothing left over
+    try:
+        while True:
+            os.write(descriptor, b"\0" * 4096)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC
+    finally:
+        os.close(descriptor)
+    return path
 
 
 def wait_for_line(process, start):

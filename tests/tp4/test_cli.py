@@ -5,12 +5,10 @@ elsewhere the write fails with an injected ENOSPC, and the test says so in a war
 
 import errno
 import os
-import subprocess
-import warnings
 
 import keras
 import pytest
-from helpers import TINY
+from helpers import TINY, fill, small_disk
 
 import train
 
@@ -18,34 +16,18 @@ import train
 @pytest.fixture()
 def full_folder(tmp_path, monkeypatch):
     """A folder on a full file system: a filled tmpfs, or (no mount allowed) an injected ENOSPC."""
-    folder = tmp_path / "full"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True
-    )
-    if mounted.returncode == 0:
-        with open(folder / "filler", "wb") as filler:
-            try:
-                while True:
-                    filler.write(b"\0" * 65536)
-                    filler.flush()
-            except OSError as error:
-                assert error.errno == errno.ENOSPC
-    else:
-        reason = mounted.stderr.decode().strip()
-        warnings.warn(f"no tmpfs here ({reason}): ENOSPC injected", stacklevel=1)
+    with small_disk(tmp_path / "full") as mounted:
+        if mounted:
+            fill(tmp_path / "full")
+        else:
 
-        def no_space(model, path, *args, **kwargs):
-            with open(path, "wb") as half:
-                half.write(b"PK")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            def no_space(model, path, *args, **kwargs):
+                with open(path, "wb") as half:
+                    half.write(b"PK")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-        monkeypatch.setattr(keras.Model, "save", no_space)
-    try:
-        yield folder
-    finally:
-        if mounted.returncode == 0:
-            subprocess.run(["umount", str(folder)], check=True)
+            monkeypatch.setattr(keras.Model, "save", no_space)
+        yield tmp_path / "full"
 
 
 def test_save_model_on_a_full_disk_is_one_line_and_the_run_stays_finished(

@@ -17,6 +17,8 @@ import fcntl
 import json
 import os
 
+from mlflow import MlflowClient
+
 from tp4.tracking import liveness
 
 FILE = "owner.lock"
@@ -46,6 +48,38 @@ def own(run_id: str, folder: str):
         yield
     finally:
         os.close(descriptor)  # the lock goes with it
+
+
+def claim(run_id: str, folder: str, data: dict | None) -> contextlib.ExitStack:
+    """To resume run `run_id`: its lock (`own`, in its `folder`), taken before start_run makes
+    the run this process's; ValueError (one line) when another process owns it, took it since the
+    command checked it, or when its data changed (`data`: data.describe's params)."""
+    owned = contextlib.ExitStack()
+    owned.enter_context(own(run_id, folder))
+    try:
+        status = MlflowClient().get_run(run_id).info.status
+        if status in ("RUNNING", "FINISHED"):
+            raise RunOwned(f"run {run_id} is {status}: another process resumed it")
+        if data:
+            _refuse_other_data(run_id, data)
+    except BaseException:
+        owned.close()
+        raise
+    return owned
+
+
+def _refuse_other_data(run_id: str, description: dict) -> None:
+    """ValueError (one line) unless run `run_id` logged the data_hash and data_count of
+    `description`: the content of every example as the network sees it, and their number."""
+    logged = MlflowClient().get_run(run_id).data.params
+    if all(logged.get(key) in (None, str(description[key])) for key in ("data_hash", "data_count")):
+        return
+    raise ValueError(
+        f"run {run_id} trained on {logged.get('data_count')} examples of "
+        f"{logged.get('data_source')} (data_hash {logged.get('data_hash')}); they are now "
+        f"{description['data_count']} (data_hash {description['data_hash']}): files changed "
+        "since, so it cannot be resumed; start a new run"
+    )
 
 
 def refuse_if_owned(run_id: str, folder: str) -> None:

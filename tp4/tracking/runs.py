@@ -44,19 +44,14 @@ import numpy as np
 import requests
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
-from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 
 from tp4 import cli
 from tp4.serving import pyfunc
-from tp4.tracking import liveness, outbox, ownership, registry, store
+from tp4.tracking import faults, liveness, outbox, ownership, registry, store
 
 EPOCH_METRICS = ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou")
-# At a run's end, the unsent epochs may wait for the store ten times as long as one request may
-# take (30 s with cli.py's 3 s: a server restarts in about 25 s); after Ctrl-C or SIGTERM, once
-# as long: the process must end soon.
-SEND_REQUESTS, INTERRUPTED_SEND_REQUESTS = 10, 1
 STORE_ERRORS = (MlflowException, requests.RequestException, OSError)
 
 
@@ -110,26 +105,42 @@ class TrackedRun:
     @contextlib.contextmanager
     def results(self, model: keras.Model):
         """The block that logs a run's results: the queued epochs are sent first (waiting for a
-        store that restarts), and a store that does not answer raises TrackingError after saving
+        store that restarts or is locked: outbox.window), and a store that does not answer, or
+        artifacts that cannot be written, raise faults.Resumable (the run ends KILLED) after saving
         the model in the run's folder, with a line saying how to send it all later (--resume)."""
+        with self.timed():
+            last_error = self.outbox.last_error
+            unsent = self.close(outbox.window(mlflow.get_tracking_uri(), last_error))
+        if unsent:
+            error = self.outbox.last_error
+            raise self._kept(model, error, f"{outbox.epochs(unsent)} unsent: {faults.cause(error)}")
         try:
             with self.timed():
-                unsent = self.close(SEND_REQUESTS * MLFLOW_HTTP_REQUEST_TIMEOUT.get())
-                if unsent:
-                    raise store.TrackingError(
-                        f"{unsent} epochs unsent: {cli.first_line(self.outbox.last_error)}"
-                    )
                 yield
         except STORE_ERRORS as error:
-            self.unreachable = True
+            raise self._kept(model, error, faults.cause(error)) from None
+
+    def _kept(self, model, error, cause):
+        """faults.Resumable: what failed (`error`, in words `cause`), where the model and the
+        metrics are kept, and the command that sends them."""
+        self.unreachable = True
+        path = os.path.join(self.folder, "model.keras")
+        saved = f"the model is saved in {path} and "
+        try:
             os.makedirs(self.folder, exist_ok=True)
-            path = os.path.join(self.folder, "model.keras")
-            model.save(path)
-            raise store.TrackingError(
-                f"the tracking store {mlflow.get_tracking_uri()} does not answer "
-                f"({cli.first_line(error)}): the model is saved in {path} and the run's "
-                f"metrics in {self.folder}; send them with: {_resume_command(self.info.run_id)}"
-            ) from None
+            cli.save_model(model, path)
+        except OSError:  # a full disk there too: the checkpoint's weights are all there is
+            saved = ""
+        uri = mlflow.get_tracking_uri()
+        local_file = isinstance(error, OSError) and not isinstance(error, requests.RequestException)
+        what = f"the tracking store {uri} does not answer"
+        if local_file:
+            what = f"cannot write the run's artifacts to {self.info.artifact_uri}"
+        then = "free space, then send" if faults.is_disk_full(error) else "send"
+        return faults.Resumable(
+            f"{what} ({cause}): {saved}the run's metrics in {self.folder}; {then} them with: "
+            f"{_resume_command(self.info.run_id)}"
+        )
 
     def location(self, model_info) -> dict[str, object]:
         """Where the run is: run_id, experiment_id, model_uri (of `model_info`, log_keras_model's),
@@ -146,38 +157,6 @@ class TrackedRun:
         store went away logs the rest, and nothing twice."""
         logged = MlflowClient().get_run(self.info.run_id).data.metrics
         return {key: value for key, value in metrics.items() if key not in logged}
-
-
-def _claim(run_id: str, folder: str, data: dict | None) -> contextlib.ExitStack:
-    """Run `run_id`'s lock (ownership.py, in its `folder`), taken before start_run makes the run
-    this process's; ValueError (one line) when another process owns it, took it since the command
-    checked it, or when its data changed (`data`: data.describe's params)."""
-    owned = contextlib.ExitStack()
-    owned.enter_context(ownership.own(run_id, folder))
-    try:
-        status = MlflowClient().get_run(run_id).info.status
-        if status in ("RUNNING", "FINISHED"):
-            raise ownership.RunOwned(f"run {run_id} is {status}: another process resumed it")
-        if data:
-            _refuse_other_data(run_id, data)
-    except BaseException:
-        owned.close()
-        raise
-    return owned
-
-
-def _refuse_other_data(run_id: str, description: dict) -> None:
-    """ValueError (one line) unless run `run_id` logged the data_hash and data_count of
-    `description`: the content of every example as the network sees it, and their number."""
-    logged = MlflowClient().get_run(run_id).data.params
-    if all(logged.get(key) in (None, str(description[key])) for key in ("data_hash", "data_count")):
-        return
-    raise ValueError(
-        f"run {run_id} trained on {logged.get('data_count')} examples of "
-        f"{logged.get('data_source')} (data_hash {logged.get('data_hash')}); they are now "
-        f"{description['data_count']} (data_hash {description['data_hash']}): files changed "
-        "since, so it cannot be resumed; start a new run"
-    )
 
 
 def _resume_command(run_id):
@@ -210,7 +189,11 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_met
     (MLflow's many kinds) becomes one line: a TrackingError. `system_metrics`: MLflow samples the
     machine's CPU, memory, disk, network and GPU use into the run's `system/...` metrics."""
     uri = mlflow.get_tracking_uri()
-    owned = _claim(run_id, os.path.join(folder, run_id), data) if run_id else contextlib.ExitStack()
+    owned = (
+        ownership.claim(run_id, os.path.join(folder, run_id), data)
+        if run_id
+        else contextlib.ExitStack()
+    )
     start = time.perf_counter()
     try:
         experiment_id = mlflow.set_experiment(experiment).experiment_id
@@ -239,10 +222,18 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_met
     try:
         if not run_id:  # a new run: this process's from the start
             owned.enter_context(ownership.own(run.info.run_id, tracked.folder))
+        owned.enter_context(faults.detail_to(tracked.folder))  # MLflow's tracebacks off the screen
         tracked.seconds += time.perf_counter() - start
         try:
             yield tracked
+        except faults.Resumable:
+            raise
         except OSError as error:  # a file of the run's artifacts: say where they go
+            if faults.is_disk_full(error):  # the checkpoint's: the previous one is whole
+                raise faults.Resumable(
+                    f"{faults.cause(error)}: free space, then continue the run with: "
+                    f"{_resume_command(run.info.run_id)}"
+                ) from None
             artifacts, path = run.info.artifact_uri.removeprefix("file://"), error.filename
             if not (path and (artifacts.startswith(str(path)) or str(path).startswith(artifacts))):
                 raise
@@ -255,6 +246,9 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_met
                 f"the tracking store {uri} refused a write: {cli.first_line(error)}"
             ) from None
         status = "FINISHED"
+    except faults.Resumable:  # its store or its disk: what the store lacks waits for --resume
+        status = "KILLED"
+        raise
     except KeyboardInterrupt:
         status = "KILLED"
         with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
@@ -272,7 +266,7 @@ def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_met
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-        tracked.close(INTERRUPTED_SEND_REQUESTS * MLFLOW_HTTP_REQUEST_TIMEOUT.get())
+        tracked.close(outbox.window(uri, interrupted=True))
         try:
             if status == "FINISHED":
                 mlflow.log_metric("tracking_seconds", tracked.seconds)
