@@ -23,11 +23,17 @@ from helpers import REPO, TINY, fill, small_disk, wait_for_line
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
 import train
+from tp4 import cli
 from tp4.tracking import faults, outbox, runs
 
 EPOCHS = ["--epochs", "2"]
 NO_SPACE = "No space left on device"
 BUSY_MS = 300
+
+
+def resume_command():
+    """How our lines say to resume, from the test's folder: this Python, the checkout's train.py."""
+    return f"{cli.script('train.py')} --resume"
 
 
 @pytest.fixture()
@@ -84,7 +90,7 @@ def at_the_first_epoch_end(monkeypatch, action):
 def exit_code_and_stderr(argv, capsys):
     """train.py `argv` run here (sys.argv as the shell gives it): (exit code, stderr lines), no
     traceback and no word of SQLAlchemy's in stderr."""
-    shell_argv, sys.argv = sys.argv, ["train.py", *argv]
+    shell_argv, sys.argv = sys.argv, [str(REPO / "train.py"), *argv]
     try:
         train.main(argv)
         code = 0
@@ -158,7 +164,7 @@ def test_a_sqlite_lock_longer_than_the_window_kills_the_run_and_resume_sends_its
         f"train.py: error: the tracking store {mlflow.get_tracking_uri()} does not answer (2 "
         "epochs unsent: sqlite3: database is locked): the model is saved in "
         f"checkpoints/{run_id}/model.keras and the run's metrics in checkpoints/{run_id}; send "
-        f"them with: python train.py --resume {run_id}"
+        f"them with: {resume_command()} {run_id}"
     )
     assert len(err) == 3 and err[1] == "waiting up to 1 s for the tracking store to take 2 epochs"
     detail = tmp_path / f"checkpoints/{run_id}/{faults.MLFLOW_DETAIL}"
@@ -195,8 +201,7 @@ def test_a_full_disk_under_the_artifacts_kills_the_run_and_resume_logs_its_resul
         ), err
         assert err[0].endswith(
             f"the model is saved in checkpoints/{run_id}/model.keras and the run's metrics in "
-            f"checkpoints/{run_id}; free space, then send them with: python train.py --resume "
-            f"{run_id}"
+            f"checkpoints/{run_id}; free space, then send them with: {resume_command()} {run_id}"
         )
         assert "test_dice" in run.data.metrics  # logged before the fault: kept, not FAILED
         patch.undo()
@@ -238,9 +243,7 @@ def test_a_full_disk_under_the_store_is_one_line_and_resume_sends_the_kept_epoch
         assert err[-1].startswith(f"train.py: error: the tracking store {uri} does not answer (")
         assert "sqlite3: database or disk is full" in err[-1]
         run_id = err[-1].split()[-1]
-        assert err[-1].endswith(
-            f"free space, then send them with: python train.py --resume {run_id}"
-        )
+        assert err[-1].endswith(f"free space, then send them with: {resume_command()} {run_id}")
 
         filler.unlink()  # space again: the resume sends what the store lacks
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
