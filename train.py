@@ -283,10 +283,11 @@ def train(config: Config, loaded=None) -> dict:
     return {**results, **run.location(logged_model)}
 
 
-def run_grid(config: Config) -> None:
+def run_grid(config: Config, argv: list[str]) -> None:
     """Every loss x optimizer of the shard as a separate run of the same experiment, then a
     Markdown table of their results. With --resume: the FINISHED cells kept, the interrupted one
-    resumed, those that never ran run (tp4/training/grid.py)."""
+    resumed, those that never ran run (tp4/training/grid.py), refused if `argv` (the command
+    line) changes the settings they ran with."""
     cells = [
         dataclasses.replace(config, loss=loss, optimizer=optimizer, run_name=None, grid=False)
         for loss, optimizer in grid_cells(config.shard)
@@ -294,7 +295,7 @@ def run_grid(config: Config) -> None:
     labels = [(losses.LOSSES[c.loss].label, recipe.OPTIMIZERS[c.optimizer].label) for c in cells]
     planned = [grid.Cell(cell, "", "never ran") for cell in cells]
     if config.resume:
-        planned = grid.plan(cells, labels, command_line())
+        planned = grid.plan(cells, labels, command_line(), argv)
         print("\n".join(grid.summary(planned)), flush=True)
     rows = []
     for cell, (loss, optimizer) in zip(planned, labels):
@@ -316,13 +317,13 @@ def run_grid(config: Config) -> None:
 
 def main(argv=None):
     settings = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     cli.setup()
     with cli.command_line_errors(command_line()), distribute.lost_workers(settings):
         chief = distribute.is_chief(settings)  # under multiworker, the one that talks to MLflow
         if chief:
             store.open_store()
             if settings.resume and not settings.grid:  # the grid resumes cell by cell
-                argv = sys.argv[1:] if argv is None else argv
                 settings = resume.configuration(settings, command_line(), argv)
             if settings.plan == "auto":  # the data's plan, every flag given kept
                 given = config.given(command_line(), sys.argv[1:] if argv is None else argv)
@@ -333,7 +334,7 @@ def main(argv=None):
             if chief:
                 print(f"\nnext: {cli.script('report.py')} {settings.experiment} --cv")
         elif settings.grid:
-            run_grid(settings)
+            run_grid(settings, argv)
             if chief:
                 print(
                     f"\nnext: {cli.script('report.py')} {settings.experiment} "

@@ -59,11 +59,7 @@ def configuration(given, command_line, argv: list[str]):
         raise ValueError(
             f"run {run_id} has no checkpoint in {folder} (it ran on {run.data.tags.get('host')})"
         )
-    changed = [
-        f"--{name.replace('_', '-')} {getattr(given, name)} (the run has {logged.get(name)})"
-        for name in sorted(config.given(command_line, argv) - PLACE_FLAGS)
-        if json.loads(json.dumps(getattr(given, name))) != logged.get(name)
-    ]
+    changed = changes(given, logged, command_line, argv)
     if changed:
         raise ValueError(
             f"--resume continues run {run_id} as it was configured: {', '.join(changed)} would "
@@ -71,6 +67,24 @@ def configuration(given, command_line, argv: list[str]):
         )
     resumed = type(given).from_json(logged)
     return dataclasses.replace(resumed, resume=run_id, checkpoint_dir=given.checkpoint_dir)
+
+
+def changes(given, logged, command_line, argv, free=PLACE_FLAGS) -> list[str]:
+    """The flags of `argv` (except those named in `free`) whose value in `given` differs from a
+    run's `logged` configuration, each as "--epochs 10 (the run has 3)"."""
+    return [
+        f"--{name.replace('_', '-')} {getattr(given, name)} (the run has {logged.get(name)})"
+        for name in sorted(config.given(command_line, argv) - free)
+        if not _same(json.loads(json.dumps(getattr(given, name))), logged.get(name))
+    ]
+
+
+def _same(given, logged):
+    """Whether a flag's value is what the run logged: the speed choice logs what "auto" chose
+    (--precision, --xla) and --xla on/off as true/false."""
+    if given == "auto" or given == logged:
+        return True
+    return isinstance(logged, bool) and given in ("on", "off") and logged == (given == "on")
 
 
 def _newest(client, given, script):
