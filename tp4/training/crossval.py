@@ -17,11 +17,13 @@ What this module teaches:
 """
 
 import dataclasses
+import time
 
 import mlflow
 import mlflow.keras
 import numpy as np
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 import data
 import unet
@@ -183,8 +185,10 @@ def write_summary(config, parent_id, fold_runs, outer) -> dict:
     scores = summary(fold_results)
     uris = [ensemble.model_uri(run) for run in fold_runs]
     scores.update(ensemble_scores(config, uris, outer))
-    for key, value in scores.items():
-        client.log_metric(parent_id, key, value)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent_id, [Metric(key, float(value), now, 0) for key, value in scores.items()]
+    )
     tables = [
         mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/test_cases.json") for run in fold_runs
     ]
