@@ -21,36 +21,33 @@ def _runs(store):
 
 
 @pytest.mark.slow
-def test_folds_trained_apart_join_one_parent_and_a_resumed_last_fold_writes_its_summary(
+def test_a_stopped_cross_validation_is_finished_by_a_fold_alone_and_a_resumed_fold(
     store, monkeypatch, capsys
 ):
-    train.main(FOLD + ["--fold", "0"])
-    (parent,), (first,) = _runs(store)
-    assert (
-        parent.info.status == "SCHEDULED" and parent.info.run_name == "UNet_CombinedLoss_Adam_cv2"
-    )
-    assert first.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert "waiting for 1" in capsys.readouterr().out
-
     log_epoch = runs.EpochLogger.on_epoch_end
 
-    def interrupted(self, epoch, logs=None):  # the second fold killed after its first epoch
+    def interrupted(self, epoch, logs=None):  # --folds 2 killed in fold 0, after its first epoch
         log_epoch(self, epoch, logs)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch, pytest.raises(SystemExit):
         patch.setattr(runs.EpochLogger, "on_epoch_end", interrupted)
-        train.main(FOLD + ["--fold", "1"])
-    (same,), children = _runs(store)
-    (killed,) = [r for r in children if r.info.status == "KILLED"]
-    assert same.info.run_id == parent.info.run_id and same.info.status == "SCHEDULED"
-    assert killed.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        train.main(FOLD)
+    (parent,), (killed,) = _runs(store)
+    assert (parent.info.status, killed.info.status) == ("KILLED", "KILLED")
+    assert parent.info.run_name == "UNet_CombinedLoss_Adam_cv2"
 
-    train.main(["--resume", killed.info.run_id])
+    train.main(FOLD + ["--fold", "1"])  # the fold that never ran: it joins the same parent
+    (same,), children = _runs(store)
+    assert same.info.run_id == parent.info.run_id and same.info.status == "KILLED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert "1 of 2 folds finished; waiting for 0" in capsys.readouterr().out
+
+    train.main(["--resume", killed.info.run_id])  # the last fold: the summary is written
     (done,), children = _runs(store)
     assert done.info.status == "FINISHED" and {r.info.status for r in children} == {"FINISHED"}
     assert len(store.get_metric_history(killed.info.run_id, "loss")) == 2  # resumed, not rerun
-    dice = [r.data.metrics["test_dice"] for r in sorted(children, key=lambda r: r.info.run_id)]
+    dice = [r.data.metrics["test_dice"] for r in children]
     assert done.data.metrics["test_dice_mean"] == pytest.approx(np.mean(dice))
     assert done.data.metrics["test_dice_std"] == pytest.approx(np.std(dice))
     assert done.data.metrics["ensemble_models"] == 2
