@@ -57,7 +57,7 @@ def find_or_create(experiment, name, cv_key, log) -> str:
     experiment_id = mlflow.set_experiment(experiment).experiment_id
     waiting = _waiting_parents(client, experiment_id, cv_key)
     if waiting:
-        print(f"fold of cross-validation {waiting[0].info.run_name} ({waiting[0].info.run_id})")
+        print(f"joining cross-validation {waiting[0].info.run_name} ({waiting[0].info.run_id})")
         return waiting[0].info.run_id
     tags = {KEY_TAG: cv_key, **liveness.process_tags()}  # killed meanwhile: marked KILLED
     parent = mlflow.start_run(
