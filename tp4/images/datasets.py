@@ -21,17 +21,15 @@ What this script teaches:
   1 px for PNG/JPEG/TIFF, and multiplied by the shrink factor when an image is shrunk to fit (its
   pixels grow);
 - volumes are brought to the closest canonical RAS orientation first (volumes.py: axes transposed
-  and flipped, never interpolated), whatever their format and stored orientation. They give 2D
-  examples as slices along the last axis (axial) and 3D examples as (D, H, W) patches where D is
-  that same axis. Blank slices and patches (constant image: outside the body, or padding) are
-  skipped;
+  and flipped, never interpolated), whatever their format and stored orientation, then cut into
+  axial slices (2D) or (D, H, W) patches (3D), blank ones skipped (examples.py);
 - the split unit is never the slice. Neighbouring slices are nearly the same image: a random split
   of slices puts the twins of every test slice in the training set, and the test score measures
   memory. data.split is applied to groups: files (images/ + masks/), cases (MSD), and for mni-wm, a
-  single volume, blocks of SLICE_BLOCK consecutive slices (2D) or slabs of the patch depth (3D).
+  single volume, blocks of mni.SLICE_BLOCK consecutive slices (2D) or slabs of the patch depth (3D).
 
-Built-in dataset `mni-wm`: white matter (probability > 0.5) in the skull-stripped T1 MNI ICBM152
-2009 template at 1 mm, both shipped inside nilearn: real MRI contrast, offline, no download.
+Built-in dataset `mni-wm` (mni.py): white matter in the MNI152 T1 template shipped inside nilearn,
+offline; `load` takes its name where it takes a folder.
 
 This module is the real-data counterpart of data.py's synthetic scans (kept apart to keep both
 readable); train.py and conv3d.py import both, predict.py replays the same preprocessing.
@@ -42,40 +40,20 @@ readable); train.py and conv3d.py import both, predict.py replays the same prepr
 
 import os
 import re
-from dataclasses import dataclass
 
 import numpy as np
-from nilearn import datasets as nilearn_datasets
 
 import data
 from tp4 import cli
-from tp4.images import geometry, imagefiles, volumes
+from tp4.images import geometry, imagefiles, mni, volumes
+from tp4.images.examples import Examples, percentiles, volume_examples
 from tp4.images.imagefiles import DataError  # noqa: F401 (re-exported: callers catch datasets.DataError)
 
 LAYOUTS = {
     "images+masks": ("images", "masks", imagefiles.IMAGE_SUFFIXES),
     "msd": ("imagesTr", "labelsTr", volumes.VOLUME_SUFFIXES),
 }
-SLICE_BLOCK = 8  # mni-wm 2D: consecutive slices (8 mm at 1 mm) that stay in the same split
-MNI_RESOLUTION = 1  # mm: the template's native grid inside nilearn (any other is resampled, slower)
 _CHANNEL = re.compile(r"_(\d{4})$")  # nnU-Net's channel suffix: case_0000
-
-
-@dataclass
-class Examples:
-    """Network-ready examples and where they came from."""
-
-    images: np.ndarray  # (N, H, W, 1) or (N, D, H, W, 1), float32 in [0, 1]
-    masks: np.ndarray  # same shape, float32 0/1
-    groups: np.ndarray  # (N,) group id: the examples of one group always land in the same split
-    group_names: list  # name of each group id: a file, a case, "slices 8-15"
-    source: str  # the folder path or the built-in name
-    layout: str  # "images+masks", "msd" or "builtin"
-    original_shapes: list  # spatial shape of every file read, before fitting
-    case_ids: list | None = None  # name of each example: "case_001 slice 12" (None: its group's)
-    spacing: np.ndarray | None = None  # (N, spatial dims) voxel size of each example (None: 1)
-    spacing_unit: str = "px"  # "mm" (volumes) or "px" (pixels of the image files)
-    orientations: list | None = None  # axis codes each volume was stored in ("LPS"), now RAS
 
 
 def find_pairs(folder):
@@ -146,11 +124,6 @@ def _by_key(paths, strip_channel):
     return by_key
 
 
-def percentiles(image, mask, spacing):
-    """The project's preprocessing of a volume: percentiles 0.5-99.5 to [0, 1], its grid kept."""
-    return data.normalize_intensity(image.astype(np.float32)), mask, spacing
-
-
 def load_folder(folder, shape, num_classes=2, prepare=percentiles):
     """Examples fitted to `shape` ((H, W): 2D, (D, H, W): 3D patches) from a dataset folder, checked
     first; masks hold num_classes classes (2: binary); each volume, mask and spacing go through
@@ -212,79 +185,17 @@ def load_folder(folder, shape, num_classes=2, prepare=percentiles):
     )
 
 
-def volume_examples(volume, mask, shape, name, voxel_size=(1.0, 1.0, 1.0)):
-    """Examples from one normalized (X, Y, Z) volume and its mask: 2D slices along the last axis
-    fitted to (H, W), or 3D (D, H, W) patches with D along that axis. Returns (images, masks,
-    positions along the slice axis, where each example is ("slice 3", "patch 0,16,0"), the voxel
-    size of the examples); blank slices or patches are skipped."""
-    if len(shape) == 2:
-        kept = [z for z in range(volume.shape[-1]) if np.ptp(volume[..., z]) > 0]
-        fits = [geometry.fit(volume[..., z], shape) for z in kept]
-        images = [fitted for fitted, _ in fits]
-        masks = [geometry.fit(mask[..., z], shape, order=0)[0] for z in kept]
-        where = [f"slice {z}" for z in kept]
-        # Every slice has the same shape, hence the same resize: its pixels grow by original/scaled.
-        grow = np.divide(fits[0][1].original, fits[0][1].scaled) if fits else 1.0
-        spacing = np.multiply(voxel_size[:2], grow)
-    else:
-        both = np.stack(
-            [np.moveaxis(volume, -1, 0), np.moveaxis(mask, -1, 0)], axis=-1
-        )  # (D, H, W, 2)
-        patches, corners = geometry.tile(both, shape)
-        chosen = [i for i, patch in enumerate(patches) if np.ptp(patch[..., 0]) > 0]
-        kept = [corners[i][0] for i in chosen]
-        images, masks = patches[chosen, ..., 0], patches[chosen, ..., 1]
-        where = ["patch " + ",".join(str(c) for c in corners[i]) for i in chosen]
-        spacing = np.array([voxel_size[2], voxel_size[0], voxel_size[1]])  # (D, H, W) = (Z, X, Y)
-    if not kept:
-        raise DataError(f"{name}: every slice is blank (a constant image)")
-    return np.stack(images)[..., None], np.stack(masks)[..., None], np.array(kept), where, spacing
-
-
-def mni_wm_volume():
-    """The `mni-wm` volume as nilearn ships it: (T1 (X, Y, Z), white-matter mask, voxel size mm)."""
-    t1 = nilearn_datasets.load_mni152_template(resolution=MNI_RESOLUTION)
-    wm = nilearn_datasets.load_mni152_wm_template(resolution=MNI_RESOLUTION)
-    mask = (wm.get_fdata(dtype=np.float32) > 0.5).astype(np.float32)
-    return t1.get_fdata(dtype=np.float32), mask, imagefiles.voxel_size_mm(t1)
-
-
-def mni_wm(shape, prepare=percentiles):
-    """Built-in `mni-wm`: T1 MNI152 template -> white matter (probability > 0.5), as 2D slices or 3D
-    patches (the volume through `prepare` first).
-
-    Groups, the split unit: blocks of SLICE_BLOCK consecutive slices (2D) or slabs one patch deep
-    (3D).
-    """
-    t1, mask, voxel_size = mni_wm_volume()
-    volume, mask, voxel_size = prepare(t1, mask, voxel_size)
-    images, masks, positions, where, spacing = volume_examples(
-        volume, mask, shape, "mni-wm", voxel_size
-    )
-    block = SLICE_BLOCK if len(shape) == 2 else shape[0]
-    groups = positions // block
-    names = [f"slices {g * block}-{g * block + block - 1}" for g in range(int(groups.max()) + 1)]
-    ids = [f"mni-wm {w}" for w in where]
-    spacing = np.tile(spacing, (len(images), 1))
-    return Examples(
-        images, masks, groups, names, "mni-wm", "builtin", [t1.shape], ids, spacing, "mm"
-    )
-
-
-BUILTIN = {"mni-wm": mni_wm}
-
-
 def load(source, shape, num_classes=2, prepare=percentiles):
-    """Examples from `source`: a built-in name (BUILTIN) or a dataset folder (write ./mni-wm for a
-    folder of that name). `shape` is the network's spatial input: (H, W) or (D, H, W); masks hold
+    """Examples from `source`: a built-in name (mni.BUILTIN) or a dataset folder (write ./mni-wm for
+    a folder of that name). `shape` is the network's spatial input: (H, W) or (D, H, W); masks hold
     num_classes classes, background included; volumes go through `prepare` (load_folder's)."""
-    if source not in BUILTIN:
+    if source not in mni.BUILTIN:
         return load_folder(source, tuple(shape), num_classes, prepare)
     if num_classes != 2:
         raise DataError(
             f"{source} has two classes (background and one structure): no --num-classes"
         )
-    return BUILTIN[source](tuple(shape), prepare)
+    return mni.BUILTIN[source](tuple(shape), prepare)
 
 
 def split(examples, seed=0, val_fraction=0.15, test_fraction=0.15):
@@ -374,7 +285,7 @@ def load_split(source, shape, seed=0, num_classes=2, prepare=percentiles):
 def main():
     parser = cli.argument_parser("datasets.py", __doc__)
     parser.add_argument(
-        "source", help="a dataset folder, or a built-in name: " + ", ".join(BUILTIN)
+        "source", help="a dataset folder, or a built-in name: " + ", ".join(mni.BUILTIN)
     )
     parser.add_argument(
         "--size",

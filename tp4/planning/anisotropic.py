@@ -15,7 +15,7 @@ import os
 import nibabel as nib
 import numpy as np
 
-from tp4.images import datasets
+from tp4.images import mni
 from tp4.images.imagefiles import DataError
 from tp4.planning import preprocess
 
@@ -38,7 +38,7 @@ def write_mni(folder: str, spacing=(1.0, 1.0, 3.0), blocks=BLOCKS) -> list[str]:
     """
     if os.path.isdir(folder) and os.listdir(folder):
         raise DataError(f"{folder} is not empty: write the dataset into a new folder")
-    t1, mask, voxel_size = datasets.mni_wm_volume()
+    t1, mask, voxel_size = mni.mni_wm_volume()
     image = preprocess.resample(t1, voxel_size, spacing)
     labels = preprocess.resample(mask.astype(np.uint8), voxel_size, spacing, labels="linear")
     for sub in ("imagesTr", "labelsTr"):

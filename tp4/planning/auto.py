@@ -21,7 +21,7 @@ import zipfile
 import mlflow
 import numpy as np
 
-from tp4.images import datasets, imagefiles, volumes
+from tp4.images import datasets, examples, imagefiles, mni, volumes
 from tp4.images.imagefiles import DataError
 from tp4.planning import fingerprint, plan, preprocess
 
@@ -45,8 +45,8 @@ def dataset_modality(source: str) -> str | None:
 
 def cases(source: str):
     """(image, label map, spacing) of every case of `source`: a folder of volumes or mni-wm."""
-    if source in datasets.BUILTIN:
-        yield datasets.mni_wm_volume()
+    if source in mni.BUILTIN:
+        yield mni.mni_wm_volume()
         return
     layout, pairs = datasets.find_pairs(source)
     if layout != "msd":
@@ -161,7 +161,7 @@ def prepare_case(planned: dict, image, mask, spacing):
 
 def preprocessing(planned: dict | None):
     """datasets.py's `prepare` for a plan (None: the project's percentiles)."""
-    return functools.partial(prepare_case, planned) if planned else datasets.percentiles
+    return functools.partial(prepare_case, planned) if planned else examples.percentiles
 
 
 def load_split(planned, source, shape, seed=0, num_classes=2):

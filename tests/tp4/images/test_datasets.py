@@ -1,6 +1,4 @@
-"""Real data: the two folder layouts on files written here, the checks, the group split, mni-wm."""
-
-import socket
+"""Real data: the two folder layouts on files written here, the checks, the group split."""
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +18,7 @@ import conv3d
 import data
 import train
 from tp4.images import datasets
+from tp4.images.examples import Examples
 
 # ------------------------------------------------------------------------------------------------
 # The two layouts, round trip.
@@ -143,7 +142,7 @@ def test_a_label_stored_in_another_orientation_on_the_same_grid_is_taken(tmp_pat
 def test_the_split_never_separates_a_group():
     groups = np.repeat(np.arange(10), 5)
     images = groups.astype(np.float32).reshape(-1, 1, 1, 1)
-    examples = datasets.Examples(
+    examples = Examples(
         images, images, groups, [str(g) for g in range(10)], "test", "msd", [(1, 1)] * 10
     )
     splits, assignment = datasets.split(examples, seed=3)
@@ -153,9 +152,7 @@ def test_the_split_never_separates_a_group():
         assert len(splits[name][0]) == 5 * len(ids)  # every example of a group comes along
         assert ids == set(assignment[name].tolist())
     with pytest.raises(datasets.DataError, match="too few"):
-        datasets.split(
-            datasets.Examples(images[:10], images[:10], groups[:10], ["0", "1"], "t", "msd", [])
-        )
+        datasets.split(Examples(images[:10], images[:10], groups[:10], ["0", "1"], "t", "msd", []))
 
 
 def test_description_says_where_the_data_came_from(tmp_path):
@@ -421,42 +418,6 @@ def test_data_dir_and_dataset_are_alternatives(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--data-dir", "x", "--dataset", "mni-wm"])
     assert "not allowed with argument" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------------------------
-# The built-in MRI example.
-
-
-@pytest.fixture()
-def offline(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
-def test_mni_wm_loads_offline_as_slices_in_blocks(offline):
-    examples = datasets.load("mni-wm", (32, 32))
-    n = len(examples.images)
-    assert examples.images.shape == (n, 32, 32, 1) and 100 < n < 189  # blank slices skipped
-    assert set(np.unique(examples.masks)) == {0.0, 1.0} and 0.05 < examples.masks.mean() < 0.5
-    assert (np.diff(examples.groups) >= 0).all() and np.bincount(
-        examples.groups
-    ).max() == datasets.SLICE_BLOCK
-    splits, description, cases = datasets.load_split("mni-wm", (32, 32), seed=0)
-    assert description["data_source"] == "mni-wm" and description["data_test_groups"].startswith(
-        "slices "
-    )
-    assert sum(len(splits[k][0]) for k in ("train", "val", "test")) == n
-    # 1 mm voxels, slices of 197x233 shrunk to 27x32 to fit: 197/27 by 233/32 mm.
-    assert description["data_spacing"] == "7.3x7.28 mm" and cases.ids[0].startswith("mni-wm slice ")
-
-
-def test_mni_wm_loads_offline_as_3d_patches(offline):
-    examples = datasets.load("mni-wm", (16, 64, 64))
-    assert examples.images.shape[1:] == (16, 64, 64, 1) and len(examples.images) > 10
-    assert 0.05 < examples.masks.mean() < 0.5
-    assert datasets.describe(examples)["data_fit"] == "tiled into patches"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import plan as plan_script
-from tp4.images import datasets
+from tp4.images import datasets, mni
 
 
 @pytest.mark.slow
@@ -19,7 +19,7 @@ def test_plan_py_writes_mni_wm_at_thick_slices_as_cases_and_plans_them(tmp_path,
     _, pairs = datasets.find_pairs(str(folder))
     images = [nib.load(image) for image, _ in pairs]
     assert len(pairs) == 8 and all(i.header.get_zooms() == (1.0, 1.0, 3.0) for i in images)
-    t1, mask, _ = datasets.mni_wm_volume()
+    t1, mask, _ = mni.mni_wm_volume()
     assert sum(i.shape[0] * i.shape[1] for i in images[:4]) == t1.shape[1] * images[0].shape[0]
     assert images[0].shape[2] == round(t1.shape[2] / 3)
     labels = np.concatenate([np.asarray(nib.load(m).dataobj).ravel() for _, m in pairs])
