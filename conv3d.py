@@ -44,7 +44,7 @@ from tp4.distributed import distribute
 from tp4.images import figures
 from tp4.perf import memory, speed
 from tp4.planning import auto
-from tp4.tracking import runs, store
+from tp4.tracking import epochs, runs, store
 from tp4.training import checkpoint, config, crossval, divergence, folds, recipe, resume
 from tp4.training.config import default_of, option
 
@@ -256,7 +256,7 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
         saved = checkpoint.Checkpoint(run.folder, stopping)
         saved.restore(model, train_set, config.epochs)
         per_epoch = recipe.epoch_size(len(x_train), config)[1]
-        logger = runs.EpochLogger(
+        logger = epochs.EpochLogger(
             run, saved, per_epoch, config.epochs, "img" if config.slices else "vol"
         )
         validation = distribute.validation(config, splits["val"], eval_batch)

@@ -46,7 +46,7 @@ from tp4.distributed import distribute
 from tp4.images import figures
 from tp4.perf import speed
 from tp4.planning import auto
-from tp4.tracking import runs, store
+from tp4.tracking import epochs, runs, store
 from tp4.training import checkpoint, config, crossval, divergence, folds, grid, recipe, resume
 from tp4.training.config import option
 
@@ -252,7 +252,7 @@ def train(config: Config, loaded=None) -> dict:
                 divergence.DivergenceGuard(saved),
                 *stopping,
                 saved,
-                runs.EpochLogger(run, saved, examples_per_epoch, config.epochs),
+                epochs.EpochLogger(run, saved, examples_per_epoch, config.epochs),
             ],
             shuffle=False,  # the pipeline shuffles, from the seed
             verbose=0,

@@ -16,7 +16,7 @@ import train
 from tp4.images import figures
 from tp4.inference import segment
 from tp4.perf import hardware, speed
-from tp4.tracking import runs
+from tp4.tracking import epochs
 from tp4.training import recipe
 
 
@@ -184,14 +184,14 @@ def test_auto_precision_and_xla_are_measured_once_printed_and_logged(
 
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed_and_keeps_its_metrics(store, monkeypatch):
-    log_epoch = runs.EpochLogger.on_epoch_end
+    log_epoch = epochs.EpochLogger.on_epoch_end
 
     def interrupt_after_two_epochs(self, epoch, logs=None):
         log_epoch(self, epoch, logs)
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs.EpochLogger, "on_epoch_end", interrupt_after_two_epochs)
+    monkeypatch.setattr(epochs.EpochLogger, "on_epoch_end", interrupt_after_two_epochs)
     with pytest.raises(SystemExit) as exit_info:
         train.main(TINY)
     assert exit_info.value.code == 130
@@ -205,7 +205,7 @@ def test_an_exception_marks_the_run_failed(store, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(runs.EpochLogger, "on_epoch_begin", broken)  # before any training step
+    monkeypatch.setattr(epochs.EpochLogger, "on_epoch_begin", broken)  # before any training step
     with pytest.raises(RuntimeError, match="disk full"):
         train.main(TINY + ["--epochs", "1"])
     assert _only_run(store).info.status == "FAILED"

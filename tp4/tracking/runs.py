@@ -9,12 +9,11 @@
   (outbox.py: a tracking server that goes away does not stop training), a heartbeat thread tells
   other commands the run is alive (liveness.py), and it counts the seconds the training waited on
   MLflow, logged at the end as `tracking_seconds` (bench.py reads it: MLflow's share of a run);
-- `EpochLogger`: one printed line, one checkpoint and one MLflow value per metric and epoch
-  (`step` = epoch, from 1);
+- epochs.py's `EpochLogger` logs each epoch through the TrackedRun;
 - `TrackedRun.results(model)`: the block where the script logs its final metrics, figures and the
   model (`log_keras_model`: Keras flavor, with signature and input example); if the store does not
-  answer any more, the model is saved in the run's folder instead, with a line saying how to send
-  it all later;
+  answer any more, or a disk is full, the model is saved in the run's folder instead and the run
+  ends KILLED, with a line saying how to send it all later (faults.py);
 - `dataset(...)`: the data a run trained on as an MLflow dataset (`mlflow.log_input`): the runs
   table's Dataset column tells runs of the same recipe on other data apart;
 - `nested_under(parent_run_id)`: the runs started inside it are nested under a run that no
@@ -29,7 +28,6 @@ import contextvars
 import os
 import shutil
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -51,7 +49,6 @@ from tp4 import cli
 from tp4.serving import pyfunc
 from tp4.tracking import faults, liveness, outbox, ownership, registry, store
 
-EPOCH_METRICS = ("loss", "dice", "iou", "val_loss", "val_dice", "val_iou")
 STORE_ERRORS = (MlflowException, requests.RequestException, OSError)
 
 
@@ -185,8 +182,9 @@ def nested_under(parent_run_id: str | None):
 def tracked_run(experiment, run_name, folder, run_id=None, data=None, system_metrics=True):
     """Start a run in `experiment` (or continue `run_id`, on the same `data` as it started with:
     data.describe's params) and yield a TrackedRun whose folder is `folder`/<run id>, removed once
-    the run is FINISHED; end it FINISHED, FAILED or KILLED. A store error inside the block
-    (MLflow's many kinds) becomes one line: a TrackingError. `system_metrics`: MLflow samples the
+    the run is FINISHED; end it FINISHED, FAILED or KILLED (also for a store that does not answer
+    or a full disk: faults.Resumable). A store error inside the block (MLflow's many kinds)
+    becomes one line: a TrackingError. `system_metrics`: MLflow samples the
     machine's CPU, memory, disk, network and GPU use into the run's `system/...` metrics."""
     uri = mlflow.get_tracking_uri()
     owned = (
@@ -310,59 +308,6 @@ def dataset(description: dict, splits: dict, seed: int):
         return mlflow.data.from_numpy(
             images, targets=masks, name=name, source=where, digest=description["data_hash"]
         )
-
-
-class EpochLogger(keras.callbacks.Callback):
-    """At each epoch's end: saves the checkpoint, then logs loss, dice, iou, their val_ twins, lr
-    (the learning rate of the epoch's first step), epoch_seconds and images_per_second (training
-    examples per second of training, validation excluded) with step=epoch, and prints one line.
-    Saved before logged: an epoch in the store is always in the checkpoint, and --resume logs the
-    epochs of the checkpoint the store lacks. Place it last, after the callbacks whose state the
-    checkpoint keeps.
-    """
-
-    def __init__(self, run: TrackedRun, checkpoint, n_train, epochs, unit="img"):
-        super().__init__()
-        self.run, self.checkpoint = run, checkpoint
-        self.n_train, self.epochs, self.unit = n_train, epochs, unit
-        self.durations = []  # of this process's epochs, for the time left
-
-    def on_train_begin(self, logs=None):
-        self.run.log_missing_epochs(self.checkpoint.history)  # those a kill kept from the store
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start, self.train_end = time.perf_counter(), None
-        # The rate the epoch starts with: read at its end, it would be the next epoch's (the
-        # schedule has moved on, ReduceLROnPlateau has acted).
-        self.learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-    def on_test_begin(self, logs=None):
-        self.train_end = self.train_end or time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        now = time.perf_counter()
-        values = {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
-        values["lr"] = self.learning_rate
-        values["epoch_seconds"] = now - self.start
-        values["images_per_second"] = self.n_train / ((self.train_end or now) - self.start)
-        self.checkpoint.save(epoch + 1, values)
-        self.run.log_metrics(values, step=epoch + 1)
-        shown = "  ".join(f"{key} {values[key]:.4f}" for key in EPOCH_METRICS if key in values)
-        self.durations.append(values["epoch_seconds"])
-        print(
-            f"epoch {epoch + 1:>3}/{self.epochs}  {shown}  lr {values['lr']:.1e}  "
-            f"{values['epoch_seconds']:.1f}s  {values['images_per_second']:.1f} {self.unit}/s  "
-            f"{time_left(self.durations, self.epochs - epoch - 1)}",
-            flush=True,
-        )
-
-
-def time_left(durations, epochs_left):
-    """The time `epochs_left` take at the median epoch's pace, as "2m05s left" (the first epoch,
-    which compiles, counts only when it is the only one); early stopping may end sooner."""
-    typical = statistics.median(durations[1:] or durations)
-    seconds = round(typical * epochs_left)
-    return f"{seconds // 60}m{seconds % 60:02d}s left" if epochs_left else "done"
 
 
 def log_keras_model(model, example, registered_name=None):

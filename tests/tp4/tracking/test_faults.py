@@ -24,7 +24,7 @@ from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
 import train
 from tp4 import cli
-from tp4.tracking import faults, outbox, runs
+from tp4.tracking import epochs, faults, outbox
 
 EPOCHS = ["--epochs", "2"]
 NO_SPACE = "No space left on device"
@@ -77,14 +77,14 @@ class Lock:
 
 def at_the_first_epoch_end(monkeypatch, action):
     """Call `action()` once, when the first epoch ends, before it is saved and logged."""
-    log_epoch = runs.EpochLogger.on_epoch_end
+    log_epoch = epochs.EpochLogger.on_epoch_end
 
     def then_act(logger, epoch, logs=None):
         if epoch == 0:
             action()
         log_epoch(logger, epoch, logs)
 
-    monkeypatch.setattr(runs.EpochLogger, "on_epoch_end", then_act)
+    monkeypatch.setattr(epochs.EpochLogger, "on_epoch_end", then_act)
 
 
 def exit_code_and_stderr(argv, capsys):

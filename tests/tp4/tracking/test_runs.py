@@ -16,13 +16,13 @@ import data
 import tp4
 import train
 from tp4 import cli
-from tp4.tracking import runs
+from tp4.tracking import epochs, runs
 
 
 def test_time_left_is_the_median_epoch_times_the_epochs_left():
-    assert runs.time_left([9.0, 2.0, 3.0, 2.5], 10) == "0m25s left"  # first epoch compiles
-    assert runs.time_left([40.0], 3) == "2m00s left"  # one epoch: the only measure there is
-    assert runs.time_left([9.0, 2.0], 0) == "done"
+    assert epochs.time_left([9.0, 2.0, 3.0, 2.5], 10) == "0m25s left"  # first epoch compiles
+    assert epochs.time_left([40.0], 3) == "2m00s left"  # one epoch: the only measure there is
+    assert epochs.time_left([9.0, 2.0], 0) == "done"
 
 
 def test_printed_commands_name_this_python_unless_a_shell_finds_it(monkeypatch, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from helpers import TINY
 
 import train
-from tp4.tracking import runs
+from tp4.tracking import epochs
 from tp4.training import cvparent
 
 FOLD = [*TINY[: TINY.index("--epochs")], "--epochs", "2", *TINY[TINY.index("--epochs") + 2 :]]
@@ -24,14 +24,14 @@ def _runs(store):
 def test_a_stopped_cross_validation_is_finished_by_a_fold_alone_and_a_resumed_fold(
     store, monkeypatch, capsys
 ):
-    log_epoch = runs.EpochLogger.on_epoch_end
+    log_epoch = epochs.EpochLogger.on_epoch_end
 
     def interrupted(self, epoch, logs=None):  # --folds 2 killed in fold 0, after its first epoch
         log_epoch(self, epoch, logs)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch, pytest.raises(SystemExit):
-        patch.setattr(runs.EpochLogger, "on_epoch_end", interrupted)
+        patch.setattr(epochs.EpochLogger, "on_epoch_end", interrupted)
         train.main(FOLD)
     (parent,), (killed,) = _runs(store)
     assert (parent.info.status, killed.info.status) == ("KILLED", "KILLED")

@@ -15,7 +15,7 @@ import conv3d
 import train
 import unet
 from tp4 import cli
-from tp4.tracking import liveness, runs
+from tp4.tracking import epochs, liveness
 from tp4.training import checkpoint, resume
 
 
@@ -164,14 +164,14 @@ def test_a_finished_or_diverged_run_is_not_resumed(store, capsys, status, tags, 
 @pytest.mark.slow
 def test_conv3d_resumes_its_3d_run_and_its_2d_slices_run(store, monkeypatch):
     argv = "--n-volumes 12 --shape 8 32 32 --depth 2 --epochs 3 --seed 3 --no-peak-memory".split()
-    log_epoch = runs.EpochLogger.on_epoch_end
+    log_epoch = epochs.EpochLogger.on_epoch_end
 
     def interrupt_after_one_epoch(self, epoch, logs=None):
         log_epoch(self, epoch, logs)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(runs.EpochLogger, "on_epoch_end", interrupt_after_one_epoch)
+        patch.setattr(epochs.EpochLogger, "on_epoch_end", interrupt_after_one_epoch)
         for train_one in (conv3d.train3d, conv3d.train_on_slices):
             with pytest.raises(KeyboardInterrupt):
                 train_one(conv3d.parse_args(argv))
@@ -190,7 +190,7 @@ def test_conv3d_resumes_its_3d_run_and_its_2d_slices_run(store, monkeypatch):
 
 def _killed_after_epoch_2(store, monkeypatch):
     """A TINY train.py run interrupted once its second epoch is checkpointed and logged; its id."""
-    log_epoch = runs.EpochLogger.on_epoch_end
+    log_epoch = epochs.EpochLogger.on_epoch_end
 
     def interrupt_after_two_epochs(self, epoch, logs=None):
         log_epoch(self, epoch, logs)
@@ -198,7 +198,7 @@ def _killed_after_epoch_2(store, monkeypatch):
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch, pytest.raises(SystemExit):
-        patch.setattr(runs.EpochLogger, "on_epoch_end", interrupt_after_two_epochs)
+        patch.setattr(epochs.EpochLogger, "on_epoch_end", interrupt_after_two_epochs)
         train.main(TINY)
     run = _only_run(store, "tiny")
     assert run.info.status == "KILLED"
