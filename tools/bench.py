@@ -33,7 +33,7 @@ import tensorflow as tf
 import unet
 from tools import bench_runs
 from tp4 import cli
-from tp4.models import batchnorm
+from tp4.models import batchnorm, folding
 from tp4.perf import hardware, memory, speed, throughput
 
 FULL = dict(size=128, filters=32, depth=4, batch=8, volume=(32, 64, 64), filters3d=8, depth3d=3)
@@ -106,8 +106,9 @@ def measure_cell(build, batch, cell, c, steps_per_execution):
         "precision": cell.precision,
         "xla": cell.xla,
         "train_examples_per_s": throughput.median_rate(epoch, c["repeats"]),
+        # Inference as predict.py runs it (segment.at_speed): batch norms folded.
         "infer_examples_per_s": throughput.median_rate(
-            throughput.inference_calls(model, batch), c["repeats"]
+            throughput.inference_calls(folding.fold_batch_norm(model), batch), c["repeats"]
         ),
     }
 

@@ -31,7 +31,10 @@ from tp4 import cli
 from tp4.images import figures, geometry, imagefiles, volumes
 from tp4.images.imagefiles import DataError
 from tp4.inference import onnxnetwork
-from tp4.models import batchnorm  # noqa: F401 (registers the fused batch norm, for saved models)
+from tp4.models import (
+    batchnorm,  # noqa: F401 (registers the fused batch norm, for saved models)
+    folding,
+)
 from tp4.perf import speed
 from tp4.planning import auto
 
@@ -102,7 +105,8 @@ def guard_logits(model):
 def at_speed(model, precision="auto", xla="auto"):
     """`model` at the precision and XLA setting of inference on this machine (speed.for_inference:
     the model's own precision where the hardware has it, nothing measured); rebuilt with the same
-    weights if that is another precision; its logits guarded (`guard_logits`). An ONNX network
+    weights if that is another precision; its batch norms folded into the convolutions
+    (folding.fold_batch_norm); its logits guarded (`guard_logits`). An ONNX network
     runs as exported: float32, by onnxruntime."""
     if isinstance(model, onnxnetwork.OnnxNetwork):
         return model
@@ -111,6 +115,7 @@ def at_speed(model, precision="auto", xla="auto"):
     if choice.precision != trained:
         with speed.policy_scope(choice.precision):
             model = speed.recast(model)
+    model = folding.fold_batch_norm(model)  # same outputs, fewer passes over memory
     model.jit_compile = choice.xla
     return guard_logits(model)
 
