@@ -32,7 +32,6 @@ from tp4 import startup  # noqa: F401
 # isort: split
 import argparse
 import dataclasses
-import itertools
 import sys
 
 import keras
@@ -49,17 +48,7 @@ from tp4.planning import auto
 from tp4.tracking import epochs, runs, store
 from tp4.training import checkpoint, config, crossval, divergence, folds, grid, recipe, resume
 from tp4.training.config import option
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """--shard I/N as (I, N), with 0 <= I < N: the I-th of N shares of the grid, from 0."""
-    try:
-        index, count = (int(number) for number in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not I/N, two whole numbers") from None
-    if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"{text!r}: I/N needs 0 <= I < N")
-    return index, count
+from tp4.training.grid import parse_shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +99,9 @@ def parse_args(argv=None) -> Config:
         parser.error("--save-model saves one model: it does not go with --grid")
     if settings.grid and settings.resume not in (None, config.NEWEST):
         parser.error("--grid --resume finishes the grid's cells: it takes no run id")
-    if not grid_cells(settings.shard):
+    if not grid.cells(settings.shard):
         shard = "/".join(map(str, settings.shard))
-        parser.error(f"--shard {shard}: the grid has {len(grid_cells())} cells")
+        parser.error(f"--shard {shard}: the grid has {len(grid.cells())} cells")
     cross_validation = settings.folds is not None or settings.fold is not None
     if cross_validation and (settings.grid or settings.save_model):
         parser.error("--folds and --fold train K models: not with --grid or --save-model")
@@ -126,13 +115,6 @@ def parse_args(argv=None) -> Config:
         except ValueError as error:
             parser.error(str(error))
     return settings
-
-
-def grid_cells(shard=(0, 1)):
-    """The (loss, optimizer) cells of the grid in a fixed order, every N-th from the I-th for
-    shard (I, N): N shards cover each cell once."""
-    index, count = shard
-    return list(itertools.product(losses.LOSSES, recipe.OPTIMIZERS))[index::count]
 
 
 def load_data(config: Config):
@@ -283,38 +265,6 @@ def train(config: Config, loaded=None) -> dict:
     return {**results, **run.location(logged_model)}
 
 
-def run_grid(config: Config, argv: list[str]) -> None:
-    """Every loss x optimizer of the shard as a separate run of the same experiment, then a
-    Markdown table of their results. With --resume: the FINISHED cells kept, the interrupted one
-    resumed, those that never ran run (tp4/training/grid.py), refused if `argv` (the command
-    line) changes the settings they ran with."""
-    cells = [
-        dataclasses.replace(config, loss=loss, optimizer=optimizer, run_name=None, grid=False)
-        for loss, optimizer in grid_cells(config.shard)
-    ]
-    labels = [(losses.LOSSES[c.loss].label, recipe.OPTIMIZERS[c.optimizer].label) for c in cells]
-    planned = [grid.Cell(cell, "", "never ran") for cell in cells]
-    if config.resume:
-        planned = grid.plan(cells, labels, command_line(), argv)
-        print("\n".join(grid.summary(planned)), flush=True)
-    rows = []
-    for cell, (loss, optimizer) in zip(planned, labels):
-        if cell.kind != "left":
-            rows.append((loss, optimizer, cell.metrics or train(cell.config)))
-    if config.shard != (0, 1):
-        index, count = config.shard
-        print(f"\nshard {index}/{count}: {len(rows)} of the {len(grid_cells())} cells")
-    print(
-        "\n| loss | optimizer | test Dice | test IoU | per-image Dice | best epoch |"
-        "\n|---|---|---|---|---|---|"
-    )
-    for loss, optimizer, r in sorted(rows, key=lambda row: -row[2]["test_dice"]):
-        print(
-            f"| {loss} | {optimizer} | {r['test_dice']:.3f} | {r['test_iou']:.3f} | "
-            f"{r['test_dice_per_image']:.3f} | {int(r['best_epoch'])} |"
-        )
-
-
 def main(argv=None):
     settings = parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -334,7 +284,7 @@ def main(argv=None):
             if chief:
                 print(f"\nnext: {cli.script('report.py')} {settings.experiment} --cv")
         elif settings.grid:
-            run_grid(settings, argv)
+            grid.run(settings, train, command_line(), argv)
             if chief:
                 print(
                     f"\nnext: {cli.script('report.py')} {settings.experiment} "

@@ -17,7 +17,7 @@ from tp4.images import figures
 from tp4.inference import segment
 from tp4.perf import hardware, speed
 from tp4.tracking import epochs
-from tp4.training import recipe
+from tp4.training import grid, recipe
 
 
 def _only_run(client):
@@ -274,7 +274,7 @@ def test_prediction_figure_shows_the_images_with_the_most_foreground():
 
 
 def test_shard_1_of_3_runs_every_third_cell_from_the_second_and_3_shards_cover_the_grid():
-    cells = train.grid_cells(train.parse_args(["--grid", "--shard", "1/3"]).shard)
+    cells = grid.cells(train.parse_args(["--grid", "--shard", "1/3"]).shard)
     # The grid in order: bce x (adam, adamw, sgd, rmsprop), dice x (...), ...: cells 1, 4, ..., 22.
     assert cells == [
         ("bce", "adamw"),
@@ -286,9 +286,9 @@ def test_shard_1_of_3_runs_every_third_cell_from_the_second_and_3_shards_cover_t
         ("focal_tversky", "rmsprop"),
         ("generalized_dice", "sgd"),
     ]
-    shards = [train.grid_cells((i, 3)) for i in range(3)]
-    assert sorted(sum(shards, [])) == sorted(train.grid_cells())
-    assert len(train.grid_cells()) == len(losses.LOSSES) * len(recipe.OPTIMIZERS) == 24
+    shards = [grid.cells((i, 3)) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(grid.cells())
+    assert len(grid.cells()) == len(losses.LOSSES) * len(recipe.OPTIMIZERS) == 24
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from helpers import TINY, refused_in_one_line
 
 import train
 from tp4.tracking import liveness
+from tp4.training import grid
 
 
 def _interrupted_run(store, loss, status="KILLED"):
@@ -24,7 +25,7 @@ def _interrupted_run(store, loss, status="KILLED"):
 def test_the_grid_resume_keeps_finished_cells_resumes_the_killed_one_and_runs_the_rest(
     store, capsys
 ):
-    cells = train.grid_cells((0, 8))  # 3 cells: 3 losses, each with Adam
+    cells = grid.cells((0, 8))  # 3 cells: 3 losses, each with Adam
     assert [optimizer for _, optimizer in cells] == ["adam"] * 3 and cells[0][0] == "bce"
     first, second, third = (train.losses.LOSSES[loss].label for loss, _ in cells)
     train.main(TINY + ["--loss", "bce", "--optimizer", "adam"])  # cell 0 FINISHED
@@ -50,7 +51,7 @@ def test_a_grid_resume_that_changes_the_cells_settings_is_refused_in_one_line(
     store, capsys, status
 ):
     mlflow.set_experiment("tiny")
-    loss = train.grid_cells((0, 8))[1][0]
+    loss = grid.cells((0, 8))[1][0]
     run_id = _interrupted_run(store, loss, status)
     label = f"{train.losses.LOSSES[loss].label} x Adam"
     line = refused_in_one_line(
