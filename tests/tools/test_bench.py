@@ -138,7 +138,7 @@ def test_quick_benchmark_writes_its_report(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_the_pytorch_unet_has_the_keras_unets_parameters_and_runs(tmp_path):
     torch = pytest.importorskip("torch")  # optional: not in requirements.txt
-    bench_pytorch = pytest.importorskip("bench_pytorch")
+    bench_pytorch = pytest.importorskip("tools.bench_pytorch")
     model = bench_pytorch.UNet(8, 3)
     count = sum(p.numel() for p in model.parameters())
     count += sum(b.numel() for name, b in model.named_buffers() if name.endswith(("mean", "var")))
