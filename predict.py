@@ -38,7 +38,7 @@ from PIL import Image
 
 from tp4 import cli
 from tp4.images import imagefiles
-from tp4.inference import ensemble, outputs, segment
+from tp4.inference import ensemble, frozen, outputs, segment
 from tp4.perf import speed
 from tp4.planning import auto
 
@@ -145,4 +145,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # A script run only predicts: its weights never change after the first call.
+    frozen.inference_only_process()
     sys.exit(main())

@@ -175,6 +175,17 @@ def pytorch(c: dict, precisions: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def predict_rate(c: dict, cell: speed.Choice) -> float:
+    """Inference examples/s of the U-Net as predict.py runs it (bench_predict.py, in a process of
+    its own: weights frozen, which the matrix's process, training too, cannot have)."""
+    command = [sys.executable, "-m", "tools.bench_predict", "--precision", cell.precision]
+    command += ["--xla", "on" if cell.xla else "off"]
+    command += f"--size {c['size']} --filters {c['filters']} --depth {c['depth']}".split()
+    command += f"--batch {c['batch']} --repeats {c['repeats']}".split()
+    done = subprocess.run(command, cwd=tp4.ROOT, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["infer_examples_per_s"]
+
+
 # --vs-pytorch: Keras' auto cells and PyTorch's paths measured in turns, this many rounds; the
 # median round counts (a change of the machine's load hits both sides alike).
 ROUNDS = 3
@@ -188,14 +199,15 @@ PYTORCH_PATHS = {
 
 def vs_pytorch(c, supported, auto, measure_cell):
     """PyTorch's rates at bench.py's 2D shape (eager and torch.compile, bf16 autocast where the CPU
-    has it), and train.py's and predict.py's defaults against its best path: training and
-    inference, the median of ROUNDS rounds alternated with Keras.
+    has it), and train.py's and predict.py's defaults against its best path: training (in this
+    process, as the matrix) and inference (predict_rate: predict.py's process), the median of
+    ROUNDS rounds alternated with Keras.
 
     Args:
         c: bench.py's sizes.
         supported: the precisions of this machine.
         auto: the auto cells, {"train": ..., "infer": ...} as Choice dicts.
-        measure_cell: a Choice -> bench.py's row of that cell (train and infer examples/s).
+        measure_cell: a Choice -> bench.py's row of that cell (its train examples/s count).
     """
     if not has_torch():
         print("\n--vs-pytorch: torch is not installed here (pip install torch): skipped")
@@ -208,8 +220,12 @@ def vs_pytorch(c, supported, auto, measure_cell):
     for _ in range(ROUNDS):
         found = pytorch(c, paths)
         theirs.append(found["rates"])
-        cells = {cell: measure_cell(cell) for cell in set(auto.values())}
-        ours.append({mode: cells[cell][f"{mode}_examples_per_s"] for mode, cell in auto.items()})
+        ours.append(
+            {
+                "train": measure_cell(auto["train"])["train_examples_per_s"],
+                "infer": predict_rate(c, auto["infer"]),
+            }
+        )
     print(
         f"\nthe same U-Net in PyTorch {found['torch']} (channels_last), batch {c['batch']}, "
         f"median of {ROUNDS} rounds alternated with Keras"
@@ -224,7 +240,7 @@ def vs_pytorch(c, supported, auto, measure_cell):
             f"{rates['infer_examples_per_s']:>10.2f} infer ex/s"
         )
     ratios = {}
-    for mode, label in (("train", "training"), ("infer", "inference")):
+    for mode, label in (("train", "training"), ("infer", "inference (predict.py's process)")):
         key = f"{mode}_examples_per_s"
         best = max(paths, key=lambda path: medians[path][key])
         mine = statistics.median(r[mode] for r in ours)

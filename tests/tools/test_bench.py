@@ -3,10 +3,13 @@ benchmark runs end to end (timings unchecked)."""
 
 import argparse
 import json
+import subprocess
+import sys
 
 import keras
 import pytest
 
+import tp4
 import unet
 from tools import bench, bench_runs
 from tp4.perf import hardware, speed, throughput
@@ -166,7 +169,9 @@ def test_vs_pytorch_alternates_rounds_and_compares_medians_to_pytorchs_best_path
     keras_rates = iter([45.0, 33.0, 99.0])
     monkeypatch.setattr(bench_runs, "has_torch", lambda: True)
     monkeypatch.setattr(bench_runs, "pytorch", fake_pytorch)
-    rate = lambda cell: {"train_examples_per_s": next(keras_rates), "infer_examples_per_s": 80.0}  # noqa: E731
+    # Inference comes from predict.py's kind of process, not from the matrix's (1.0 here).
+    monkeypatch.setattr(bench_runs, "predict_rate", lambda c, cell: 80.0)
+    rate = lambda cell: {"train_examples_per_s": next(keras_rates), "infer_examples_per_s": 1.0}  # noqa: E731
     auto = {mode: {"precision": "bfloat16", "xla": False} for mode in ("train", "infer")}
     found = bench_runs.vs_pytorch({"batch": 8}, ("float32", "bfloat16"), auto, rate)
     assert torch_paths == [["float32", "bfloat16", "bfloat16-compiled"]] * 3
@@ -177,4 +182,17 @@ def test_vs_pytorch_alternates_rounds_and_compares_medians_to_pytorchs_best_path
     assert found["ratios"] == {"train": 45.0 / 30.0, "infer": 80.0 / 40.0}  # medians
     out = capsys.readouterr().out
     assert "training: auto (bfloat16, XLA off) 45.00 ex/s = 1.50x PyTorch's best path" in out
-    assert "inference: auto (bfloat16, XLA off) 80.00 ex/s = 2.00x" in out
+    assert "inference (predict.py's process): auto (bfloat16, XLA off) 80.00 ex/s = 2.00x" in out
+
+
+def test_bench_predict_times_inference_in_a_process_with_frozen_weights():
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.bench_predict", "--size", "32", "--filters", "8"]
+        + ["--depth", "3", "--batch", "4", "--repeats", "2"],
+        cwd=tp4.ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["infer_examples_per_s"] > 0 and found["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] is True
