@@ -274,7 +274,11 @@ def main(argv=None):
     cli.setup()
     with cli.command_line_errors(parser):
         if args.paste:
-            return print(f"pasted into {args.paste}: {', '.join(bench_runs.paste(args.paste))}")
+            pasted, absent = bench_runs.paste(args.paste)
+            kept = (
+                f"; kept as they were (not on this machine): {', '.join(absent)}" if absent else ""
+            )
+            return print(f"pasted into {args.paste}: {', '.join(pasted) or 'nothing'}{kept}")
         cli.check_output_file("--output", args.output)  # before minutes of measuring
         c = dict(QUICK if args.quick else FULL)
         c["batch"] = args.batch_size or c["batch"]

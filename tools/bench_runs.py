@@ -36,18 +36,22 @@ def train_py(epochs: int, n_images: int, quick: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as store:
         uri = f"sqlite:///{store}/mlflow.db"
         start = time.perf_counter()
-        done = subprocess.run(
-            command,
-            env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-            cwd=store,
-            check=True,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        with subprocess.Popen(
+            command, env=env, cwd=store, stdout=subprocess.PIPE, text=True
+        ) as run:
+            # Its lines as they come, to the terminal only (bench.json records bench.py's own), up
+            # to the run's id and next steps: they point into this store, deleted below.
+            shown = True
+            for line in run.stdout:
+                shown = shown and not line.startswith("run ")
+                if shown:
+                    sys.__stdout__.write(line)
+                    sys.__stdout__.flush()
         wall = time.perf_counter() - start
-        # Its output up to the run's id and next steps: they point into this store, deleted below.
-        print(done.stdout.partition("\nrun ")[0])
-        print("(train.py's run was in a temporary store, deleted now)")
+        if run.returncode:
+            raise subprocess.CalledProcessError(run.returncode, command)
+        print("(train.py's lines above; its run was in a temporary store, deleted now)")
         client = mlflow.MlflowClient(uri)
         run = client.search_runs([client.get_experiment_by_name("bench").experiment_id])[0]
         history = {
@@ -257,15 +261,22 @@ def vs_pytorch(c, supported, auto, measure_cell):
 _PASTE = re.compile(r"(<!-- bench\.py output: (\S+) -->\n).*?(<!-- end bench\.py output -->)", re.S)
 
 
-def paste(markdown: str) -> list[str]:
+def paste(markdown: str) -> tuple[list[str], list[str]]:
     """Replace each marked block of `markdown` by the printed output stored in the bench.json it
-    names. Returns the files pasted."""
+    names; a block whose file is not on this machine (another machine's run) is kept as it is.
+
+    Returns:
+        The files pasted, and the files absent (their blocks kept).
+    """
     with open(markdown) as f:
         text = f.read()
-    pasted = []
+    pasted, absent = [], []
 
     def block(match):
         path = os.path.join(os.path.dirname(os.path.abspath(markdown)), match.group(2))
+        if not os.path.exists(path):
+            absent.append(match.group(2))
+            return match.group(0)
         with open(path) as f:
             printed = json.load(f)["printed"]
         pasted.append(match.group(2))
@@ -274,4 +285,4 @@ def paste(markdown: str) -> list[str]:
     text = _PASTE.sub(block, text)
     with open(markdown, "w") as f:
         f.write(text)
-    return pasted
+    return pasted, absent

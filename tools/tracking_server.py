@@ -31,12 +31,10 @@ printed once). Run as root, PostgreSQL runs as the `postgres` user (it refuses r
 import configparser
 import contextlib
 import grp
-import ipaddress
 import os
 import secrets
 import shlex
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -45,20 +43,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tools import login_throttle, postgres, server_processes
+from tools import login_throttle, postgres, server_network, server_processes
 from tp4 import cli
 
 ADMIN = "admin"  # the MLflow user created at the first start
 ROLE = "mlflow"  # the PostgreSQL role MLflow connects as
 DATABASES = ("mlflow", "mlflow_auth")  # runs, params and metrics; users and permissions
 START_SECONDS = 300  # for mlflow server to answer: each worker imports MLflow (slow on 2 cores)
-EVERY_ADDRESS = ("0.0.0.0", "::")  # --host values that listen on all the machine's addresses
 REPO = Path(__file__).resolve().parent.parent  # on mlflow server's path: tools.login_throttle
-TLS_IN_FRONT = (
-    "put TLS in front: a reverse proxy on this machine (Caddy: `caddy reverse-proxy --from "
-    "NAME --to 127.0.0.1:PORT`; nginx: proxy_pass http://127.0.0.1:PORT) with this server on "
-    "127.0.0.1, or --tls-cert and --tls-key"
-)
 
 
 def parse_args(argv=None):
@@ -88,29 +80,6 @@ def parse_args(argv=None):
     if not 0 < args.port < 65536 or args.workers < 1:
         parser.error("--port must be in 1..65535 and --workers at least 1")
     return args, parser
-
-
-def is_loopback(host):
-    """Whether `host` (an address or a name) is this machine only: 127.0.0.0/8, ::1, localhost."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name, not an address
-        return host == "localhost"
-
-
-def check_exposure(args):
-    """ValueError unless the logins are safe on the network the server listens on: loopback, or
-    TLS (both files readable), or --insecure said."""
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    for path in filter(None, (args.tls_cert, args.tls_key)):
-        if not os.access(path, os.R_OK):
-            raise ValueError(f"cannot read {path}")
-    if not (is_loopback(args.host) or args.tls_cert or args.insecure):
-        raise ValueError(
-            f"--host {args.host} listens beyond this machine, and basic auth would send every "
-            f"password in clear text: {TLS_IN_FRONT}; or --insecure on a network you trust"
-        )
 
 
 def secure_folder(lab):
@@ -166,35 +135,13 @@ def write_auth_config(lab, cluster):
     return path
 
 
-def client_names(host):
-    """The names clients may use for the address the server listens on: the MLflow allow-list."""
-    if host in EVERY_ADDRESS:
-        name = socket.gethostname()
-        try:
-            addresses = socket.gethostbyname_ex(name)[2]
-        except OSError:  # a name that does not resolve
-            addresses = []
-        names = [socket.getfqdn(), name, *addresses, "localhost", "127.0.0.1"]
-    else:
-        names = [host, "localhost", "127.0.0.1"] if is_loopback(host) else [host]
-    return list(dict.fromkeys(names))  # without repeats, in order
-
-
-def check_port_is_free(host, port):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        socket.create_server((host, port), family=family).close()
-    except OSError as error:
-        raise OSError(
-            f"cannot listen on {host} port {port}: {os.strerror(error.errno)} (another program: "
-            f"`ss -ltnp 'sport = :{port}'` names it; or give another --port)"
-        ) from None
-
-
 def start_mlflow(args, lab, cluster, secrets_env):
     """`mlflow server` on PostgreSQL, artifacts served from DIR, basic-auth on, answering only to
     the names of its address; in its own process group, its output in DIR/mlflow.log."""
-    origins = [http_url(name, args.port, args.tls_cert) for name in client_names(args.host)]
+    origins = [
+        server_network.http_url(name, args.port, args.tls_cert)
+        for name in server_network.client_names(args.host)
+    ]
     path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
     env = {
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # GenAI jobs: 7 more processes, unused here
@@ -225,8 +172,10 @@ def start_mlflow(args, lab, cluster, secrets_env):
 
 def wait_until_ready(process, args, log):
     """Wait for the server's /health to answer; its error as one line if it stops first."""
-    url = http_url(
-        "127.0.0.1" if args.host in EVERY_ADDRESS else args.host, args.port, args.tls_cert
+    url = server_network.http_url(
+        "127.0.0.1" if args.host in server_network.EVERY_ADDRESS else args.host,
+        args.port,
+        args.tls_cert,
     )
     is_up = ssl.create_default_context()  # whether it answers, not whom: any certificate
     is_up.check_hostname, is_up.verify_mode = False, ssl.CERT_NONE
@@ -254,7 +203,7 @@ def _interrupt(signum, frame):
 def serve(args):
     """Check the exposure, take DIR (stopping what a killed start left), start PostgreSQL then
     MLflow, print what clients set, run until Ctrl-C, SIGTERM or SIGHUP, stop both."""
-    check_exposure(args)
+    server_network.check_exposure(args)
     programs = postgres.bindir()
     lab = Path(args.dir).resolve()
     cluster = postgres.Cluster(programs, lab / "postgres")
@@ -264,7 +213,7 @@ def serve(args):
             owned.enter_context(server_processes.Owner(lab))
             for line in server_processes.stop_leftovers(lab, cluster):
                 say(line)
-        check_port_is_free(args.host, args.port)  # before a new DIR is made
+        server_network.check_port_is_free(args.host, args.port)  # before a new DIR is made
         lab = writable_folder(args.dir)
         if not earlier:
             owned.enter_context(server_processes.Owner(lab))
@@ -320,36 +269,10 @@ def auth_secrets(lab, first_start):
     return env
 
 
-def http_url(host, port, tls=False):
-    scheme = "https" if tls else "http"
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-
-
-def public_url(args):
-    """The server's URL for clients: by the machine's name when it listens on all addresses."""
-    host = socket.gethostname() if args.host in EVERY_ADDRESS else args.host
-    return http_url(host, args.port, args.tls_cert)
-
-
-def transport_note(args):
-    """What the start message says of the passwords' way over the network."""
-    if args.tls_cert:
-        return (
-            f"HTTPS with {args.tls_cert}; a client that does not trust its issuer sets "
-            f"MLFLOW_TRACKING_SERVER_CERT_PATH to it."
-        )
-    if is_loopback(args.host):
-        return f"Plain HTTP on this machine only. To serve other machines, {TLS_IN_FRONT}."
-    return (
-        "WARNING: plain HTTP beyond this machine (--insecure): passwords cross the network in "
-        f"clear text. To stop that, {TLS_IN_FRONT}."
-    )
-
-
 def print_client_settings(args, lab, first_start):
     """The URI and the variables a client sets (the admin password itself only at its creation),
     and how the passwords travel."""
-    url = public_url(args)
+    url = server_network.public_url(args)
     password_file = lab / "admin_password"
     if first_start and password_file.exists():
         password = f"{password_file.read_text().strip()}  # printed once, kept in {password_file}"
@@ -363,7 +286,7 @@ def print_client_settings(args, lab, first_start):
         f"  export MLFLOW_TRACKING_URI={url}\n"
         f"  export MLFLOW_TRACKING_USERNAME={ADMIN}\n"
         f"  export MLFLOW_TRACKING_PASSWORD={password}\n"
-        f"{transport_note(args).replace('PORT', str(args.port))}\n"
+        f"{server_network.transport_note(args).replace('PORT', str(args.port))}\n"
         f"The admin gives each person a login at {url}/signup. Ctrl-C stops the server.",
         flush=True,
     )

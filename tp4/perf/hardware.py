@@ -75,11 +75,12 @@ def xla_can_win(found: dict[str, object]) -> bool:
     """Whether XLA is worth measuring on `found` (a `machine()`): on a GPU, and on a CPU without
     AVX-512.
 
-    The rule, from measurements of the U-Net's training step (PERFORMANCE.md): on an Intel Xeon
-    with AVX-512 (Sapphire Rapids, AMX) XLA never won, 1.45x slower in float32 (10.2 against
-    15.2 img/s) and 2.3x slower in bfloat16 (10.9 against 25); there TensorFlow's own kernels are
-    oneDNN's AVX-512 and AMX ones, which XLA's CPU code does not call. On an AMD EPYC with AVX2
-    only, XLA was 1.2x faster in float32: there it is measured.
+    The rule, from measurements of the U-Net's training step (PERFORMANCE.md): on both CPUs with
+    AVX-512 measured, XLA never won. On an Intel Xeon (Sapphire Rapids, AMX) it was 1.45x slower in
+    float32 (10.2 against 15.2 img/s) and 2.3x in bfloat16 (10.9 against 25); on an AMD EPYC (Zen 4,
+    AVX512-BF16) 1.35x in float32 (8.7 against 11.7) and 2.5x in bfloat16 (8.1 against 19.9). There
+    TensorFlow's own kernels are oneDNN's AVX-512 and AMX ones, which XLA's CPU code does not call.
+    On an AMD EPYC with AVX2 only, XLA was 1.2x faster in float32: there it is measured.
     """
     return found["kind"] == "gpu" or "avx512f" not in found["flags"]
 
