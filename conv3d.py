@@ -42,9 +42,9 @@ import unet
 from tp4 import cli
 from tp4.distributed import distribute
 from tp4.images import figures
-from tp4.perf import memory, speed
+from tp4.perf import hardware, memory, speed
 from tp4.planning import auto
-from tp4.tracking import epochs, runs, store
+from tp4.tracking import epochs, registry, runs, store
 from tp4.training import checkpoint, config, crossval, divergence, folds, recipe, resume
 from tp4.training.config import default_of, option
 
@@ -286,7 +286,7 @@ def fit_and_log(config: Config, build, splits, description, test_cases, tables=N
             curves = figures.training_curves(saved.history, results["best_epoch"])
             mlflow.log_figure(curves, "training_curves.png")
             mlflow.log_text(model.to_json(indent=2), "model_config.json")
-            logged_model = runs.log_keras_model(
+            logged_model = registry.log_keras_model(
                 model, (x_test[:1], probabilities[:1]), config.register
             )
     if config.save_model:
@@ -321,6 +321,7 @@ def print_tables(config: Config) -> list | None:
 def main(argv=None):
     settings = parse_args(argv)
     cli.setup()
+    hardware.describe_cpu_in_background()  # ready by the speed choice
     with cli.command_line_errors(command_line()), distribute.lost_workers(settings):
         chief = distribute.is_chief(settings)  # under multiworker, the one that talks to MLflow
         if chief and (settings.resume or not settings.skip_training):

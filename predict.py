@@ -39,7 +39,7 @@ from PIL import Image
 from tp4 import cli
 from tp4.images import imagefiles
 from tp4.inference import ensemble, frozen, outputs, segment
-from tp4.perf import speed
+from tp4.perf import hardware, speed
 from tp4.planning import auto
 
 
@@ -115,6 +115,7 @@ def segment_file(model, path, output, threshold=0.5, overlap=0.5, tta=False, pla
 def main(argv=None):
     args, parser = parse_args(argv)
     cli.setup()
+    hardware.describe_cpu_in_background()  # its second passes while the model loads
     try:
         files = outputs.list_inputs(args.inputs)
         outputs.refuse_shared_outputs(files, args.output)

@@ -43,9 +43,9 @@ import unet
 from tp4 import cli
 from tp4.distributed import distribute
 from tp4.images import figures
-from tp4.perf import speed
+from tp4.perf import hardware, speed
 from tp4.planning import auto
-from tp4.tracking import epochs, runs, store
+from tp4.tracking import epochs, registry, runs, store
 from tp4.training import checkpoint, config, crossval, divergence, folds, grid, recipe, resume
 from tp4.training.config import option
 from tp4.training.grid import parse_shard
@@ -258,7 +258,7 @@ def train(config: Config, loaded=None) -> dict:
             mlflow.log_dict(table, "test_cases.json")
             mlflow.log_text(model.to_json(indent=2), "model_config.json")
             example = (x_test[:1], probabilities[:1])
-            logged_model = runs.log_keras_model(model, example, config.register)
+            logged_model = registry.log_keras_model(model, example, config.register)
     if config.save_model:
         cli.save_model(model, config.save_model, auto.model_entries(config.planned))
     recipe.print_results(name, results, len(x_test), config.nsd_tolerance)
@@ -269,6 +269,7 @@ def main(argv=None):
     settings = parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     cli.setup()
+    hardware.describe_cpu_in_background()  # ready by the speed choice
     with cli.command_line_errors(command_line()), distribute.lost_workers(settings):
         chief = distribute.is_chief(settings)  # under multiworker, the one that talks to MLflow
         if chief:

@@ -25,7 +25,7 @@ import train
 import unet
 from tp4 import cli
 from tp4.models import batchnorm
-from tp4.tracking import runs
+from tp4.tracking import registry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -251,7 +251,7 @@ def log_tiny_model(registered_name=None, output_bias=0.0, seed=0):
     mlflow.set_experiment("logged")
     with mlflow.start_run() as run:
         example = np.random.default_rng(seed).random((1, 32, 32, 1), np.float32)
-        info = runs.log_keras_model(
+        info = registry.log_keras_model(
             model, (example, model.predict(example, verbose=0)), registered_name
         )
     return model, run.info.run_id, info

@@ -208,7 +208,7 @@ def test_a_model_saved_before_the_move_still_loads_and_predicts_the_same():
 
 
 def test_mlflow_keras_log_model_with_an_input_example_still_fails(store, tmp_path):
-    """MLflow issue #16183, worked around in tp4.tracking.runs.log_keras_model. When this test
+    """MLflow issue #16183, worked around in tp4.tracking.registry.log_keras_model. When this test
     fails, MLflow has fixed it: log with mlflow.keras.log_model there and delete this test."""
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     mlflow.set_experiment("mlflow-issue-16183")

@@ -43,7 +43,7 @@ from tp4.inference import onnxnetwork, segment
 from tp4.models import batchnorm
 from tp4.perf import throughput
 from tp4.serving import export
-from tp4.tracking import runs
+from tp4.tracking import registry
 
 FULL = dict(size=128, filters=32, depth=4, images=32, volume=(128, 128, 16), volumes=3, repeats=9)
 WAYS = (
@@ -137,7 +137,7 @@ def measure(c: dict, folder: str) -> dict:
     artifacts = Path(folder, "mlruns").as_uri()
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("serve-bench", artifacts))
     with mlflow.start_run():
-        info = runs.log_keras_model(model, (batch[:1], model.predict(batch[:1], verbose=0)))
+        info = registry.log_keras_model(model, (batch[:1], model.predict(batch[:1], verbose=0)))
     fast = keras.models.clone_model(model)
     fast.set_weights(model.get_weights())
     fast = segment.at_speed(fast)  # batch norms folded: a copy

@@ -13,10 +13,12 @@ What this module teaches:
   them.
 """
 
+import concurrent.futures
 import functools
 import hashlib
 import json
 import os
+import threading
 import time
 
 import cpuinfo
@@ -31,6 +33,31 @@ CPU_BFLOAT16_FLAGS = {"amx_bf16", "avx512_bf16", "bf16"}
 # times faster in it than in float32 (throughput.convolution_gflops). A clear margin: activations
 # lose precision, and a gain within noise is not worth it.
 BFLOAT16_CLEAR_SPEEDUP = 1.5
+
+
+@functools.cache
+def _cpu_description() -> concurrent.futures.Future:
+    """py-cpuinfo's description of this CPU, read by a thread of its own. It takes about a second
+    (its child process times the clock for a second, a figure unused here): a script starts it
+    early (`describe_cpu_in_background`) and does other work meanwhile. A daemon thread: a
+    process that ends first does not wait for it."""
+    described = concurrent.futures.Future()
+
+    def read():
+        try:
+            described.set_result(cpuinfo.get_cpu_info())
+        except Exception as error:  # handed to machine(), which raises it
+            described.set_exception(error)
+
+    threading.Thread(target=read, name="cpuinfo", daemon=True).start()
+    return described
+
+
+def describe_cpu_in_background() -> None:
+    """Start reading this CPU's description now, so that `machine()` finds it ready: train.py,
+    conv3d.py and predict.py call it first, and the second it takes passes while the tracking
+    store and the data get ready."""
+    _cpu_description()
 
 
 @functools.cache
@@ -53,7 +80,7 @@ def machine() -> dict[str, object]:
             "device": f"{name} (compute capability {'.'.join(map(str, capability))})",
             "compute_capability": capability,
         }
-    info = cpuinfo.get_cpu_info()
+    info = _cpu_description().result()
     return {
         **found,
         "kind": "cpu",

@@ -11,9 +11,9 @@
   MLflow, logged at the end as `tracking_seconds` (bench.py reads it: MLflow's share of a run);
 - epochs.py's `EpochLogger` logs each epoch through the TrackedRun;
 - `TrackedRun.results(model)`: the block where the script logs its final metrics, figures and the
-  model (`log_keras_model`: Keras flavor, with signature and input example); if the store does not
-  answer any more, or a disk is full, the model is saved in the run's folder instead and the run
-  ends KILLED, with a line saying how to send it all later (faults.py);
+  model (registry.py's `log_keras_model`: Keras flavor, signature, input example); if the store
+  does not answer any more, or a disk is full, the model is saved in the run's folder instead and
+  the run ends KILLED, with a line saying how to send it all later (faults.py);
 - `dataset(...)`: the data a run trained on as an MLflow dataset (`mlflow.log_input`): the runs
   table's Dataset column tells runs of the same recipe on other data apart;
 - `nested_under(parent_run_id)`: the runs started inside it are nested under a run that no
@@ -31,7 +31,6 @@ import signal
 import sys
 import threading
 import time
-import types
 import warnings
 
 import keras
@@ -43,11 +42,9 @@ import requests
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, infer_signature
 
 from tp4 import cli
-from tp4.serving import pyfunc
-from tp4.tracking import faults, liveness, outbox, ownership, registry, store
+from tp4.tracking import faults, liveness, outbox, ownership, store
 
 STORE_ERRORS = (MlflowException, requests.RequestException, OSError)
 
@@ -308,43 +305,3 @@ def dataset(description: dict, splits: dict, seed: int):
         return mlflow.data.from_numpy(
             images, targets=masks, name=name, source=where, digest=description["data_hash"]
         )
-
-
-def log_keras_model(model, example, registered_name=None):
-    """Log `model` in the Keras flavor and as a served segmentation (tp4/serving/pyfunc.py: its
-    signature and input example are the service's), tag the run with its `model_uri`, and with
-    `registered_name` register it, the new version marked `@candidate`; returns MLflow's ModelInfo.
-
-    The public `mlflow.keras.log_model(..., input_example=...)` fails (MLflow issue #16183, still
-    open in MLflow 3.17: its save_model writes the example before creating the model's folder), so
-    the model goes through `Model.log` with a flavor whose save_model creates the folder first.
-    tests/test_structure.py fails once MLflow fixes it: then call mlflow.keras.log_model here.
-
-    Requirements are explicit (inferring them would load the model again in a subprocess), and
-    MLflow's serving check of the input example is off (it reloads the model and predicts, and only
-    warns on failure): tests/test_train.py loads the logged model back and predicts instead.
-    """
-
-    def save_model(path, validate_serving_input=None, **kwargs):  # that option is Model.log's
-        os.makedirs(path, exist_ok=True)
-        mlflow.keras.save_model(path=path, **kwargs)
-        pyfunc.add_to(path, kwargs["mlflow_model"], model)  # served with its preprocessing
-
-    flavor = types.ModuleType("mlflow.keras")  # Model.log records the flavor's module name
-    flavor.save_model = save_model
-    info = Model.log(
-        artifact_path=None,
-        name="model",
-        flavor=flavor,
-        model=model,
-        signature=infer_signature(*example),  # the network's; add_to gives the service's
-        input_example=pyfunc.input_example(model, example[0]),
-        metadata=pyfunc.description(model),
-        pip_requirements=pyfunc.requirements(),
-        registered_model_name=registered_name,
-        validate_serving_input=False,
-    )
-    mlflow.set_tag("model_uri", info.model_uri)  # the run's page names its model
-    if registered_name:
-        registry.set_alias(registered_name, registry.CANDIDATE, info.registered_model_version)
-    return info

@@ -2,6 +2,7 @@
 and its key, the rebuilt model at another precision. Fake measurements: no timing is asserted."""
 
 import json
+import threading
 
 import keras
 import numpy as np
@@ -205,6 +206,48 @@ def test_the_cache_key_names_machine_versions_model_and_batch():
         speed.probe_key(XEON, model, 16),
     ]
     assert len({key, *others}) == 5
+
+
+@pytest.fixture
+def fresh_description(monkeypatch):
+    """machine() and the CPU's description forgotten (a fake py-cpuinfo is set by the test), and
+    forgotten again after it: later tests see the real machine."""
+    monkeypatch.setattr(hardware.tf.config, "list_physical_devices", lambda kind: [])
+    for cached in (hardware._cpu_description, hardware.machine):
+        cached.cache_clear()
+    yield
+    for cached in (hardware._cpu_description, hardware.machine):
+        cached.cache_clear()
+
+
+def test_the_cpu_is_described_once_in_the_background_while_the_script_goes_on(
+    fresh_description, monkeypatch
+):
+    started, go_on, calls = threading.Event(), threading.Event(), []
+
+    def slow_cpuinfo():  # py-cpuinfo times the clock for a second
+        calls.append(threading.current_thread().name)
+        started.set()
+        go_on.wait(10)
+        return {"brand_raw": "Test CPU", "flags": ["avx2", "avx512f"]}
+
+    monkeypatch.setattr(hardware.cpuinfo, "get_cpu_info", slow_cpuinfo)
+    hardware.describe_cpu_in_background()  # returns at once
+    assert started.wait(10) and not go_on.is_set()  # reading while the caller goes on
+    go_on.set()
+    found = hardware.machine()
+    assert found["device"].startswith("Test CPU, ") and found["flags"] == ["avx2", "avx512f"]
+    hardware.describe_cpu_in_background()  # already read: not again
+    assert hardware.machine() is found and calls == ["cpuinfo"]
+
+
+def test_a_cpu_description_that_fails_fails_machine(fresh_description, monkeypatch):
+    def broken():
+        raise OSError("cannot start the interpreter")
+
+    monkeypatch.setattr(hardware.cpuinfo, "get_cpu_info", broken)
+    with pytest.raises(OSError, match="cannot start the interpreter"):
+        hardware.machine()
 
 
 def test_the_cache_lives_under_xdg_cache_home_or_home(monkeypatch, tmp_path):
