@@ -136,6 +136,7 @@ def training_epoch(
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
+    model.optimizer.build(model.trainable_variables)  # as train.py: fit traces its step once
     dataset, timer = data.make_dataset(x, y, batch), EpochTimer()
 
     def epoch():
