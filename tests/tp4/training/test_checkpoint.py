@@ -75,3 +75,16 @@ def test_the_temporary_file_of_a_killed_save_is_removed_at_the_next_save(tmp_pat
     (tmp_path / "tmpab12cd.tmp").write_bytes(b"half of a checkpoint")
     _saved_epochs(tmp_path, 1)
     assert sorted(os.listdir(tmp_path)) == [checkpoint.FILE, checkpoint.PREVIOUS]
+
+
+def test_restore_builds_the_optimizer_so_that_fit_traces_its_step_once(tmp_path, capsys):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    traced = []
+    step = model.train_step
+    model.train_step = lambda batch: traced.append(1) or step(batch)  # called once per trace
+    checkpoint.Checkpoint(str(tmp_path), []).restore(model, None, epochs=2)  # nothing saved yet
+    assert model.optimizer.built and "training: up to 2 epochs" in capsys.readouterr().out
+    model.fit(np.ones((8, 2)), np.ones((8, 1)), batch_size=4, epochs=2, verbose=0)
+    # Without the optimizer built first, its first step creates variables: traced twice.
+    assert len(traced) == 1
