@@ -250,12 +250,15 @@ def test_a_full_disk_under_the_store_is_one_line_and_resume_sends_the_kept_epoch
         mlflow.set_tracking_uri(uri)
         try:
             client = mlflow.MlflowClient(uri)
-            assert client.get_run(run_id).info.status == "RUNNING"  # the store could not be written
+            # Its last write (KILLED) goes through where its failed transactions' journals gave back
+            # a few blocks (20-32 KiB free after the exit in 3 runs of 4 here), else the run is
+            # left RUNNING and the resume marks it first.
+            status = client.get_run(run_id).info.status
+            assert status in ("RUNNING", "KILLED")
             code, err = exit_code_and_stderr(["--resume", run_id], capsys)
-            assert (
-                code == 0
-                and f"run {run_id} (UNet_CombinedLoss_Adam) ended without a word" in err[0]
-            )
+            assert code == 0, err
+            if status == "RUNNING":
+                assert f"run {run_id} (UNet_CombinedLoss_Adam) ended without a word" in err[0]
             assert_complete(client, run_id, epochs=4)
         finally:
             mlflow.set_tracking_uri(None)
