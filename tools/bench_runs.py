@@ -39,18 +39,18 @@ def train_py(epochs: int, n_images: int, quick: bool) -> dict[str, float]:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         with subprocess.Popen(
             command, env=env, cwd=store, stdout=subprocess.PIPE, text=True
-        ) as run:
+        ) as process:
             # Its lines as they come, to the terminal only (bench.json records bench.py's own), up
             # to the run's id and next steps: they point into this store, deleted below.
             shown = True
-            for line in run.stdout:
+            for line in process.stdout:
                 shown = shown and not line.startswith("run ")
                 if shown:
                     sys.__stdout__.write(line)
                     sys.__stdout__.flush()
         wall = time.perf_counter() - start
-        if run.returncode:
-            raise subprocess.CalledProcessError(run.returncode, command)
+        if process.returncode:
+            raise subprocess.CalledProcessError(process.returncode, command)
         print("(train.py's lines above; its run was in a temporary store, deleted now)")
         client = mlflow.MlflowClient(uri)
         run = client.search_runs([client.get_experiment_by_name("bench").experiment_id])[0]
