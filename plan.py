@@ -17,7 +17,6 @@ from tp4 import startup  # noqa: F401
 
 # isort: split
 import json
-import sys
 
 from tp4 import cli
 from tp4.images.imagefiles import DataError
@@ -75,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

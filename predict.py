@@ -148,4 +148,4 @@ def main(argv=None):
 if __name__ == "__main__":
     # A script run only predicts: its weights never change after the first call.
     frozen.inference_only_process()
-    sys.exit(main())
+    cli.run(main)

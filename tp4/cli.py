@@ -4,11 +4,13 @@ Library modules change nothing global when imported; a script calls `setup()` fi
 """
 
 import argparse
+import atexit
 import contextlib
 import logging
 import os
 import shutil
 import sys
+import threading
 import zipfile
 
 import tp4
@@ -28,6 +30,35 @@ def setup() -> None:
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def run(main) -> None:
+    """Run a script's `main()` and end the process with its exit status, as `sys.exit(main())`
+    does, without the interpreter's teardown.
+
+    That teardown frees the objects of TensorFlow, Keras and MLflow one by one, through several
+    full garbage collections: 1.3 s after `import tensorflow` alone, 2.6 s after a run of
+    train.py (a 2-core AMD EPYC, Zen 4), when nothing is left to do. What an exit must do is done:
+    the threads that are not daemons are joined, the atexit handlers run (MLflow's, logging's) and
+    the outputs are flushed. An exception other than SystemExit goes up as usual.
+    """
+    try:
+        status = main()
+    except SystemExit as stop:
+        status = stop.code
+    if status is not None and not isinstance(status, int):  # as sys.exit: the message, then 1
+        print(status, file=sys.stderr)
+        status = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what the interpreter calls at its exit (CPython's own name)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a closed pipe (`| head`): exit status 120, as the interpreter's
+        status = status or 120
+    os._exit(status or 0)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
