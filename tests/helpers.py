@@ -46,14 +46,14 @@ LEARNS = (
 def small_disk(folder, size="2m"):
     """`folder` (made if needed) as a small file system of its own while the block runs: a real
     tmpfs where this machine lets the test mount one (root). Yields whether it did; if not, a
-    warning says so, and the test injects ENOSPC instead."""
+    warning says so, and the test injects a full disk's error instead."""
     folder.mkdir(exist_ok=True)
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
     )
     if mounted.returncode:
         reason = mounted.stderr.decode().strip()
-        warnings.warn(f"no tmpfs here ({reason}): ENOSPC injected", stacklevel=3)
+        warnings.warn(f"no tmpfs here ({reason}): a full disk injected", stacklevel=3)
     try:
         yield mounted.returncode == 0
     finally:

@@ -4,8 +4,9 @@ Each one mid-run (at the first epoch's end): one line of ours (no MLflow traceba
 the run FINISHED when the store answers within the closing window, else KILLED (never FAILED)
 with its epochs kept, and a --resume that sends them: every epoch's metrics in the store once.
 The full disks are real (a filled tmpfs) where this machine lets the test mount one; elsewhere
-ENOSPC is injected (the artifacts) or the test is skipped (the store, in its own process). A lock is
-short here: MLflow's SQLite sessions wait 20 s for a lock before failing, cut to BUSY_MS.
+ENOSPC is injected (the artifacts), or SQLite's full-disk error (the store, in its own process:
+FULL_STORE_CHILD). A lock is short here: MLflow's SQLite sessions wait 20 s for a lock
+before failing, cut to BUSY_MS.
 """
 
 import errno
@@ -29,6 +30,26 @@ from tp4.tracking import epochs, faults, outbox
 EPOCHS = ["--epochs", "2"]
 NO_SPACE = "No space left on device"
 BUSY_MS = 300
+# train.py's process, run as `python -c FULL_STORE_CHILD REPO train.py ARGS...` where no tmpfs can
+# be mounted: once the file $FULL_STORE_MARK exists, every write to the store fails as SQLite's
+# writes do on a full disk (SQLITE_FULL, "database or disk is full"); reads still answer. A page
+# limit (SQLite's max_page_count) would not do: a tiny run's rows fit in the pages the file has.
+FULL_STORE_CHILD = """
+import os, runpy, sqlite3, sys
+import sqlalchemy
+
+def full_once_marked(connection, cursor, statement, parameters, context, executemany):
+    writes = statement.split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE")
+    if writes and os.path.exists(os.environ["FULL_STORE_MARK"]):
+        raise sqlite3.OperationalError("database or disk is full")
+    return statement, parameters
+
+engine = sqlalchemy.engine.Engine
+sqlalchemy.event.listen(engine, "before_cursor_execute", full_once_marked, retval=True)
+sys.path.insert(0, sys.argv[1])
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def resume_command():
@@ -218,13 +239,15 @@ def test_a_full_disk_under_the_store_is_one_line_and_resume_sends_the_kept_epoch
     tmp_path, monkeypatch, capsys, _empty_store_file
 ):
     with small_disk(tmp_path / "disk", "4m") as mounted:
-        if not mounted:
-            pytest.skip("no tmpfs to fill here: the store's process cannot be given an ENOSPC")
         shutil.copy(_empty_store_file, tmp_path / "disk" / "mlflow.db")
         uri = f"sqlite:///{tmp_path}/disk/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}
+        command = [str(REPO / "train.py"), *TINY, "--epochs", "4"]
+        if not mounted:
+            env["FULL_STORE_MARK"] = str(tmp_path / "store is full")
+            command = ["-c", FULL_STORE_CHILD, str(REPO), *command]
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), *TINY, "--epochs", "4"],
+            [sys.executable, *command],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -232,7 +255,11 @@ def test_a_full_disk_under_the_store_is_one_line_and_resume_sends_the_kept_epoch
         )
         try:
             wait_for_line(process, "epoch   1/")
-            filler = fill(tmp_path / "disk")
+            if mounted:
+                filler = fill(tmp_path / "disk")
+            else:
+                filler = tmp_path / "store is full"
+                filler.touch()
             err = process.communicate(timeout=120)[1]
         finally:
             process.kill()
@@ -251,8 +278,8 @@ def test_a_full_disk_under_the_store_is_one_line_and_resume_sends_the_kept_epoch
         try:
             client = mlflow.MlflowClient(uri)
             # Its last write (KILLED) goes through where its failed transactions' journals gave back
-            # a few blocks (20-32 KiB free after the exit in 3 runs of 4 here), else the run is
-            # left RUNNING and the resume marks it first.
+            # a few blocks (20-32 KiB free after the exit in 3 runs of 4 on a tmpfs), else the run
+            # is left RUNNING and the resume marks it first.
             status = client.get_run(run_id).info.status
             assert status in ("RUNNING", "KILLED")
             code, err = exit_code_and_stderr(["--resume", run_id], capsys)
