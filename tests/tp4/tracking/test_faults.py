@@ -242,9 +242,9 @@ def test_a_full_disk_under_the_store_is_one_line_and_resume_sends_the_kept_epoch
         shutil.copy(_empty_store_file, tmp_path / "disk" / "mlflow.db")
         uri = f"sqlite:///{tmp_path}/disk/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}
-        command = [str(REPO / "train.py"), *TINY, "--epochs", "4"]
+        command, mark = [str(REPO / "train.py"), *TINY, "--epochs", "4"], tmp_path / "full"
         if not mounted:
-            env["FULL_STORE_MARK"] = str(tmp_path / "store is full")
+            env["FULL_STORE_MARK"] = str(mark)
             command = ["-c", FULL_STORE_CHILD, str(REPO), *command]
         process = subprocess.Popen(
             [sys.executable, *command],
@@ -258,8 +258,8 @@ def test_a_full_disk_under_the_store_is_one_line_and_resume_sends_the_kept_epoch
             if mounted:
                 filler = fill(tmp_path / "disk")
             else:
-                filler = tmp_path / "store is full"
-                filler.touch()
+                filler = mark
+                mark.touch()
             err = process.communicate(timeout=120)[1]
         finally:
             process.kill()
